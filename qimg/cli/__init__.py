@@ -1,0 +1,157 @@
+"""The command line: a lazy click group and ``run``, the one place errors become text and a status."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+#: subcommand -> module under qimg.cli (imported only when that command runs)
+COMMANDS = {
+    "amend": "amend", "bench": "bench", "bitmap": "bitmap", "check": "check", "commit": "commit",
+    "compare": "compare", "convert": "convert", "create": "create", "dd": "dd", "info": "info",
+    "map": "map", "measure": "measure", "rebase": "rebase", "resize": "resize", "snapshot": "snapshot",
+}
+
+PROG = "qimg"
+
+
+def version_text() -> str:
+    from .. import __version__
+
+    return f"{PROG} version {__version__} (compatible with qemu-img 7.2)\n"
+
+
+def help_text() -> str:
+    from .usage import HELP
+
+    from ..core.registry import format_names
+
+    return version_text() + HELP + "\nSupported formats: " + " ".join(sorted(format_names())) + "\n"
+
+
+class LazyGroup(click.Group):
+    """Imports a subcommand's module on first use, so --help and info start fast."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        mod = COMMANDS.get(name)
+        if mod is None:
+            return None
+        module = importlib.import_module(f"qimg.cli.{mod}")
+        return module.command
+
+    def resolve_command(self, ctx, args):
+        name = args[0]
+        cmd = self.get_command(ctx, name)
+        if cmd is None:
+            raise CommandNotFound(name)
+        return name, cmd, args[1:]
+
+
+class CommandNotFound(Exception):
+    pass
+
+
+@click.group(cls=LazyGroup, add_help_option=False, invoke_without_command=True,
+             context_settings={"help_option_names": []})
+@click.option("-h", "--help", "show_help", is_flag=True)
+@click.option("-V", "--version", "show_version", is_flag=True)
+@click.option("-T", "--trace", "trace", multiple=True)
+@click.pass_context
+def main_group(ctx, show_help, show_version, trace):
+    if show_help:
+        click.echo(help_text(), nl=False)
+        ctx.exit(0)
+    if show_version:
+        from .usage import COPYRIGHT
+
+        click.echo(version_text() + COPYRIGHT, nl=False)
+        ctx.exit(0)
+    if ctx.invoked_subcommand is None:
+        raise click.UsageError("Not enough arguments")
+
+
+def _preprocess(argv: list[str]) -> list[str]:
+    """Keep a negative size for resize from being read as an option (qemu-img does the same)."""
+    if argv and argv[0] == "resize" and len(argv) >= 3:
+        last = argv[-1]
+        if last.startswith("-") and len(last) > 1 and (last[1].isdigit() or last[1] == "."):
+            return argv[:-1] + ["--", last]
+    return argv
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run qimg with ``argv``; every error becomes ``qimg: message`` and qemu-img's exit status."""
+    from ..errors import QimgError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help") and len(argv) == 1:
+        sys.stdout.write(help_text())
+        return 0
+    argv = _preprocess(argv)
+    debug = bool(os.environ.get("QIMG_DEBUG"))
+    try:
+        main_group.main(argv, prog_name=PROG, standalone_mode=False)
+        return 0
+    except CommandNotFound as e:
+        return _usage_fail(f"Command not found: {e}")
+    except click.exceptions.NoSuchOption as e:
+        return _usage_fail(f"unrecognized option '{e.option_name}'")
+    except click.exceptions.BadOptionUsage as e:
+        return _usage_fail(e.format_message())
+    except click.exceptions.MissingParameter as e:
+        return _usage_fail(_missing_message(e))
+    except click.UsageError as e:
+        return _usage_fail(e.format_message())
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        return 1
+    except QimgError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _err(str(e))
+        if getattr(e, "hint", False):
+            sys.stderr.write(f"Try '{PROG} --help' for more information\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        _err("Interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except MemoryError:
+        _err("Out of memory")
+        return 1
+    except Exception as e:  # the last line of defence: never a traceback for the user
+        if debug:
+            raise
+        _err(f"internal error: {type(e).__name__}: {e}")
+        return 1
+
+
+def _missing_message(e) -> str:
+    if e.param is not None and getattr(e.param, "param_type_name", "") == "argument":
+        return "Expecting image file name"
+    return e.format_message()
+
+
+def _err(message: str) -> None:
+    for i, line in enumerate(message.splitlines() or [""]):
+        sys.stderr.write(f"{PROG}: {line}\n")
+
+
+def _usage_fail(message: str) -> int:
+    _err(message)
+    sys.stderr.write(f"Try '{PROG} --help' for more information\n")
+    return 1
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,100 @@
+"""qimg convert"""
+
+from __future__ import annotations
+
+import click
+
+from . import common as c
+
+
+@click.command("convert", add_help_option=False)
+@c.object_opt
+@c.image_opts_opt
+@click.option("--target-image-opts", "target_image_opts", is_flag=True)
+@click.option("--target-is-zero", "target_is_zero", is_flag=True)
+@click.option("--bitmaps", "bitmaps", is_flag=True)
+@c.force_share_opt
+@click.option("-C", "copy_offload", is_flag=True)
+@click.option("-c", "compress", is_flag=True)
+@click.option("-p", "progress", is_flag=True)
+@c.quiet_opt
+@click.option("-n", "no_create", is_flag=True)
+@c.fmt_opt
+@c.cache_opts
+@click.option("-O", "out_fmt", default="raw")
+@click.option("-B", "backing", default=None)
+@click.option("-F", "backing_fmt", default=None)
+@click.option("-o", "options", multiple=True)
+@click.option("-l", "snapshot_param", default=None)
+@click.option("-s", "snapshot_name", default=None)
+@click.option("-S", "sparse", default=None)
+@click.option("-r", "rate", default=None)
+@click.option("-m", "coroutines", default="8")
+@click.option("-W", "out_of_order", is_flag=True)
+@click.option("--salvage", "salvage", is_flag=True)
+@click.argument("filenames", nargs=-1)
+def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, force_share, copy_offload,
+            compress, progress, quiet, no_create, fmt, cache, src_cache, out_fmt, backing, backing_fmt, options,
+            snapshot_param, snapshot_name, sparse, rate, coroutines, out_of_order, salvage, filenames):
+    from ..engine.progress import Progress
+    from ..errors import UsageError
+    from ..ops.convert import ConvertRequest, convert
+    from ..ops.create import options_help
+    from ..options import merge_opts, parse_opts
+    from ..units import parse_size
+
+    c.load_objects(objects)
+    c.check_cache(cache)
+    c.check_cache(src_cache)
+    opts = merge_opts(list(options))
+    if "help" in opts or "?" in opts:
+        c.echo(options_help(out_fmt))
+        return
+    if len(filenames) < 2:
+        raise UsageError("Expecting image file name")
+    min_sparse = 4096
+    if sparse is not None:
+        v = parse_size(sparse)
+        if v is None or v % 512 or v > (1 << 31):
+            raise click.UsageError("Invalid buffer size for sparse output specified. "
+                                   "Valid sizes are multiples of 512 up to 2147483136.")
+        min_sparse = v
+    try:
+        workers = int(coroutines)
+    except ValueError:
+        workers = 0
+    if workers < 1 or workers > 16:
+        raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    if out_of_order and compress:
+        raise UsageError("Out of order write and compress are mutually exclusive")
+    if backing_fmt and not backing:
+        backing_fmt = backing_fmt
+    snapshot = None
+    if snapshot_param:
+        if snapshot_param.startswith("snapshot.") or "=" in snapshot_param:
+            p = parse_opts(snapshot_param)
+            snapshot = {k.replace("snapshot.", ""): v for k, v in p.items()}
+        else:
+            snapshot = {"id_or_name": snapshot_param}
+    elif snapshot_name:
+        snapshot = {"id_or_name": snapshot_name}
+    if "backing_file" in opts and backing is None:
+        backing = opts.pop("backing_file")
+    if "backing_fmt" in opts and backing_fmt is None:
+        backing_fmt = opts.pop("backing_fmt")
+    sources = [c.image_spec(f, fmt, image_opts) for f in filenames[:-1]]
+    target = filenames[-1]
+    target_options = {}
+    if target_image_opts:
+        if not no_create:
+            raise UsageError("--target-image-opts requires use of -n flag")
+        target, tfmt, target_options = c.image_spec(target, None, True)
+        out_fmt = tfmt or out_fmt
+    req = ConvertRequest(
+        sources=sources, target=target, out_fmt=out_fmt, options=opts, compress=compress, backing=backing,
+        backing_fmt=backing_fmt, min_sparse=min_sparse, no_create=no_create, target_is_zero=target_is_zero,
+        workers=workers, out_of_order=out_of_order, snapshot=snapshot, target_options=target_options,
+        salvage=salvage)
+    prog = Progress(0, enabled=progress and not quiet)
+    convert(req, progress=prog)
+

@@ -1,0 +1,35 @@
+"""qimg create"""
+
+from __future__ import annotations
+
+import click
+
+from . import common as c
+
+
+@click.command("create", add_help_option=False)
+@c.object_opt
+@c.quiet_opt
+@click.option("-f", "fmt", default="raw")
+@click.option("-b", "backing_file", default=None)
+@click.option("-F", "backing_fmt", default=None)
+@click.option("-u", "unsafe", is_flag=True)
+@click.option("-o", "options", multiple=True)
+@click.argument("filename", required=False)
+@click.argument("size", required=False)
+def command(objects, quiet, fmt, backing_file, backing_fmt, unsafe, options, filename, size):
+    from ..errors import UsageError
+    from ..ops.create import create_image, options_help
+    from ..options import merge_opts
+    from ..units import parse_image_size
+
+    c.load_objects(objects)
+    opts = merge_opts(list(options))
+    if "help" in opts or "?" in opts:
+        c.echo(options_help(fmt))
+        return
+    if filename is None:
+        raise UsageError("Expecting image file name")
+    nbytes = parse_image_size(size) if size is not None else None
+    line = create_image(filename, fmt, nbytes, opts, backing_file, backing_fmt, unsafe)
+    c.echo(line, quiet)

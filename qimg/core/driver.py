@@ -1,0 +1,179 @@
+"""The driver protocol: one format, one layer.
+
+A driver answers for its own layer only: ``block_status`` says what a range is in this
+file, ``pread`` returns its bytes (zeros where this layer holds nothing).  Backing files,
+sibling files and probing belong to ``Chain`` and the ``Opener``; drivers never import the
+registry.  Every optional hook raises ``Unsupported`` with qemu-img's wording.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..errors import QimgError, Unsupported
+from .extent import Extent
+
+
+@dataclass
+class BackingRef:
+    """A backing file as recorded in an image: name as written, and format if recorded."""
+
+    filename: str
+    fmt: str | None = None
+
+
+@dataclass
+class CreateOptions:
+    """What ``create`` hands a driver: the parsed -o options plus the common flags."""
+
+    size: int | None
+    options: dict = field(default_factory=dict)
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    backing_size: int | None = None
+
+
+class Opener:
+    """Opens files beside an image (extents, data files) for a driver, relative to its directory."""
+
+    def __init__(self, base_filename: str, writable: bool = False, open_image=None):
+        self.base_dir = os.path.dirname(base_filename)
+        self.writable = writable
+        self._open_image = open_image
+
+    def resolve(self, name: str) -> str:
+        if os.path.isabs(name) or not self.base_dir:
+            return name
+        return os.path.join(self.base_dir, name)
+
+    def open_file(self, name: str, writable: bool | None = None, create: bool = False):
+        from ..io.store import FileStore
+
+        return FileStore(self.resolve(name), self.writable if writable is None else writable, create=create)
+
+    def open_image(self, name: str, fmt: str | None = None, writable: bool | None = None):
+        if self._open_image is None:
+            raise QimgError("cannot open nested images here")
+        return self._open_image(self.resolve(name), fmt, self.writable if writable is None else writable)
+
+
+class Driver:
+    """Base class for format drivers."""
+
+    format_name = ""
+    #: qemu-img's wording for create: "Formatting 'x', fmt=NAME ..." uses format_name
+    create_opts: tuple = ()
+    supports_backing = False
+
+    def __init__(self, store, filename: str, writable: bool = False, opener: Opener | None = None):
+        self.store = store
+        self.filename = filename
+        self.writable = writable
+        self.opener = opener
+        self.virtual_size = 0
+        self.backing: BackingRef | None = None
+
+    # ----- probing, opening, creating -----
+    @classmethod
+    def probe(cls, head: bytes, filename: str) -> int:
+        """Score 0..100 that ``head`` (first bytes of the file) is this format."""
+        return 0
+
+    @classmethod
+    def open(cls, store, filename: str, writable: bool = False, opener: Opener | None = None, options=None):
+        drv = cls(store, filename, writable, opener)
+        drv._open(options or {})
+        return drv
+
+    def _open(self, options: dict) -> None:
+        pass
+
+    @classmethod
+    def create(cls, filename: str, opts: CreateOptions, opener: Opener) -> None:
+        raise Unsupported(f"Format driver '{cls.format_name}' does not support image creation")
+
+    # ----- the read side -----
+    @property
+    def cluster_size(self) -> int | None:
+        return None
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        """The first extent at ``offset`` (at most ``length`` long) in this layer."""
+        return Extent(offset, length, data=True, zero=False, present=True)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, offset: int, buf) -> None:
+        """Fill ``buf`` with this layer's bytes from ``offset`` (subclasses avoid the copy)."""
+        memoryview(buf)[:] = self.pread(offset, len(buf))
+
+    def info_specific(self) -> dict | None:
+        """qemu's ImageInfoSpecific as a dict ({"type": ..., "data": {...}}) or None."""
+        return None
+
+    def info_extra(self) -> dict:
+        """Extra ImageInfo keys (cluster-size, encrypted, snapshots, dirty-flag...)."""
+        return {}
+
+    def allocated_file_size(self) -> int:
+        """``disk size``: bytes allocated on the host for this image (and its extents)."""
+        return self.store.allocated_size()
+
+    # ----- the write side -----
+    @property
+    def has_zero_init(self) -> bool:
+        """True when a freshly created image of this kind reads as zeros everywhere."""
+        return False
+
+    def pwrite(self, offset: int, data) -> None:
+        raise Unsupported(f"Format driver '{self.format_name}' does not support writing")
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
+        """Make a range read as zeros (default: write zero buffers)."""
+        chunk = 1 << 20
+        zero = bytes(min(chunk, length))
+        pos = offset
+        end = offset + length
+        while pos < end:
+            n = min(chunk, end - pos)
+            self.pwrite(pos, zero[:n])
+            pos += n
+
+    def write_compressed(self, offset: int, data) -> None:
+        raise Unsupported("Compression not supported for this file format")
+
+    def discard(self, offset: int, length: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    def truncate(self, size: int, shrink: bool = False, prealloc: str = "off") -> None:
+        raise Unsupported("Image format driver does not support resize")
+
+    def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        raise Unsupported(f"Operation not supported for image format '{self.format_name}'")
+
+    def make_empty(self) -> None:
+        raise Unsupported(f"Format driver '{self.format_name}' does not support emptying the image")
+
+    def check(self, repair: str | None = None):
+        from ..errors import CheckUnsupported
+
+        raise CheckUnsupported("This image format does not support checks")
+
+    def snapshots(self) -> list:
+        return []
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,140 @@
+"""The format registry: names to driver classes (imported lazily), probing, opening."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from ..errors import OpenError, QimgError
+
+#: name -> "module:Class".  Order matters: probe ties go to the earlier entry.
+FORMATS: dict[str, str] = {
+    "qcow2": "qimg.formats.qcow2:Qcow2Driver",
+    "qed": "qimg.formats.qed:QedDriver",
+    "qcow": "qimg.formats.qcow:QcowDriver",
+    "vdi": "qimg.formats.vdi:VdiDriver",
+    "vmdk": "qimg.formats.vmdk:VmdkDriver",
+    "vpc": "qimg.formats.vpc:VpcDriver",
+    "vhdx": "qimg.formats.vhdx:VhdxDriver",
+    "parallels": "qimg.formats.parallels:ParallelsDriver",
+    "bochs": "qimg.formats.bochs:BochsDriver",
+    "cloop": "qimg.formats.cloop:CloopDriver",
+    "dmg": "qimg.formats.dmg:DmgDriver",
+    "luks": "qimg.formats.luks:LuksDriver",
+    "cow": "qimg.formats.cow:CowDriver",
+    "raw": "qimg.formats.raw:RawDriver",
+}
+
+#: filename prefixes handled by protocol drivers (no host file behind them)
+PROTOCOLS: dict[str, str] = {
+    "nbd:": "qimg.formats.nbd:NbdDriver",
+    "nbd+unix:": "qimg.formats.nbd:NbdDriver",
+    "nbd+tcp:": "qimg.formats.nbd:NbdDriver",
+    "fat:": "qimg.formats.vvfat:VvfatDriver",
+}
+
+PROBE_BYTES = 2048
+_cache: dict[str, type] = {}
+
+
+def format_names() -> list[str]:
+    """Names of the formats whose driver module exists."""
+    names = []
+    for name, target in FORMATS.items():
+        module = target.split(":")[0]
+        if importlib.util.find_spec(module) is not None:
+            names.append(name)
+    return names
+
+
+def get_driver(name: str) -> type:
+    """The driver class for a format name; OpenError for an unknown one."""
+    if name in _cache:
+        return _cache[name]
+    target = FORMATS.get(name) or PROTOCOLS.get(name)
+    if target is None:
+        raise OpenError(f"Unknown driver '{name}'")
+    module_name, cls_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise OpenError(f"Unknown driver '{name}'") from None
+        raise
+    cls = getattr(module, cls_name)
+    _cache[name] = cls
+    return cls
+
+
+def protocol_for(filename: str) -> str | None:
+    """The protocol prefix of a filename like nbd://host/x or fat:dir, if any."""
+    for prefix in PROTOCOLS:
+        if filename.startswith(prefix):
+            return prefix
+    return None
+
+
+def probe(head: bytes, filename: str) -> str:
+    """The best-scoring format for the first bytes of a file (raw scores 1)."""
+    best, best_score = "raw", 1
+    for name in FORMATS:
+        if name == "raw":
+            continue
+        try:
+            cls = get_driver(name)
+        except OpenError:
+            continue
+        score = cls.probe(head, filename)
+        if score > best_score:
+            best, best_score = name, score
+    return best
+
+
+def open_image(filename: str, fmt: str | None = None, writable: bool = False, options: dict | None = None,
+               warn=None):
+    """Open one layer (no backing files): probe unless ``fmt`` is given."""
+    from ..io.store import FileStore
+    from .driver import Opener
+
+    proto = protocol_for(filename)
+    if proto is not None:
+        cls = get_driver(proto)
+        try:
+            return cls.open_protocol(filename, writable=writable, options=options or {})
+        except QimgError as e:
+            raise OpenError(f"Could not open '{filename}': {e}") from None
+    if fmt is not None:
+        get_driver(fmt)  # unknown driver errors before the file is touched
+    try:
+        store = FileStore(filename, writable=writable)
+    except OpenError as e:
+        raise OpenError(f"Could not open '{filename}': {e}") from None
+    try:
+        if fmt is None:
+            head = store.pread(0, PROBE_BYTES)
+            fmt = probe(head, filename)
+            if fmt == "raw" and warn is not None:
+                warn(f"Image format was not specified for '{filename}' and probing guessed raw.\n"
+                     "         Automatically detecting the format is dangerous for raw images, "
+                     "write operations on block 0 will be restricted.\n"
+                     "         Specify the 'raw' format explicitly to remove the restrictions.")
+        cls = get_driver(fmt)
+        opener = Opener(filename, writable, open_image=lambda f, t, w: open_image(f, t, w))
+        return cls.open(store, filename, writable=writable, opener=opener, options=options or {})
+    except QimgError as e:
+        store.close()
+        msg = str(e)
+        if isinstance(e, OpenError) and msg.startswith("Could not open"):
+            raise
+        raise type(e)(f"Could not open '{filename}': {msg}", e.exit_code) from None
+    except BaseException:
+        store.close()
+        raise
+
+
+def resolve_backing(overlay_filename: str, backing_name: str) -> str:
+    """A backing name as qemu resolves it: relative to the overlay's directory."""
+    if protocol_for(backing_name) or os.path.isabs(backing_name):
+        return backing_name
+    base = os.path.dirname(overlay_filename)
+    return os.path.join(base, backing_name) if base else backing_name

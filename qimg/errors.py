@@ -1,0 +1,67 @@
+"""The error tree.  Every class carries the exit status qemu-img uses for it.
+
+``cli.run`` is the one place that turns these into ``qimg: message`` and a status.
+"""
+
+from __future__ import annotations
+
+
+class QimgError(Exception):
+    """Base class: a one-line message and an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class UsageError(QimgError):
+    """Bad command line: qemu-img adds a hint to run --help."""
+
+    hint = True
+
+
+class OpenError(QimgError):
+    """An image could not be opened (missing file, bad header, unknown driver)."""
+
+
+class Unsupported(QimgError):
+    """The format has no such operation."""
+
+
+class CorruptImage(QimgError):
+    """The image is damaged or hostile: a field fails its limit or points outside the file."""
+
+
+class LimitExceeded(CorruptImage):
+    """A size or count read from an image is larger than the named limit allows."""
+
+
+class BackingChainError(OpenError):
+    """A backing chain loops or is deeper than allowed."""
+
+
+class CheckUnsupported(Unsupported):
+    """``check`` on a format without consistency checks (qemu-img exits 63)."""
+
+    exit_code = 63
+
+
+class Interrupted(QimgError):
+    """The user interrupted the command."""
+
+    exit_code = 130
+
+
+def check_limit(name: str, value: int, limit: int, what: str = "") -> int:
+    """Refuse ``value`` above ``limit`` (or negative) with a message naming the limit."""
+    if value < 0 or value > limit:
+        where = f" in {what}" if what else ""
+        raise LimitExceeded(f"{name} {value}{where} exceeds the limit {limit}")
+    return value

@@ -1,0 +1,188 @@
+"""convert: copy one or more images into a new (or existing, with -n) image."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from dataclasses import dataclass, field
+
+from ..core import registry
+from ..core.chain import Chain
+from ..engine.copy import ChainSource, ConcatSource, CopyOptions, copy_range
+from ..errors import QimgError, UsageError
+
+
+@dataclass
+class ConvertRequest:
+    """Everything qemu-img convert takes, as plain values."""
+
+    sources: list  # [(filename, fmt, options)]
+    target: str
+    out_fmt: str = "raw"
+    options: dict = field(default_factory=dict)
+    compress: bool = False
+    backing: str | None = None
+    backing_fmt: str | None = None
+    min_sparse: int = 4096
+    no_create: bool = False
+    target_is_zero: bool = False
+    workers: int = 8
+    out_of_order: bool = False
+    snapshot: dict | None = None
+    target_options: dict = field(default_factory=dict)
+    salvage: bool = False
+
+
+def convert(req: ConvertRequest, progress=None, warn=None) -> None:
+    """Run a convert; on failure a target this call created is removed."""
+    if req.target_is_zero and not req.no_create:
+        raise UsageError("--target-is-zero requires use of -n flag")
+    if req.out_fmt not in registry.FORMATS and registry.protocol_for(req.target) is None:
+        raise QimgError(f"Unknown file format '{req.out_fmt}'")
+    if req.no_create and req.options:
+        raise QimgError("-o has no effect when skipping image creation")
+    chains = []
+    try:
+        for i, (name, fmt, opts) in enumerate(req.sources):
+            o = dict(opts)
+            if req.snapshot and i == 0:
+                o["snapshot"] = req.snapshot
+            chains.append(Chain.open(name, fmt, options=o))
+        sources = [ChainSource(ch) for ch in chains]
+        src = sources[0] if len(sources) == 1 else ConcatSource(sources)
+        total = src.virtual_size
+        if progress is not None:
+            progress.total = total
+        if req.backing and req.no_create:
+            raise QimgError("-B makes no sense when skipping image creation")
+        if req.compress:
+            cls = registry.get_driver(req.out_fmt)
+            if not getattr(cls, "supports_compression", False):
+                raise QimgError("Compression not supported for this file format")
+        if req.no_create:
+            _write_into(req, src, total, progress)
+        else:
+            _create_and_write(req, src, total, progress)
+    finally:
+        for ch in chains:
+            ch.close()
+
+
+def _copy_opts(req: ConvertRequest, target_is_zero: bool) -> CopyOptions:
+    return CopyOptions(
+        min_sparse=req.min_sparse,
+        target_is_zero=target_is_zero,
+        workers=max(1, min(req.workers, os.cpu_count() or 2, 4)),
+        compress=req.compress,
+        skip_unallocated=bool(req.backing),
+    )
+
+
+def _write_into(req, src, total, progress):
+    tgt = registry.open_image(req.target, req.out_fmt, writable=True, options=req.target_options)
+    try:
+        if tgt.virtual_size < total:
+            raise QimgError("Target image is too small" if False else
+                            f"Could not write to '{req.target}': target image is smaller than the source")
+        opts = _copy_opts(req, req.target_is_zero)
+        copy_range(_maybe_base(req, src), tgt, 0, total, opts, progress, cluster_size=tgt.cluster_size)
+        if progress is not None:
+            progress.finish()
+    finally:
+        tgt.close()
+
+
+def _maybe_base(req, src):
+    if req.backing and isinstance(src, ChainSource):
+        return ChainSource(src.chain, base_depth=1)
+    return src
+
+
+def _create_and_write(req, src, total, progress):
+    from .create import create_image
+
+    target = req.target
+    existed = os.path.lexists(target)
+    in_place = existed and not os.path.isfile(target)  # block devices and the like are written in place
+    tmp = target if in_place else _temp_name(target)
+    cls = registry.get_driver(req.out_fmt)
+    multi_file = not getattr(cls, "creates_single_file", lambda o: True)(req.options)
+    if multi_file:
+        tmp = target
+    created = []
+    old_handlers = _trap_signals()
+    try:
+        created.append(tmp)
+        create_image(tmp, req.out_fmt, total, dict(req.options), req.backing, req.backing_fmt,
+                     unsafe=req.backing is not None and req.backing_fmt is None)
+        tgt = registry.open_image(tmp, req.out_fmt, writable=True)
+        try:
+            zero_init = tgt.has_zero_init and not req.backing
+            copy_range(_maybe_base(req, src), tgt, 0, total, _copy_opts(req, zero_init), progress,
+                       cluster_size=tgt.cluster_size)
+            if hasattr(tgt, "finalize"):
+                tgt.finalize()
+        finally:
+            tgt.close()
+        if tmp != target:
+            os.replace(tmp, target)
+        created.clear()
+        if progress is not None:
+            progress.finish()
+    finally:
+        _restore_signals(old_handlers)
+        for name in created:
+            if name == target and existed:
+                continue
+            _remove_created(name, cls, req.options)
+
+
+def _temp_name(target: str) -> str:
+    d = os.path.dirname(target) or "."
+    fd, name = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".qimg-partial", dir=d)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return name
+
+
+def _remove_created(name, cls, options):
+    files = [name]
+    if hasattr(cls, "created_files"):
+        try:
+            files = cls.created_files(name, options)
+        except Exception:
+            pass
+    for f in files:
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _trap_signals():
+    """Turn SIGTERM/SIGHUP into an exception so a killed convert cleans up its partial target."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):
+            pass
+    return old
+
+
+def _restore_signals(old):
+    for sig, h in old.items():
+        try:
+            signal.signal(sig, h)
+        except (ValueError, OSError):
+            pass

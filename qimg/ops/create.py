@@ -1,0 +1,122 @@
+"""create: make a new image of a format."""
+
+from __future__ import annotations
+
+from ..core import registry
+from ..core.driver import CreateOptions, Opener
+from ..errors import QimgError
+from ..options import OptSpec, parse_opt_size
+from ..units import INT64_MAX
+
+_KIND_LABEL = {"size": "<size>", "bool": "<bool (on/off)>", "number": "<num>", "string": "<str>"}
+
+
+def options_help(fmt: str) -> str:
+    """``-o help``: the creation options of a format, as qemu-img lists them."""
+    cls = registry.get_driver(fmt)
+    lines = [f"Supported {fmt} options:"]
+    for spec in sorted(_public_opts(cls), key=lambda s: s.name):
+        lines.append("  %-22s - %s" % (f"{spec.name}={_KIND_LABEL.get(spec.kind, '<str>')}", spec.help))
+    lines.append("")
+    lines.append("The protocol level may support further options.")
+    lines.append("Specify the target filename to include those options.")
+    return "\n".join(lines) + "\n"
+
+
+def _public_opts(cls) -> list[OptSpec]:
+    return [s for s in cls.create_opts if not s.name.startswith("_")]
+
+
+def validate_options(cls, filename: str, options: dict) -> None:
+    """Refuse options the format does not know (qemu-img: "Invalid parameter 'x'")."""
+    known = {s.name for s in cls.create_opts}
+    for key in options:
+        if key not in known:
+            raise QimgError(f"{filename}: Invalid parameter '{key}'")
+
+
+def format_line(cls, filename: str, opts: CreateOptions) -> str:
+    """The "Formatting 'x', fmt=..." line."""
+    if hasattr(cls, "format_line_options"):
+        pairs = cls.format_line_options(opts)
+    else:
+        pairs = [("size", str(opts.size))]
+        for spec in cls.create_opts:
+            if spec.name in opts.options and spec.name != "size":
+                pairs.append((spec.name, str(opts.options[spec.name])))
+    text = " ".join(f"{k}={v}" for k, v in pairs)
+    return f"Formatting '{filename}', fmt={cls.format_name} {text}".rstrip() + "\n"
+
+
+def create_image(filename: str, fmt: str, size: int | None, options: dict | None = None,
+                 backing_file: str | None = None, backing_fmt: str | None = None,
+                 unsafe: bool = False) -> str:
+    """Create ``filename``; returns the "Formatting ..." line qemu-img prints."""
+    cls = registry.get_driver(fmt) if fmt in registry.FORMATS else _unknown(fmt)
+    options = dict(options or {})
+    if "backing_file" in options:
+        backing_file = backing_file or options.pop("backing_file")
+    else:
+        options.pop("backing_file", None)
+    if "backing_fmt" in options:
+        backing_fmt = backing_fmt or options.pop("backing_fmt")
+    if "size" in options:
+        osize = parse_opt_size("size", options.pop("size"))
+        size = size if size is not None else osize
+    validate_options(cls, filename, options)
+    backing_size = None
+    if backing_file:
+        if not cls.supports_backing:
+            raise QimgError(f"{filename}: Backing file not supported for file format '{fmt}'")
+        if backing_fmt is None and not unsafe:
+            detected = _detect_backing(filename, backing_file)
+            raise QimgError(f"{filename}: Backing file specified without backing format\n"
+                            f"Detected format of {detected}.")
+        if not unsafe or size is None:
+            backing_size = _backing_size(filename, backing_file, backing_fmt)
+        if size is None:
+            size = backing_size
+    if size is None:
+        raise QimgError(f"{filename}: Image creation needs a size parameter")
+    if size > INT64_MAX:
+        raise QimgError("Image size must be less than 8 EiB!")
+    opts = CreateOptions(size=size, options=options, backing_file=backing_file, backing_fmt=backing_fmt,
+                         backing_size=backing_size)
+    line = format_line(cls, filename, opts)
+    try:
+        cls.create(filename, opts, Opener(filename, writable=True))
+    except QimgError as e:
+        msg = str(e)
+        if not msg.startswith(filename + ":"):
+            raise type(e)(f"{filename}: {msg}", e.exit_code) from None
+        raise
+    return line
+
+
+def _unknown(fmt):
+    raise QimgError(f"Unknown file format '{fmt}'")
+
+
+def _resolve(filename, backing_file):
+    return registry.resolve_backing(filename, backing_file)
+
+
+def _detect_backing(filename, backing_file) -> str:
+    path = _resolve(filename, backing_file)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(registry.PROBE_BYTES)
+    except OSError:
+        return "unknown"
+    return registry.probe(head, path)
+
+
+def _backing_size(filename, backing_file, backing_fmt) -> int:
+    from ..core.chain import Chain
+
+    path = _resolve(filename, backing_file)
+    try:
+        with Chain.open(path, backing_fmt) as chain:
+            return chain.virtual_size
+    except QimgError as e:
+        raise QimgError(f"{filename}: Could not open backing image: {e}") from None

@@ -1,0 +1,88 @@
+"""info: ImageInfo dicts with qemu-img 7.2's keys (rendered by cli.render)."""
+
+from __future__ import annotations
+
+import os
+
+from ..core import registry
+from ..core.chain import Chain
+
+
+def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
+    """The ImageInfo of one opened layer, keys as qemu's QAPI names them."""
+    info: dict = {
+        "virtual-size": driver.virtual_size,
+        "filename": filename,
+        "format": fmt_name or driver.format_name,
+    }
+    cs = driver.cluster_size
+    if cs:
+        info["cluster-size"] = cs
+    try:
+        actual = driver.allocated_file_size()
+    except Exception:
+        actual = None
+    if actual is not None:
+        info["actual-size"] = actual
+    extra = driver.info_extra()
+    if extra.get("encrypted"):
+        info["encrypted"] = True
+    if driver.backing is not None and driver.backing.filename:
+        name = driver.backing.filename
+        info["backing-filename"] = name
+        info["full-backing-filename"] = registry.resolve_backing(filename, name)
+        if driver.backing.fmt:
+            info["backing-filename-format"] = driver.backing.fmt
+    snaps = extra.get("snapshots")
+    if snaps:
+        info["snapshots"] = snaps
+    spec = driver.info_specific()
+    if spec is not None:
+        info["format-specific"] = spec
+    info["dirty-flag"] = bool(extra.get("dirty-flag", False))
+    for key in ("cluster-size",):
+        pass
+    return info
+
+
+def image_info(filename: str, fmt: str | None = None, backing_chain: bool = False, options: dict | None = None,
+               open_image=None) -> list[dict]:
+    """ImageInfo for an image, and for each backing file with ``backing_chain``."""
+    infos = []
+    name, cur_fmt = filename, fmt
+    seen = set()
+    depth = 0
+    while True:
+        drv = (open_image or registry.open_image)(name, cur_fmt, False, options if depth == 0 else None)
+        try:
+            infos.append(layer_info(drv, name))
+            backing = drv.backing
+        finally:
+            drv.close()
+        if not backing_chain or backing is None or not backing.filename:
+            break
+        try:
+            st = os.stat(name)
+            seen.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        nxt = registry.resolve_backing(name, backing.filename)
+        try:
+            st = os.stat(nxt)
+            if (st.st_dev, st.st_ino) in seen:
+                from ..errors import BackingChainError
+
+                raise BackingChainError(f"Backing file '{nxt}' of '{name}' loops back into the chain")
+        except OSError:
+            pass
+        depth += 1
+        if depth > 64:
+            from ..errors import BackingChainError
+
+            raise BackingChainError("Backing chain is deeper than the limit of 64 images")
+        name, cur_fmt = nxt, backing.fmt
+    return infos
+
+
+def chain_for(filename: str, fmt: str | None = None, **kw) -> Chain:
+    return Chain.open(filename, fmt, **kw)

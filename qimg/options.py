@@ -1,0 +1,92 @@
+"""``-o key=value,...`` option strings, as qemu's QemuOpts parses them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import QimgError, UsageError
+
+
+@dataclass(frozen=True)
+class OptSpec:
+    """One creation option: name, kind ("size", "bool", "number", "string"), help text."""
+
+    name: str
+    kind: str = "string"
+    help: str = ""
+    default: object = None
+
+
+def parse_opts(text: str) -> dict[str, str]:
+    """Split "a=1,b=x,,y" into a dict; ",," escapes a comma, a lone key means "on"."""
+    result: dict[str, str] = {}
+    if not text:
+        return result
+    items = []
+    cur = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    items.append("".join(cur))
+    for item in items:
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq:
+            if key.startswith("no") and len(key) > 2:
+                result[key[2:]] = "off"
+            else:
+                result[key] = "on"
+        else:
+            result[key] = value
+    return result
+
+
+def merge_opts(parts: list[str]) -> dict[str, str]:
+    """Several -o arguments: later ones win, as qemu-img joins them with commas."""
+    merged: dict[str, str] = {}
+    for part in parts:
+        merged.update(parse_opts(part))
+    return merged
+
+
+def parse_bool(name: str, value: str) -> bool:
+    """qemu's boolean values: on/off, yes/no, true/false."""
+    v = str(value).lower()
+    if v in ("on", "yes", "true", "y"):
+        return True
+    if v in ("off", "no", "false", "n"):
+        return False
+    raise QimgError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def parse_opt_size(name: str, value: str) -> int:
+    """A size-valued option (cluster_size=64k)."""
+    from .units import parse_size
+
+    v = parse_size(str(value))
+    if v is None:
+        raise QimgError(
+            f"Parameter '{name}' expects a non-negative number below 2^64\n"
+            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+            "and exabytes, respectively.")
+    return v
+
+
+def check_known(opts: dict, specs, fmt: str) -> None:
+    """Refuse an option the format does not have, with qemu-img's wording."""
+    known = {s.name for s in specs}
+    for key in opts:
+        if key not in known:
+            raise UsageError(f"Invalid parameter '{key}'", ) if False else QimgError(
+                f"Invalid parameter '{key}'")
