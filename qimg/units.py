@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import UsageError
+from .errors import QimgError
 
 INT64_MAX = (1 << 63) - 1
 SUFFIXES = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_SIZE_RE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)([a-zA-Z]?)\Z")
+_SIZE_RE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)([a-zA-Z]?)\Z")
 
 SIZE_HELP = (
     "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
@@ -20,7 +20,8 @@ SIZE_HELP = (
 def parse_size(text: str, default_suffix: str = "b") -> int | None:
     """Parse a qemu size ("1G", "1.5k", "0x1000", "512b"); None when malformed.
 
-    Like qemu_strtosz: hex takes no fraction and no suffix-less fraction is allowed.
+    Like qemu_strtosz: hex takes no fraction (a suffix still works, with qemu's deprecation
+    warning), and a fraction needs a suffix unless it is zero ("1.0" is 1, "1.5" is invalid).
     """
     m = _SIZE_RE.match(text)
     if not m:
@@ -32,30 +33,33 @@ def parse_size(text: str, default_suffix: str = "b") -> int | None:
     shift = SUFFIXES[suffix]
     if number[:2].lower() == "0x":
         if m.group(2):
-            return None
-        value = int(number, 16)
+            import sys
+
+            # qemu-img still accepts this, with a warning
+            sys.stderr.write(f"qimg: warning: Using a multiplier suffix on hex numbers is deprecated: {text}\n")
+        value = int(number, 16) << shift
     elif "." in number:
-        # qemu allows a fraction only with a real multiplier (not bytes)
-        if shift == 0:
-            return None
         whole, _, frac = number.partition(".")
+        # qemu allows a fraction only with a real multiplier (not bytes), unless it is zero
+        if shift == 0 and frac.strip("0"):
+            return None
         value = int(whole or "0") << shift
         if frac:
             value += int(frac) * (1 << shift) // (10 ** len(frac))
     else:
         value = int(number) << shift
     if value > INT64_MAX:
-        raise UsageError("Invalid image size specified. Must be between 0 and 9223372036854775807.", )
+        raise QimgError("Invalid image size specified. Must be between 0 and 9223372036854775807.", )
     return value
 
 
 def parse_image_size(text: str) -> int:
     """An image size for create/resize: qemu-img's messages on error."""
-    if text.startswith("-"):
-        raise UsageError("Invalid image size specified. Must be between 0 and 9223372036854775807.")
+    if text.lstrip().startswith("-"):
+        raise QimgError(SIZE_HELP)
     value = parse_size(text)
     if value is None:
-        raise UsageError(SIZE_HELP)
+        raise QimgError(SIZE_HELP)
     return value
 
 

@@ -37,7 +37,7 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
             compress, progress, quiet, no_create, fmt, cache, src_cache, out_fmt, backing, backing_fmt, options,
             snapshot_param, snapshot_name, sparse, rate, coroutines, out_of_order, salvage, filenames):
     from ..engine.progress import Progress
-    from ..errors import UsageError
+    from ..errors import QimgError, UsageError
     from ..ops.convert import ConvertRequest, convert
     from ..ops.create import options_help
     from ..options import merge_opts, parse_opts
@@ -51,22 +51,20 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
         c.echo(options_help(out_fmt))
         return
     if len(filenames) < 2:
-        raise UsageError("Expecting image file name")
+        raise QimgError("Must specify image file name")
     min_sparse = 4096
     if sparse is not None:
-        v = parse_size(sparse)
-        if v is None or v % 512 or v > (1 << 31):
-            raise click.UsageError("Invalid buffer size for sparse output specified. "
-                                   "Valid sizes are multiples of 512 up to 2147483136.")
+        v = c.cvtnum("buffer size for sparse output", sparse)
+        if v % 512 or v > (16 << 20):
+            raise QimgError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
+                            "up to 16777216. Select 0 to disable sparse detection (fully allocates output).")
         min_sparse = v
     try:
         workers = int(coroutines)
     except ValueError:
         workers = 0
     if workers < 1 or workers > 16:
-        raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
-    if out_of_order and compress:
-        raise UsageError("Out of order write and compress are mutually exclusive")
+        raise QimgError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
     if backing_fmt and not backing:
         backing_fmt = backing_fmt
     snapshot = None

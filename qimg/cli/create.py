@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from . import common as c
@@ -31,5 +33,5 @@ def command(objects, quiet, fmt, backing_file, backing_fmt, unsafe, options, fil
     if filename is None:
         raise UsageError("Expecting image file name")
     nbytes = parse_image_size(size) if size is not None else None
-    line = create_image(filename, fmt, nbytes, opts, backing_file, backing_fmt, unsafe)
-    c.echo(line, quiet)
+    create_image(filename, fmt, nbytes, opts, backing_file, backing_fmt, unsafe,
+                 announce=lambda line: (c.echo(line, quiet), sys.stdout.flush()))

@@ -38,19 +38,27 @@ class Opener:
     """Opens files beside an image (extents, data files) for a driver, relative to its directory."""
 
     def __init__(self, base_filename: str, writable: bool = False, open_image=None):
+        self.base_filename = base_filename
         self.base_dir = os.path.dirname(base_filename)
         self.writable = writable
         self._open_image = open_image
 
     def resolve(self, name: str) -> str:
-        if os.path.isabs(name) or not self.base_dir:
+        """A sibling's path: relative names live in the image's directory (the image itself stays as named)."""
+        if name == self.base_filename or os.path.isabs(name) or not self.base_dir:
             return name
         return os.path.join(self.base_dir, name)
 
     def open_file(self, name: str, writable: bool | None = None, create: bool = False):
         from ..io.store import FileStore
+        from .registry import get_driver, protocol_for
 
-        return FileStore(self.resolve(name), self.writable if writable is None else writable, create=create)
+        w = self.writable if writable is None else writable
+        proto = protocol_for(name)
+        if proto is not None and hasattr(get_driver(proto), "open_store"):
+            # nbd and the like: "creating" means using the existing export
+            return get_driver(proto).open_store(name, w, {})
+        return FileStore(self.resolve(name), w, create=create)
 
     def open_image(self, name: str, fmt: str | None = None, writable: bool | None = None):
         if self._open_image is None:

@@ -7,7 +7,6 @@ buffers and locking live in one place.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 
@@ -17,9 +16,29 @@ SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
-def aligned_buffer(size: int) -> mmap.mmap:
-    """A page-aligned anonymous buffer: copies into it run several times faster."""
+def aligned_buffer(size: int):
+    """A page-aligned anonymous buffer (an mmap): copies into it run several times faster."""
+    import mmap  # a C extension: loaded only by the commands that move data
+
     return mmap.mmap(-1, max(size, 1))
+
+
+_FALLOCATE = []
+
+
+def _libc_fallocate():
+    """libc's fallocate(2) wrapper, looked up once (os has no fallocate with mode flags)."""
+    if not _FALLOCATE:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).fallocate
+            fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+            fn.restype = ctypes.c_int
+            _FALLOCATE.append(fn)
+        except (OSError, AttributeError, ImportError):
+            _FALLOCATE.append(None)
+    return _FALLOCATE[0]
 
 
 class Store:
@@ -77,7 +96,8 @@ class FileStore(Store):
         try:
             self.fd = os.open(filename, flags, 0o644)
         except OSError as e:
-            raise OpenError(f"Could not open '{filename}': {e.strerror}") from None
+            verb = "create" if create else "open"
+            raise OpenError(f"Could not {verb} '{filename}': {e.strerror}") from None
         st = os.fstat(self.fd)
         if stat.S_ISDIR(st.st_mode):
             os.close(self.fd)
@@ -164,13 +184,11 @@ class FileStore(Store):
     def punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a range (reads back as zeros). False when the filesystem cannot."""
         try:
-            import fcntl  # noqa: F401  (fallocate flags are not exposed; use the libc call)
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
+            fallocate = _libc_fallocate()
+            if fallocate is None:
+                return False
             FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
-            res = libc.fallocate(self.fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
-                                 ctypes.c_int64(offset), ctypes.c_int64(length))
-            return res == 0
+            return fallocate(self.fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length) == 0
         except Exception:
             return False
 

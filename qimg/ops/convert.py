@@ -37,7 +37,7 @@ class ConvertRequest:
 def convert(req: ConvertRequest, progress=None, warn=None) -> None:
     """Run a convert; on failure a target this call created is removed."""
     if req.target_is_zero and not req.no_create:
-        raise UsageError("--target-is-zero requires use of -n flag")
+        raise QimgError("--target-is-zero requires use of -n flag")
     if req.out_fmt not in registry.FORMATS and registry.protocol_for(req.target) is None:
         raise QimgError(f"Unknown file format '{req.out_fmt}'")
     if req.no_create and req.options:
@@ -105,18 +105,18 @@ def _create_and_write(req, src, total, progress):
     target = req.target
     existed = os.path.lexists(target)
     in_place = existed and not os.path.isfile(target)  # block devices and the like are written in place
-    tmp = target if in_place else _temp_name(target)
+    in_place = in_place or registry.protocol_for(target) is not None  # so are nbd exports
     cls = registry.get_driver(req.out_fmt)
     multi_file = not getattr(cls, "creates_single_file", lambda o: True)(req.options)
-    if multi_file:
-        tmp = target
+    tmp = target if in_place or multi_file else _temp_name(target)
     created = []
     old_handlers = _trap_signals()
     try:
         created.append(tmp)
-        create_image(tmp, req.out_fmt, total, dict(req.options), req.backing, req.backing_fmt,
-                     unsafe=req.backing is not None and req.backing_fmt is None)
-        tgt = registry.open_image(tmp, req.out_fmt, writable=True)
+        _create_target(req, tmp, total)
+        # like qemu-img, the secrets given for creation also unlock the new image
+        secrets = {k: v for k, v in req.options.items() if k.endswith("key-secret")}
+        tgt = registry.open_image(tmp, req.out_fmt, writable=True, options=secrets)
         try:
             zero_init = tgt.has_zero_init and not req.backing
             copy_range(_maybe_base(req, src), tgt, 0, total, _copy_opts(req, zero_init), progress,
@@ -136,6 +136,23 @@ def _create_and_write(req, src, total, progress):
             if name == target and existed:
                 continue
             _remove_created(name, cls, req.options)
+
+
+def _create_target(req, tmp, total):
+    """Create the target as qemu-img convert does: bad -o names first, then the driver's own errors."""
+    from .create import create_image, validate_options
+
+    opts = {k: v for k, v in req.options.items() if k not in ("backing_file", "backing_fmt", "size")}
+    try:
+        validate_options(registry.get_driver(req.out_fmt), "", opts)
+    except QimgError as e:
+        raise QimgError(str(e).removeprefix(": "), e.exit_code) from None
+    try:
+        create_image(tmp, req.out_fmt, total, dict(req.options), req.backing, req.backing_fmt,
+                     unsafe=req.backing is not None and req.backing_fmt is None, display_name=req.target)
+    except QimgError as e:
+        msg = str(e).removeprefix(f"{req.target}: ")
+        raise type(e)(f"{req.target}: error while converting {req.out_fmt}: {msg}", e.exit_code) from None
 
 
 def _temp_name(target: str) -> str:

@@ -29,7 +29,8 @@ def _public_opts(cls) -> list[OptSpec]:
 
 def validate_options(cls, filename: str, options: dict) -> None:
     """Refuse options the format does not know (qemu-img: "Invalid parameter 'x'")."""
-    known = {s.name for s in cls.create_opts}
+    # the file protocol's own options are accepted with any format, as qemu-img does
+    known = {s.name for s in cls.create_opts} | set(getattr(cls, "protocol_create_opts", ()))
     for key in options:
         if key not in known:
             raise QimgError(f"{filename}: Invalid parameter '{key}'")
@@ -50,9 +51,14 @@ def format_line(cls, filename: str, opts: CreateOptions) -> str:
 
 def create_image(filename: str, fmt: str, size: int | None, options: dict | None = None,
                  backing_file: str | None = None, backing_fmt: str | None = None,
-                 unsafe: bool = False) -> str:
-    """Create ``filename``; returns the "Formatting ..." line qemu-img prints."""
-    cls = registry.get_driver(fmt) if fmt in registry.FORMATS else _unknown(fmt)
+                 unsafe: bool = False, announce=None, display_name: str | None = None) -> str:
+    """Create ``filename``; returns the "Formatting ..." line qemu-img prints.
+
+    ``announce(line)`` is called with that line just before the driver writes anything,
+    so the line shows even when the driver then fails (as qemu-img prints it).
+    """
+    shown = display_name or filename
+    cls = registry.get_driver(fmt) if fmt in registry.FORMATS else _unknown(fmt, filename)
     options = dict(options or {})
     if "backing_file" in options:
         backing_file = backing_file or options.pop("backing_file")
@@ -63,38 +69,43 @@ def create_image(filename: str, fmt: str, size: int | None, options: dict | None
     if "size" in options:
         osize = parse_opt_size("size", options.pop("size"))
         size = size if size is not None else osize
-    validate_options(cls, filename, options)
+    validate_options(cls, shown, options)
     backing_size = None
     if backing_file:
         if not cls.supports_backing:
-            raise QimgError(f"{filename}: Backing file not supported for file format '{fmt}'")
+            raise QimgError(f"{shown}: Backing file not supported for file format '{fmt}'")
         if backing_fmt is None and not unsafe:
             detected = _detect_backing(filename, backing_file)
-            raise QimgError(f"{filename}: Backing file specified without backing format\n"
+            raise QimgError(f"{shown}: Backing file specified without backing format\n"
                             f"Detected format of {detected}.")
         if not unsafe or size is None:
-            backing_size = _backing_size(filename, backing_file, backing_fmt)
+            backing_size = _backing_size(filename, backing_file, backing_fmt, shown)
         if size is None:
             size = backing_size
     if size is None:
-        raise QimgError(f"{filename}: Image creation needs a size parameter")
+        raise QimgError(f"{shown}: Image creation needs a size parameter")
     if size > INT64_MAX:
         raise QimgError("Image size must be less than 8 EiB!")
     opts = CreateOptions(size=size, options=options, backing_file=backing_file, backing_fmt=backing_fmt,
                          backing_size=backing_size)
-    line = format_line(cls, filename, opts)
+    try:
+        line = format_line(cls, filename, opts)
+    except QimgError as e:  # a typed -o value that does not parse: no "Formatting" line, as qemu-img
+        raise type(e)(f"{shown}: {e}", e.exit_code) from None
+    if announce is not None:
+        announce(line)
     try:
         cls.create(filename, opts, Opener(filename, writable=True))
     except QimgError as e:
         msg = str(e)
-        if not msg.startswith(filename + ":"):
-            raise type(e)(f"{filename}: {msg}", e.exit_code) from None
+        if not msg.startswith(shown + ":"):
+            raise type(e)(f"{shown}: {msg}", e.exit_code) from None
         raise
     return line
 
 
-def _unknown(fmt):
-    raise QimgError(f"Unknown file format '{fmt}'")
+def _unknown(fmt, filename=None):
+    raise QimgError((f"{filename}: " if filename else "") + f"Unknown file format '{fmt}'")
 
 
 def _resolve(filename, backing_file):
@@ -111,7 +122,7 @@ def _detect_backing(filename, backing_file) -> str:
     return registry.probe(head, path)
 
 
-def _backing_size(filename, backing_file, backing_fmt) -> int:
+def _backing_size(filename, backing_file, backing_fmt, shown=None) -> int:
     from ..core.chain import Chain
 
     path = _resolve(filename, backing_file)
@@ -119,4 +130,4 @@ def _backing_size(filename, backing_file, backing_fmt) -> int:
         with Chain.open(path, backing_fmt) as chain:
             return chain.virtual_size
     except QimgError as e:
-        raise QimgError(f"{filename}: Could not open backing image: {e}") from None
+        raise QimgError(f"{shown or filename}: Could not open backing image: {e}") from None
