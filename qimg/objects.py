@@ -20,7 +20,7 @@ def add_object(text: str) -> None:
     else:
         opts = parse_opts(rest)
     if kind != "secret":
-        raise QimgError(f"Invalid object type '{kind}'")
+        raise QimgError(f"Parameter 'qom-type' does not accept value '{kind}'")
     ident = opts.get("id")
     if not ident:
         raise QimgError("Parameter 'id' is missing")
@@ -35,7 +35,7 @@ def add_object(text: str) -> None:
         except OSError as e:
             raise QimgError(f"Unable to read {opts['file']}: {e.strerror}") from None
     else:
-        raise QimgError("Either 'data' or 'file' must be provided")
+        raise QimgError("Either 'file' or 'data' must be provided")
     fmt = opts.get("format", "raw")
     if fmt == "base64":
         import base64

@@ -53,7 +53,7 @@ def dumps(value, indent: int = 0) -> str:
         return "{\n" + ",\n".join(parts) + "\n" + end + "}"
     if isinstance(value, (list, tuple)):
         if not value:
-            return "[]"
+            return "[\n" + end + "]"  # qemu prints an empty list over two lines
         parts = [pad + dumps(v, indent + 1) for v in value]
         return "[\n" + ",\n".join(parts) + "\n" + end + "]"
     return _scalar(value)

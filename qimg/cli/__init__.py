@@ -96,18 +96,20 @@ def run(argv: list[str] | None = None) -> int:
     argv = _preprocess(argv)
     debug = bool(os.environ.get("QIMG_DEBUG"))
     try:
-        main_group.main(argv, prog_name=PROG, standalone_mode=False)
-        return 0
+        rc = main_group.main(argv, prog_name=PROG, standalone_mode=False)
+        return rc if isinstance(rc, int) else 0  # a command may end with click's Exit(status)
     except CommandNotFound as e:
         return _usage_fail(f"Command not found: {e}")
     except click.exceptions.NoSuchOption as e:
         return _usage_fail(f"unrecognized option '{e.option_name}'")
     except click.exceptions.BadOptionUsage as e:
+        if e.message.endswith("requires an argument.") and e.option_name:
+            return _usage_fail(f"missing argument for option '{e.option_name}'")
         return _usage_fail(e.format_message())
     except click.exceptions.MissingParameter as e:
         return _usage_fail(_missing_message(e))
     except click.UsageError as e:
-        return _usage_fail(e.format_message())
+        return _usage_fail(_usage_message(e))
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
@@ -136,15 +138,36 @@ def run(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _command_name(e) -> str:
+    ctx = getattr(e, "ctx", None)
+    return getattr(getattr(ctx, "command", None), "name", "") or ""
+
+
 def _missing_message(e) -> str:
     if e.param is not None and getattr(e.param, "param_type_name", "") == "argument":
-        return "Expecting image file name"
+        # qemu-img words it per command: create takes "filename [size]", the others one image
+        return "Expecting image file name" if _command_name(e) == "create" else "Expecting one image file name"
     return e.format_message()
 
 
+def _usage_message(e) -> str:
+    """click's usage errors in qemu-img's words where qemu-img has its own."""
+    msg = e.format_message()
+    if msg.startswith("Got unexpected extra argument"):
+        extra = msg[msg.find("(") + 1:msg.rfind(")")].split(" ")[0]
+        if _command_name(e) == "create":
+            return f"Unexpected argument: {extra}"
+        return "Expecting one image file name"
+    return msg
+
+
 def _err(message: str) -> None:
-    for i, line in enumerate(message.splitlines() or [""]):
-        sys.stderr.write(f"{PROG}: {line}\n")
+    # like qemu's error_report: the prefix goes on the first line only (a message that needs
+    # a second prefixed line, e.g. "qimg: warning: ...", carries it itself)
+    lines = message.splitlines() or [""]
+    sys.stderr.write(f"{PROG}: {lines[0]}\n")
+    for line in lines[1:]:
+        sys.stderr.write(f"{line}\n")
 
 
 def _usage_fail(message: str) -> int:

@@ -6,8 +6,6 @@ import sys
 
 import click
 
-from ..errors import UsageError
-
 
 def object_opt(f):
     return click.option("--object", "objects", multiple=True, help="object definition")(f)
@@ -43,7 +41,17 @@ CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 def check_cache(mode: str | None) -> None:
     if mode is not None and mode not in CACHE_MODES:
-        raise UsageError(f"Invalid cache option: {mode}")
+        from ..errors import QimgError
+
+        raise QimgError(f"Invalid cache option: {mode}")  # qemu-img adds no --help hint here
+
+
+def check_src_cache(mode: str | None, exit_code: int = 1) -> None:
+    """-T: qemu-img names it the source cache option."""
+    if mode is not None and mode not in CACHE_MODES:
+        from ..errors import QimgError
+
+        raise QimgError(f"Invalid source cache option: {mode}", exit_code)
 
 
 def load_objects(objects) -> None:
@@ -59,14 +67,18 @@ def image_spec(filename: str, fmt: str | None, image_opts: bool) -> tuple[str, s
         from ..objects import parse_image_opts
 
         if fmt is not None:
-            raise UsageError("--image-opts and --format are mutually exclusive")
+            from ..errors import QimgError
+
+            raise QimgError("--image-opts and --format are mutually exclusive")
         return parse_image_opts(filename)
     return filename, fmt, {}
 
 
 def check_output(output: str) -> str:
     if output not in ("human", "json"):
-        raise UsageError(f"--output must be used with human or json as argument.")
+        from ..errors import QimgError
+
+        raise QimgError("--output must be used with human or json as argument.")
     return output
 
 
@@ -77,3 +89,55 @@ def warn(message: str) -> None:
 def echo(text: str, quiet: bool = False) -> None:
     if not quiet:
         sys.stdout.write(text)
+
+
+def cvtnum(name: str, text: str, minimum: int = 0, maximum: int = (1 << 63) - 1) -> int:
+    """A size argument checked as qemu-img's cvtnum does (messages name the argument)."""
+    from ..errors import QimgError
+    from ..units import parse_size
+
+    try:
+        value = parse_size(text)
+    except QimgError:
+        value = maximum + 1  # out of range
+    if value is None:
+        from . import PROG
+
+        raise QimgError(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for\n"
+                        f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+    if value < minimum or value > maximum:
+        raise QimgError(f"Invalid {name} specified. Must be between {minimum} and {maximum}.")
+    return value
+
+
+def show_help() -> None:
+    """Print the full usage text and exit 0 (what qemu-img does for a subcommand's -h)."""
+    from . import help_text
+
+    sys.stdout.write(help_text())
+    raise click.exceptions.Exit(0)
+
+
+def objects_now(ctx, param, value):
+    """--object callback: objects are created while options are read (qemu-img's order of errors)."""
+    load_objects(value)
+    return value
+
+
+def output_now(ctx, param, value):
+    """--output callback for commands that check the format while reading options."""
+    return check_output(value) if value is not None else "human"
+
+
+def size_now(name: str, minimum: int = 0, maximum: int = (1 << 63) - 1):
+    """A callback parsing a size option with cvtnum while options are read."""
+    def callback(ctx, param, value):
+        return None if value is None else cvtnum(name, value, minimum, maximum)
+    return callback
+
+
+def help_now(ctx, param, value):
+    """-h/--help callback: the usage text as soon as the option is read."""
+    if value:
+        show_help()
+    return value

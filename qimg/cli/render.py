@@ -16,10 +16,10 @@ def info_human(info: dict) -> str:
         f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
         "disk size: " + (size_to_str(info["actual-size"]) if "actual-size" in info else "unavailable"),
     ]
-    if info.get("cluster-size"):
-        lines.append(f"cluster_size: {info['cluster-size']}")
     if info.get("encrypted"):
         lines.append("encrypted: yes")
+    if info.get("cluster-size"):
+        lines.append(f"cluster_size: {info['cluster-size']}")
     if info.get("dirty-flag"):
         lines.append("cleanly shut down: no")
     if "backing-filename" in info:
@@ -97,3 +97,19 @@ def map_json_line(ext) -> str:
     if ext.offset is not None and (ext.data or ext.zero and ext.present):
         s += f', "offset": {ext.offset}'
     return s + "}"
+
+
+def map_human_header() -> str:
+    """The header of qemu-img map's human table."""
+    return "%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File")
+
+
+def _hex(v: int) -> str:
+    # C's "%#x": no 0x prefix for zero
+    return "%#x" % v if v else "0"
+
+
+def map_human_line(ext) -> str:
+    """One data row of qemu-img map's human table."""
+    offset = ext.offset if ext.offset is not None else 0
+    return "%-16s%-16s%-16s%s\n" % (_hex(ext.start), _hex(ext.length), _hex(offset), ext.filename or "")

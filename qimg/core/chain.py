@@ -69,8 +69,9 @@ class Chain:
         while True:
             layer = self.layers[depth]
             if offset >= layer.virtual_size:
-                # past the end of a short backing file: zeros, not allocated
-                return Extent(offset, length, data=False, zero=True, present=False, depth=depth)
+                # past the end of a short backing file: zeros, not allocated; the overlay answers
+                # (qemu-img map reports the depth of the layer above the short one)
+                return Extent(offset, length, data=False, zero=True, present=False, depth=max(depth - 1, 0))
             length = min(length, layer.virtual_size - offset)
             ext = layer.block_status(offset, length)
             ext.depth = depth

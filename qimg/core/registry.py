@@ -74,11 +74,31 @@ def protocol_for(filename: str) -> str | None:
     return None
 
 
+#: formats with a fixed magic (from their specs): a driver module whose magic is absent is not
+#: even imported while probing, so ``info`` on a raw or qcow2 file loads one or two modules.
+#: Formats not listed here (vmdk descriptors, parallels bundles, dmg) are always asked.
+_MAGIC_HINTS = {
+    "qcow2": lambda h: h[:4] == b"QFI\xfb",
+    "qcow": lambda h: h[:4] == b"QFI\xfb",
+    "qed": lambda h: h[:4] == b"QED\0",
+    "vdi": lambda h: h[64:68] == b"\x7f\x10\xda\xbe",
+    "vpc": lambda h: h[:8] == b"conectix",
+    "vhdx": lambda h: h[:8] == b"vhdxfile",
+    "bochs": lambda h: h[:22] == b"Bochs Virtual HD Image",
+    "cloop": lambda h: h[:9] == b"#!/bin/sh",
+    "luks": lambda h: h[:6] == b"LUKS\xba\xbe",
+    "cow": lambda h: h[:4] in (b"OOOM", b"MOOO"),  # big-endian v2/v3, host-endian (x86) v1
+}
+
+
 def probe(head: bytes, filename: str) -> str:
     """The best-scoring format for the first bytes of a file (raw scores 1)."""
     best, best_score = "raw", 1
     for name in FORMATS:
         if name == "raw":
+            continue
+        hint = _MAGIC_HINTS.get(name)
+        if hint is not None and not hint(head):
             continue
         try:
             cls = get_driver(name)
@@ -97,29 +117,39 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
     from .driver import Opener
 
     proto = protocol_for(filename)
+    proto_cls = None
     if proto is not None:
         cls = get_driver(proto)
-        try:
-            return cls.open_protocol(filename, writable=writable, options=options or {})
-        except QimgError as e:
-            raise OpenError(f"Could not open '{filename}': {e}") from None
+        if not hasattr(cls, "open_store"):
+            try:
+                return cls.open_protocol(filename, writable=writable, options=options or {})
+            except QimgError as e:
+                raise OpenError(f"Could not open '{filename}': {e}") from None
+        # a protocol with a byte store (nbd): any format may live on it, raw is the protocol's own view
+        proto_cls = cls
     if fmt is not None:
-        get_driver(fmt)  # unknown driver errors before the file is touched
+        try:
+            get_driver(fmt)  # unknown driver errors before the file is touched
+        except OpenError as e:
+            raise OpenError(f"Could not open '{filename}': {e}") from None
     try:
-        store = FileStore(filename, writable=writable)
-    except OpenError as e:
+        if proto_cls is not None:
+            store = proto_cls.open_store(filename, writable, options or {})
+        else:
+            store = FileStore(bundle_descriptor(filename), writable=writable)
+    except QimgError as e:
         raise OpenError(f"Could not open '{filename}': {e}") from None
     try:
         if fmt is None:
             head = store.pread(0, PROBE_BYTES)
             fmt = probe(head, filename)
-            if fmt == "raw" and warn is not None:
+            if fmt == "raw" and warn is not None and proto_cls is None:
                 warn(f"Image format was not specified for '{filename}' and probing guessed raw.\n"
                      "         Automatically detecting the format is dangerous for raw images, "
                      "write operations on block 0 will be restricted.\n"
                      "         Specify the 'raw' format explicitly to remove the restrictions.")
-        cls = get_driver(fmt)
-        opener = Opener(filename, writable, open_image=lambda f, t, w: open_image(f, t, w))
+        cls = proto_cls if proto_cls is not None and fmt == "raw" else get_driver(fmt)
+        opener = Opener(bundle_descriptor(filename), writable, open_image=lambda f, t, w: open_image(f, t, w))
         return cls.open(store, filename, writable=writable, opener=opener, options=options or {})
     except QimgError as e:
         store.close()
@@ -130,6 +160,15 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
     except BaseException:
         store.close()
         raise
+
+
+def bundle_descriptor(filename: str) -> str:
+    """A Parallels Desktop .hdd bundle (a directory) opens through its DiskDescriptor.xml."""
+    if os.path.isdir(filename):
+        desc = os.path.join(filename, "DiskDescriptor.xml")
+        if os.path.isfile(desc):
+            return desc
+    return filename
 
 
 def resolve_backing(overlay_filename: str, backing_name: str) -> str:

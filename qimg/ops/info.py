@@ -12,7 +12,7 @@ def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
     """The ImageInfo of one opened layer, keys as qemu's QAPI names them."""
     info: dict = {
         "virtual-size": driver.virtual_size,
-        "filename": filename,
+        "filename": getattr(driver, "display_filename", None) or filename,
         "format": fmt_name or driver.format_name,
     }
     cs = driver.cluster_size
@@ -22,6 +22,8 @@ def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
         actual = driver.allocated_file_size()
     except Exception:
         actual = None
+    if getattr(getattr(driver, "store", None), "allocation_unknown", False):
+        actual = None  # e.g. an image on an NBD export: qemu shows "disk size: unavailable"
     if actual is not None:
         info["actual-size"] = actual
     extra = driver.info_extra()
@@ -39,7 +41,8 @@ def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
     spec = driver.info_specific()
     if spec is not None:
         info["format-specific"] = spec
-    info["dirty-flag"] = bool(extra.get("dirty-flag", False))
+    if extra.get("dirty-flag", False) is not None:  # None: qemu prints no dirty-flag (e.g. nbd exports)
+        info["dirty-flag"] = bool(extra.get("dirty-flag", False))
     for key in ("cluster-size",):
         pass
     return info
