@@ -1,0 +1,75 @@
+"""qcow2 compressed clusters: descriptor decoding, zlib (raw deflate) and zstd codecs.
+
+References: QEMU docs/interop/qcow2.txt, "Compressed Clusters Descriptor" (the host offset
+in bits 0..x-1, x = 62 - (cluster_bits - 8), then the count of additional 512-byte
+sectors), and "compression type" in the header.  zlib clusters are raw deflate streams
+(window bits 12 when written); zstd clusters are single zstd frames.
+"""
+
+from __future__ import annotations
+
+from ...errors import CorruptImage
+from .header import COMPRESSION_TYPE_ZSTD
+
+ZLIB_LEVEL = 6
+ZLIB_WBITS = -12
+ZSTD_LEVEL = 3
+
+
+def descriptor_layout(cluster_bits: int) -> tuple[int, int]:
+    """(csize_shift, offset_mask) of a compressed L2 entry for this cluster size."""
+    shift = 62 - (cluster_bits - 8)
+    return shift, (1 << shift) - 1
+
+
+def decode_descriptor(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host offset, bytes to read) of a compressed cluster descriptor."""
+    shift, mask = descriptor_layout(cluster_bits)
+    offset = entry & mask
+    nb_sectors = ((entry >> shift) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    length = nb_sectors * 512 - (offset & 511)
+    return offset, length
+
+
+def encode_descriptor(offset: int, length: int, cluster_bits: int) -> int:
+    """The L2 entry bits (without the compressed flag) for ``length`` bytes at ``offset``."""
+    shift, _mask = descriptor_layout(cluster_bits)
+    nb_sectors = (offset + length - 1) // 512 - offset // 512
+    return offset | (nb_sectors << shift)
+
+
+def decompress(data: bytes, cluster_size: int, compression_type: int) -> bytes:
+    """Inflate one cluster; exactly ``cluster_size`` bytes or CorruptImage."""
+    try:
+        if compression_type == COMPRESSION_TYPE_ZSTD:
+            import zstandard
+
+            d = zstandard.ZstdDecompressor().decompressobj()
+            out = d.decompress(data)
+        else:
+            import zlib
+
+            d = zlib.decompressobj(-15)
+            out = d.decompress(data, cluster_size)
+    except Exception as e:  # noqa: BLE001  (zlib.error, zstandard.ZstdError: hostile data)
+        raise CorruptImage(f"Could not decompress a compressed cluster: {e}") from None
+    if len(out) < cluster_size:
+        raise CorruptImage("Could not decompress a compressed cluster: the data is truncated")
+    return out[:cluster_size]
+
+
+def compress(data, cluster_size: int, compression_type: int) -> bytes | None:
+    """Deflate one cluster; None when the result would not be smaller than the cluster."""
+    if compression_type == COMPRESSION_TYPE_ZSTD:
+        import zstandard
+
+        out = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False,
+                                       write_checksum=False).compress(data)
+    else:
+        import zlib
+
+        c = zlib.compressobj(ZLIB_LEVEL, zlib.DEFLATED, ZLIB_WBITS)
+        out = c.compress(data) + c.flush()
+    if len(out) >= cluster_size:
+        return None
+    return out

@@ -1,0 +1,199 @@
+"""qcow2 L1/L2 tables: entry bits, per-table decoding into runs, and a bounded L2 cache.
+
+References: QEMU docs/interop/qcow2.txt, sections "Cluster mapping" (L1/L2 entries,
+QCOW_OFLAG_COPIED/COMPRESSED/ZERO), "Extended L2 Entries" (32 subclusters, allocation
+bitmap in bits 0-31, zero bitmap in bits 32-63 of the second word).
+
+A table is decoded once into per-unit arrays (unit = cluster, or subcluster with extended
+L2): a kind code, the host offset, and the indexes where a new run starts.  block_status
+then costs one binary search per extent instead of a walk over entries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from ...errors import CorruptImage
+
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_OFLAG_COMPRESSED = 1 << 62
+QCOW_OFLAG_ZERO = 1 << 0
+SUBCLUSTERS_PER_CLUSTER = 32
+QCOW_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
+QCOW_L2_BITMAP_ALL_ZERO = 0xFFFFFFFF << 32
+
+# unit kinds
+UNALLOCATED = 0   # falls through to the backing file
+ZERO_PLAIN = 1    # reads as zeros, no host cluster
+ZERO_ALLOC = 2    # reads as zeros, host cluster kept
+NORMAL = 3        # data at a host offset
+COMPRESSED = 4    # data in a compressed cluster (the unit is the whole cluster)
+
+L2_CACHE_BYTES = 32 << 20
+
+
+class DecodedL2:
+    """One L2 table decoded into runs of units of the same kind (and contiguous host offsets).
+
+    ``kinds`` has one code per unit; host offsets are kept per cluster (``chosts``): a unit's
+    host offset is its cluster's plus its index inside the cluster times the unit size.
+    """
+
+    __slots__ = ("chosts", "kinds", "nbytes", "raw", "shift", "starts", "unit")
+
+    def __init__(self, kinds, chosts, shift: int, unit: int, raw):
+        self.kinds = kinds
+        self.chosts = chosts
+        self.shift = shift
+        self.unit = unit
+        self.raw = raw
+        n = len(kinds)
+        brk = np.empty(n, dtype=bool)
+        if n:
+            brk[0] = True
+            brk[1:] = kinds[1:] != kinds[:-1]
+        self.starts = np.flatnonzero(brk)
+        self.nbytes = kinds.nbytes + chosts.nbytes + raw.nbytes + self.starts.nbytes
+
+    def host(self, index: int) -> int:
+        """Host offset of unit ``index`` (0 when its cluster has none)."""
+        c = int(self.chosts[index >> self.shift])
+        if not c:
+            return 0
+        if c < 0:  # an external data file's offset 0
+            c = 0
+        return c + (index & ((1 << self.shift) - 1)) * self.unit
+
+    def run_at(self, index: int) -> tuple[int, int]:
+        """(kind, end index) of the run holding unit ``index``."""
+        pos = int(np.searchsorted(self.starts, index, side="right"))
+        end = int(self.starts[pos]) if pos < len(self.starts) else len(self.kinds)
+        return int(self.kinds[index]), end
+
+
+def decode_l2(raw: np.ndarray, cluster_bits: int, extended: bool, has_data_file: bool) -> DecodedL2:
+    """Decode an L2 table (uint64 array, host byte order) into kinds per unit and hosts per cluster."""
+    cs = 1 << cluster_bits
+    entries = raw[0::2] if extended else raw
+    off = entries & np.uint64(L2E_OFFSET_MASK)
+    compressed = (entries & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+    copied = (entries & np.uint64(QCOW_OFLAG_COPIED)) != 0
+    has_off = off != 0
+    if has_data_file:
+        # with an external data file, host offset 0 is valid when COPIED is set
+        has_off = has_off | copied
+    chosts = np.where(compressed | ~has_off, 0, off).astype(np.int64)
+    if has_data_file:
+        # host offset 0 is a real offset there: keep "has a host" apart from the value
+        chosts = np.where(has_off & ~compressed & (off == 0), -1, chosts)
+    if not extended:
+        zero = (entries & np.uint64(QCOW_OFLAG_ZERO)) != 0
+        kinds = np.where(has_off, np.where(zero, ZERO_ALLOC, NORMAL), np.where(zero, ZERO_PLAIN, UNALLOCATED))
+        kinds = np.where(compressed, COMPRESSED, kinds).astype(np.uint8)
+        d = DecodedL2(kinds, chosts, 0, cs, raw)
+        _add_host_breaks(d, chosts, cs, 0)
+        return d
+    # extended L2: one unit per subcluster; the bitmaps unpacked to bits (little-endian bit order)
+    n = len(entries)
+    bits = np.unpackbits(raw[1::2].astype("<u8").view(np.uint8).reshape(n, 8), axis=1, bitorder="little")
+    alloc = bits[:, :SUBCLUSTERS_PER_CLUSTER].astype(bool)
+    zbits = bits[:, SUBCLUSTERS_PER_CLUSTER:].astype(bool)
+    bad = (alloc & zbits).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CorruptImage(f"Invalid extended L2 entry {i}: a subcluster is both allocated and zero")
+    ho = has_off[:, None]
+    orphan = (alloc & ~ho).any(axis=1)
+    if orphan.any():
+        i = int(np.flatnonzero(orphan)[0])
+        raise CorruptImage(f"Invalid extended L2 entry {i}: allocated subclusters without a host cluster")
+    kinds = np.full((n, SUBCLUSTERS_PER_CLUSTER), UNALLOCATED, dtype=np.uint8)
+    kinds[alloc] = NORMAL
+    kinds[zbits & ho] = ZERO_ALLOC
+    kinds[zbits & ~ho] = ZERO_PLAIN
+    kinds[compressed] = COMPRESSED
+    kinds = kinds.reshape(-1)
+    d = DecodedL2(kinds, chosts, 5, cs // SUBCLUSTERS_PER_CLUSTER, raw)
+    _add_host_breaks(d, chosts, cs, 5)
+    return d
+
+
+def _plain_hosts(chosts: np.ndarray) -> np.ndarray:
+    """Per-cluster host offsets as values: -1 (an external data file's offset 0) is 0."""
+    return np.where(chosts < 0, 0, chosts)
+
+
+def _add_host_breaks(d: DecodedL2, chosts: np.ndarray, cs: int, shift: int) -> None:
+    """Split runs where the host offset is not contiguous (between clusters) or a cluster is compressed."""
+    n = len(chosts)
+    if n < 2 and not shift:
+        return
+    hostful = chosts != 0
+    jump = (hostful[1:] != hostful[:-1]) | (hostful[1:] & (_plain_hosts(chosts[1:]) != _plain_hosts(chosts[:-1]) + cs))
+    comp = d.kinds[(np.arange(1, n) << shift)] == COMPRESSED if n > 1 else np.zeros(0, dtype=bool)
+    # (inside one cluster the host offsets are contiguous by construction)
+    extra = (np.flatnonzero(jump | comp) + 1) << shift
+    if len(extra):
+        d.starts = np.union1d(d.starts, extra)
+        d.nbytes += extra.nbytes
+
+
+class L2Cache:
+    """A bounded LRU of decoded L2 tables, safe for the reader threads of the copy engine."""
+
+    def __init__(self, max_bytes: int = L2_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.tables: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            d = self.tables.get(key)
+            if d is not None:
+                self.tables.move_to_end(key)
+            return d
+
+    def put(self, key, table: DecodedL2) -> None:
+        with self.lock:
+            old = self.tables.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
+            self.tables[key] = table
+            self.bytes += table.nbytes
+            while self.bytes > self.max_bytes and len(self.tables) > 1:
+                _k, t = self.tables.popitem(last=False)
+                self.bytes -= t.nbytes
+
+    def drop(self, key) -> None:
+        with self.lock:
+            old = self.tables.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self.lock:
+            self.tables.clear()
+            self.bytes = 0
+
+
+def read_table(store, offset: int, entries: int, name: str, file_size: int) -> np.ndarray:
+    """Read a big-endian u64 table as a writable native array; bytes past EOF read as zero."""
+    nbytes = entries * 8
+    if offset >= file_size and entries:
+        raise CorruptImage(f"{name} at offset {offset:#x} lies outside the image file (size {file_size})")
+    raw = store.pread(offset, nbytes)
+    if len(raw) < nbytes:
+        raw = raw + bytes(nbytes - len(raw))
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+
+def table_bytes(arr: np.ndarray) -> bytes:
+    """Serialise a u64 table big-endian."""
+    return arr.astype(">u8").tobytes()
