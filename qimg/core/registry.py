@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util  # format_names() uses find_spec; not always imported at start-up
 import os
 
 from ..errors import OpenError, QimgError

@@ -1,17 +1,25 @@
 """The copy engine: extents in, ordered writes out.
 
 Zero extents cost no I/O.  Data extents are cut into aligned chunks that worker threads
-read into page-aligned buffers and scan for zeros (numpy and os.preadv release the GIL);
-the calling thread writes the non-zero runs in guest order, so drivers that allocate
-metadata see one writer.  convert, commit, rebase and dd all go through ``copy_range``.
+read into page-aligned buffers and scan for zeros (os.preadv and the scans release the GIL
+or are short); the calling thread writes the non-zero runs in guest order, so drivers that
+allocate metadata see one writer.  convert, commit, rebase and dd all go through
+``copy_range``.
+
+A raw file target has no metadata to keep in order, so there the workers write their chunks
+themselves (one hand-off per chunk instead of two).  From a raw file source, the non-zero
+runs then go through ``os.copy_file_range`` (one in-kernel copy, no trip through the
+buffer); any copy_file_range error turns that path off and the buffer is written instead.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import mmap
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import os
+import threading
+from dataclasses import dataclass, replace
 
 from ..core.extent import Extent, clip
 
@@ -29,6 +37,7 @@ class CopyOptions:
     skip_unallocated: bool = False  # -B / commit: ranges not present in the top are left alone
     chunk: int = CHUNK
     unmap_zeroes: bool = True       # zero ranges may be deallocated on the target
+    offload: bool = True            # allow os.copy_file_range between plain raw files
 
 
 class Source:
@@ -41,6 +50,10 @@ class Source:
 
     def readinto(self, offset: int, buf) -> None:
         raise NotImplementedError
+
+    def plain_file(self, start: int, end: int):
+        """(fd, host offset of ``start``) when [start, end) is stored plainly in one host file."""
+        return None
 
 
 class ChainSource(Source):
@@ -56,6 +69,12 @@ class ChainSource(Source):
 
     def readinto(self, offset, buf):
         self.chain.readinto(offset, buf)
+
+    def plain_file(self, start, end):
+        layers = getattr(self.chain, "layers", None)
+        if not layers or len(layers) != 1:
+            return None
+        return _raw_file(layers[0], start, end)
 
 
 class ConcatSource(Source):
@@ -79,13 +98,36 @@ class ConcatSource(Source):
     def extents(self, start, end):
         for base, src, s, e in self._parts(start, end):
             for ext in src.extents(s - base, e - base):
-                ext.start += base
-                yield ext
+                # a shifted copy: the source's own iterator goes on from the extent it handed out
+                yield replace(ext, start=ext.start + base)
 
     def readinto(self, offset, buf):
         view = memoryview(buf)
         for base, src, s, e in self._parts(offset, offset + len(view)):
             src.readinto(s - base, view[s - offset:e - offset])
+
+    def plain_file(self, start, end):
+        parts = list(self._parts(start, end))
+        if len(parts) != 1:
+            return None
+        base, src, s, e = parts[0]
+        return src.plain_file(s - base, e - base)
+
+
+def _raw_file(layer, start: int, end: int):
+    """(fd, host offset) for a raw layer over a regular file whose bytes cover [start, end)."""
+    from ..formats.raw import RawDriver
+
+    if type(layer) is not RawDriver:
+        # drivers whose range is one plain host file (e.g. a flat VMDK extent) may say so
+        hook = getattr(layer, "plain_host_file", None)
+        return hook(start, end) if hook is not None else None
+    store = getattr(layer, "store", None)
+    fd = getattr(store, "fd", -1)
+    if fd is None or fd < 0 or getattr(store, "is_block", True):
+        return None
+    host = start + getattr(layer, "offset", 0)
+    return fd, host
 
 
 class _BufferPool:
@@ -103,8 +145,62 @@ class _BufferPool:
 
     def close(self):
         for b in self.free:
-            b.close()
+            try:
+                b.close()
+            except BufferError:  # a view is still alive somewhere: the collector frees it later
+                pass
         self.free = []
+
+
+class _Workers:
+    """A minimal ordered pipeline: jobs run on threads, results come back in submission order.
+
+    (concurrent.futures would do, but pulls in logging and friends: ~4 ms of start-up.)
+    """
+
+    def __init__(self, count: int):
+        import queue
+
+        self.jobs = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._loop, daemon=True, name=f"qimg-copy-{i}")
+                        for i in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def _loop(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            slot, fn, args = job
+            if slot[2]:  # cancelled
+                slot[3].set()
+                continue
+            try:
+                slot[0] = fn(*args)
+            except BaseException as e:  # handed to the writer thread
+                slot[1] = e
+            slot[3].set()
+
+    def submit(self, fn, *args):
+        slot = [None, None, False, threading.Event()]
+        self.jobs.put((slot, fn, args))
+        return slot
+
+    @staticmethod
+    def result(slot):
+        slot[3].wait()
+        if slot[1] is not None:
+            raise slot[1]
+        return slot[0]
+
+    def shutdown(self, pending):
+        for slot in pending:
+            slot[2] = True
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
 
 
 def _chunks(ext: Extent, chunk: int):
@@ -128,9 +224,16 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
         cluster_size = cluster_size or 65536
         chunk = max(cluster_size, chunk // cluster_size * cluster_size)
     workers = max(1, opts.workers)
+    prepare = getattr(dst, "prepare_compressed", None) if opts.compress else None
+
+    # a raw file target keeps no metadata: the workers may write it themselves, in any order;
+    # from a raw file source, copy_file_range moves the data runs
+    tgt = None if opts.compress else _raw_file(dst, start + dst_offset, end + dst_offset)
+    offload = [tgt[0], tgt[1] - start] if tgt is not None and opts.offload else None  # fd, host - guest
+    direct = tgt is not None and workers > 1
     depth = workers * 2 + 1
-    pool = _BufferPool(chunk, depth + 1)
-    executor = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    pool = _BufferPool(chunk, 0 if direct else depth + 1)
+    runner = _Workers(workers) if workers > 1 and not direct else None
     pending: collections.deque = collections.deque()
 
     def work(off, n, buf):
@@ -139,18 +242,22 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
         if opts.compress:
             if is_zero(view):
                 return off, n, buf, [], None
-            prep = dst.prepare_compressed(off + dst_offset, view) if hasattr(dst, "prepare_compressed") else None
+            prep = prepare(off + dst_offset, view) if prepare is not None else None
             return off, n, buf, [(0, n)], prep
-        if gran == 0:
-            return off, n, buf, [(0, n)], None
-        return off, n, buf, nonzero_runs(view, off, gran), None
+        runs = [(0, n)] if gran == 0 else nonzero_runs(view, off, gran)
+        if direct:
+            # raw target: no metadata, so the workers write too (no hand-off per chunk)
+            write_runs(off, n, buf, runs, None)
+            return off, n, buf, None, None
+        return off, n, buf, runs, None
 
     def drain(limit):
         while len(pending) > limit:
-            fut = pending.popleft()
-            off, n, buf, runs, prep = fut.result() if executor else fut
+            item = pending.popleft()
+            off, n, buf, runs, prep = runner.result(item) if runner is not None else item
             try:
-                write_runs(off, n, buf, runs, prep)
+                if runs is not None:
+                    write_runs(off, n, buf, runs, prep)
             finally:
                 pool.put(buf)
             if progress is not None:
@@ -159,6 +266,9 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
     def write_runs(off, n, buf, runs, prep):
         view = memoryview(buf)
         pos = 0
+        plain = None
+        if offload is not None and runs:
+            plain = src.plain_file(off, off + n)
         for s, e in runs:
             if s > pos:
                 zero_range(off + pos, s - pos)
@@ -167,15 +277,44 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
                     dst.write_prepared(off + dst_offset, prep)
                 else:
                     dst.write_compressed(off + dst_offset, view[s:e])
+            elif plain is not None and _offload(plain[0], plain[1] + s, off + s, view[s:e]):
+                pass
             else:
                 dst.pwrite(off + s + dst_offset, view[s:e])
             pos = e
         if pos < n:
             zero_range(off + pos, n - pos)
 
+    def _offload(src_fd, src_host, guest, data):
+        """copy_file_range a run; False (and the path turned off) when the kernel or filesystem refuses."""
+        nonlocal offload
+        if offload is None:
+            return False
+        dst_fd, delta = offload
+        dst_host = guest + delta
+        n = len(data)
+        done = 0
+        try:
+            while done < n:
+                k = os.copy_file_range(src_fd, dst_fd, n - done, src_host + done, dst_host + done)
+                if k <= 0:
+                    break  # end of the source file: the rest is the buffer's zero padding
+                done += k
+        except OSError as e:
+            if e.errno not in _OFFLOAD_ERRNOS:
+                raise
+            offload = None
+        if done < n:
+            dst.pwrite(guest + done + dst_offset, data[done:])
+        return True
+
     def zero_range(off, n):
         if not opts.target_is_zero:
             dst.write_zeroes(off + dst_offset, n, opts.unmap_zeroes)
+
+    if direct:
+        _run_direct(src, start, end, opts, progress, chunk, workers, work, zero_range)
+        return
 
     try:
         for ext in src.extents(start, end):
@@ -196,14 +335,96 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
             for off, n in _chunks(ext, chunk):
                 drain(depth - 1)
                 buf = pool.get()
-                if executor is not None:
-                    pending.append(executor.submit(work, off, n, buf))
+                if runner is not None:
+                    pending.append(runner.submit(work, off, n, buf))
                 else:
                     pending.append(work(off, n, buf))
         drain(0)
     finally:
-        if executor is not None:
-            for fut in pending:
-                fut.cancel()
-            executor.shutdown(wait=True)
+        if runner is not None:
+            runner.shutdown(pending)
         pool.close()
+
+
+def _run_direct(src, start, end, opts, progress, chunk, workers, work, zero_range):
+    """Workers that take the next chunk themselves, read, scan and write it: no thread hand-off
+    per chunk, so a busy machine (where every wake-up waits for a time slice) costs little.
+
+    The extent walk is shared under a lock; the calling thread only reports progress.
+    """
+    lock = threading.Lock()
+    state = {"error": None, "stop": False, "done": 0}
+
+    def jobs():
+        for ext in src.extents(start, end):
+            ext = clip(ext, start, end)
+            if ext is None:
+                continue
+            if opts.skip_unallocated and not ext.present:
+                state["done"] += ext.length
+                continue
+            if ext.zero and opts.min_sparse != 0:
+                zero_range(ext.start, ext.length)
+                state["done"] += ext.length
+                continue
+            yield from _chunks(ext, chunk)
+
+    it = jobs()
+
+    def loop():
+        buf = mmap.mmap(-1, chunk)
+        try:
+            while True:
+                with lock:
+                    if state["stop"]:
+                        return
+                    try:
+                        off, n = next(it)
+                    except StopIteration:
+                        return
+                    except BaseException as e:  # the extent walk failed: stop everyone
+                        state["error"] = state["error"] or e
+                        state["stop"] = True
+                        return
+                try:
+                    work(off, n, buf)
+                except BaseException as e:
+                    with lock:
+                        state["error"] = state["error"] or e
+                        state["stop"] = True
+                    return
+                with lock:
+                    state["done"] += n
+        finally:
+            try:
+                buf.close()
+            except BufferError:
+                pass
+
+    threads = [threading.Thread(target=loop, daemon=True, name=f"qimg-copy-{i}") for i in range(workers)]
+    for t in threads:
+        t.start()
+    reported = 0
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.05 if progress is not None else None)
+                if progress is not None:
+                    done = state["done"]
+                    if done > reported:
+                        progress.update(done - reported)
+                        reported = done
+    except BaseException:
+        with lock:
+            state["stop"] = True
+        for t in threads:
+            t.join()
+        raise
+    if state["error"] is not None:
+        raise state["error"]
+    if progress is not None and state["done"] > reported:
+        progress.update(state["done"] - reported)
+
+
+_OFFLOAD_ERRNOS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY,
+                   errno.EPERM, errno.EOVERFLOW)
