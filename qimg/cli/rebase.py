@@ -1,0 +1,39 @@
+"""qimg rebase"""
+
+from __future__ import annotations
+
+import click
+
+from . import common as c
+
+
+@click.command("rebase", add_help_option=False)
+@c.object_opt
+@c.image_opts_opt
+@c.force_share_opt
+@c.quiet_opt
+@c.fmt_opt
+@click.option("-t", "cache", default=None)
+@click.option("-T", "src_cache", default=None)
+@click.option("-p", "progress", is_flag=True)
+@click.option("-u", "unsafe", is_flag=True)
+@click.option("-b", "backing", default=None)
+@click.option("-F", "backing_fmt", default=None)
+@click.option("-h", "--help", "help_", is_flag=True)
+@click.argument("filename")
+def command(objects, image_opts, force_share, quiet, fmt, cache, src_cache, progress, unsafe, backing, backing_fmt,
+            help_, filename):
+    from ..engine.progress import Progress
+    from ..errors import QimgError, UsageError
+    from ..ops.rebase import rebase
+
+    c.check_cache(cache)
+    c.check_src_cache(src_cache)
+    if backing is None and not unsafe:
+        raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    if force_share:
+        raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+    c.load_objects(objects)
+    name, fmt, opts = c.image_spec(filename, fmt, image_opts)
+    prog = Progress(0, enabled=progress and not quiet)
+    rebase(name, backing, backing_fmt, fmt, unsafe=unsafe, options=opts, progress=prog, warn=c.warn)

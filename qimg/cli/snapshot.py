@@ -1,0 +1,51 @@
+"""qimg snapshot"""
+
+from __future__ import annotations
+
+import click
+
+from . import common as c
+
+
+@click.command("snapshot", add_help_option=False)
+@c.object_opt
+@c.image_opts_opt
+@c.force_share_opt
+@c.quiet_opt
+@click.option("-l", "do_list", is_flag=True)
+@click.option("-a", "apply_name", default=None)
+@click.option("-c", "create_name", default=None)
+@click.option("-d", "delete_name", default=None)
+@click.option("-h", "--help", "help_", is_flag=True)
+@click.argument("filename")
+def command(objects, image_opts, force_share, quiet, do_list, apply_name, create_name, delete_name, help_,
+            filename):
+    from ..errors import QimgError, UsageError
+    from ..ops.snapshot import list_snapshots, snapshot
+    from .render import snapshot_table
+
+    actions = [a for a in (do_list and ("list", None), apply_name is not None and ("apply", apply_name),
+                           create_name is not None and ("create", create_name),
+                           delete_name is not None and ("delete", delete_name)) if a]
+    if len(actions) > 1:
+        raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
+    fmt = None   # qemu-img snapshot has no -f (--image-opts names a driver)
+    if not actions:
+        # qemu-img opens the image read-write and does nothing else
+        from ..core import registry
+
+        c.load_objects(objects)
+        fname, fmt, opts = c.image_spec(filename, fmt, image_opts)
+        registry.open_image(fname, fmt, writable=not force_share, options=opts, warn=c.warn).close()
+        return
+    action, name = actions[0]
+    if force_share and action != "list":
+        raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+    c.load_objects(objects)
+    fname, fmt, opts = c.image_spec(filename, fmt, image_opts)
+    if action == "list":
+        snaps = list_snapshots(fname, fmt, opts)
+        if snaps:
+            c.echo("Snapshot list:\n" + "\n".join(snapshot_table(snaps)) + "\n", quiet)
+        return
+    snapshot(action, name, fname, fmt, opts, warn=c.warn)

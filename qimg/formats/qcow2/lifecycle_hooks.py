@@ -1,0 +1,112 @@
+"""The lifecycle hooks of Qcow2Driver: check, snapshots, resize, amend, backing changes, emptying.
+
+References: see lifecycle.py (qcow2 specification; qemu-img 7.2 behaviour).
+
+Each hook writes out what the writer still holds, runs the copy-on-write change from the modules
+beside this one on the image file, and reloads the driver's view of the metadata.
+"""
+
+from __future__ import annotations
+
+from ...errors import QimgError
+
+
+class Qcow2LifecycleMixin:
+    """Mixed into Qcow2Driver (before the writer) to provide the lifecycle driver hooks."""
+
+    @classmethod
+    def open(cls, store, filename, writable=False, opener=None, options=None):
+        drv = super().open(store, filename, writable, opener, options)
+        drv._lifecycle_options = dict(options or {})
+        if writable and drv._is_dirty():
+            # lazy refcounts left the stored refcounts stale: rebuild them before any write
+            try:
+                drv._lifecycle(lambda st: _repair_dirty(st))
+            except BaseException:
+                drv.close()
+                raise
+        return drv
+
+    def _is_dirty(self) -> bool:
+        from . import lifecycle as lc
+
+        h = getattr(self, "h", None)
+        return bool(h is not None and getattr(h, "incompatible_features", 0) & lc.INCOMPAT_DIRTY)
+
+    def _lifecycle(self, fn):
+        """Flush pending metadata, run ``fn(store)``, reload the metadata view."""
+        if not self.writable:
+            raise QimgError("qcow2 image is opened read-only")
+        self._flush_metadata(sync=True)
+        try:
+            return fn(self.store)
+        finally:
+            ds = getattr(self, "data_store", None)
+            if ds is not None and ds is not self.store:
+                ds.close()   # _open opens the data file again
+            self._open(getattr(self, "_lifecycle_options", {}))
+
+    # ----- hooks -----
+    def check(self, repair: str | None = None):
+        from .check import run_check
+
+        if repair:
+            return self._lifecycle(lambda st: run_check(st, repair))
+        return run_check(self.store, None)
+
+    def truncate(self, size: int, shrink: bool = False, prealloc: str = "off") -> None:
+        from .resize import resize
+
+        if size < self.virtual_size and not shrink:
+            raise QimgError("Use the --shrink option to perform a shrink operation.")
+        self._lifecycle(lambda st: resize(st, size, prealloc or "off"))
+
+    def set_backing(self, filename: str | None, fmt: str | None) -> None:
+        from .snapshot_ops import set_backing
+
+        self._lifecycle(lambda st: set_backing(st, filename, fmt))
+
+    def make_empty(self) -> None:
+        from .snapshot_ops import make_empty
+
+        self._lifecycle(make_empty)
+
+    def snapshot_create(self, name: str, vm_state_size: int = 0, vm_clock_nsec: int = 0) -> None:
+        from .snapshot_ops import create
+
+        self._lifecycle(lambda st: create(st, name, vm_state_size, vm_clock_nsec))
+
+    def snapshot_apply(self, id_or_name: str) -> None:
+        from .snapshot_ops import apply
+
+        self._lifecycle(lambda st: apply(st, id_or_name))
+        self.virtual_size = self.h.size
+
+    def snapshot_delete(self, id_or_name: str) -> None:
+        from .snapshot_ops import delete
+
+        self._lifecycle(lambda st: delete(st, id_or_name))
+
+    def snapshot_infos(self) -> list[dict]:
+        from .snapshot_ops import list_snapshots
+
+        return list_snapshots(self.store)
+
+    def amend(self, options: dict, force: bool = False) -> None:
+        from .amend import amend
+
+        self._lifecycle(lambda st: amend(st, options, force))
+
+    @classmethod
+    def amend_help(cls) -> str:
+        from .amend import amend_help
+
+        return amend_help()
+
+
+def _repair_dirty(store) -> None:
+    from . import lifecycle as lc
+
+    meta = lc.Qcow2Meta(store)
+    refs = lc.compute_refs(meta)
+    lc.commit(meta, lc.current_plan(meta), old_refs=refs)

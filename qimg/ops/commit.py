@@ -1,0 +1,87 @@
+"""commit: copy an overlay's data into a base image of its chain, then empty the overlay."""
+
+from __future__ import annotations
+
+import os
+
+from ..core import registry
+from ..core.chain import Chain
+from ..engine.copy import ChainSource, CopyOptions, copy_range
+from ..errors import QimgError, Unsupported
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def open_chain(filename: str, fmt: str | None = None, **kw) -> Chain:
+    """Chain.open with qemu-img's wording when a backing file cannot be opened."""
+    import re
+
+    try:
+        return Chain.open(filename, fmt, **kw)
+    except QimgError as e:
+        msg = str(e)
+        if not msg.startswith("Could not open backing file"):
+            raise
+        msg = re.sub(r"Could not open '([^']*)': Could not open '\1': ", r"Could not open '\1': ", msg)
+        raise type(e)(f"Could not open '{filename}': {msg}", e.exit_code) from None
+
+
+def commit(filename: str, fmt: str | None = None, base: str | None = None, drop: bool = False,
+           options: dict | None = None, progress=None, warn=None) -> None:
+    """qemu-img commit: data above ``base`` (default: the backing file) goes into ``base``.
+
+    Order for crash safety: the base is written and flushed (fdatasync) before the overlay is
+    emptied, so the overlay's guest view never changes."""
+    chain = open_chain(filename, fmt, writable=True, options=options, warn=warn)  # qemu-img opens it read-write
+    try:
+        top = chain.top
+        if top.backing is None or len(chain.layers) < 2:
+            raise QimgError("Image does not have a backing file")
+        depth = 1
+        if base is not None:
+            def matches(i):
+                above = chain.layers[i - 1].backing
+                if above is not None and above.filename == base:
+                    return True   # the name as recorded in the image above
+                return (_same_file(chain.filenames[i], registry.resolve_backing(chain.filenames[i - 1], base))
+                        or _same_file(chain.filenames[i], base))
+
+            found = [i for i in range(1, len(chain.layers)) if matches(i)]
+            if not found:
+                raise QimgError(f"Did not find '{base}' in the backing chain of '{filename}'")
+            depth = found[0]
+            drop = True  # -b implies -d: the images in between are no longer valid
+        base_name = chain.filenames[depth]
+        base_fmt = chain.layers[depth].format_name
+        size = chain.virtual_size
+        base_drv = registry.open_image(base_name, base_fmt, writable=True)
+        try:
+            if base_drv.virtual_size < size:
+                base_drv.truncate(size, shrink=False, prealloc="off")
+            if progress is not None:
+                progress.total = size
+            opts = CopyOptions(min_sparse=4096, skip_unallocated=True, workers=2, unmap_zeroes=True)
+            copy_range(ChainSource(chain, depth), base_drv, 0, size, opts, progress,
+                       cluster_size=base_drv.cluster_size)
+            base_drv.flush()
+        finally:
+            base_drv.close()
+        top_fmt = top.format_name
+    finally:
+        chain.close()
+    if not drop:
+        drv = registry.open_image(filename, top_fmt, writable=True, options=options)
+        try:
+            drv.make_empty()
+            drv.flush()
+        except Unsupported:
+            pass  # qemu-img leaves an overlay it cannot empty as it is
+        finally:
+            drv.close()
+    if progress is not None:
+        progress.finish()

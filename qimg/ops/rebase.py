@@ -1,0 +1,133 @@
+"""rebase: change an image's backing file; in safe mode first copy what would change in the guest view."""
+
+from __future__ import annotations
+
+from ..core import registry
+from ..core.chain import Chain
+from ..errors import QimgError, UsageError
+
+CHUNK = 2 << 20
+SECTOR = 512
+
+
+def rebase(filename: str, backing: str | None, backing_fmt: str | None = None, fmt: str | None = None,
+           unsafe: bool = False, options: dict | None = None, progress=None, warn=None) -> None:
+    """qemu-img rebase.  ``backing`` '' (or None with unsafe) removes the backing file.
+
+    Safe mode: every range the overlay does not hold itself is read through the old and the new
+    backing chain and compared sector by sector (numpy); differing sectors are written into the
+    overlay, which is flushed before the header names the new backing file (one atomic write)."""
+    if backing is None and not unsafe:
+        raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    new_name = backing or None
+    if new_name and not backing_fmt:
+        # qemu 7.2 refuses to record a backing file without its format
+        drv = registry.open_image(filename, fmt, writable=True, options=options, warn=warn)
+        drv.close()
+        raise QimgError(f"Could not change the backing file to '{backing}': backing format must be specified")
+    if unsafe:
+        drv = registry.open_image(filename, fmt, writable=True, options=options, warn=warn)
+        try:
+            _set_backing(drv, backing, new_name, backing_fmt)
+        finally:
+            drv.close()
+        return
+    from .commit import open_chain
+
+    chain = open_chain(filename, fmt, writable=True, options=options, warn=warn)
+    try:
+        top = chain.top
+        new_chain = None
+        if new_name:
+            path = registry.resolve_backing(filename, new_name)
+            try:
+                new_chain = Chain.open(path, backing_fmt)
+            except QimgError as e:
+                raise QimgError(f"Could not open new backing file '{path}': {e}") from None
+        try:
+            if len(chain.layers) > 1:
+                _copy_differences(chain, new_chain, top, progress)
+            top.flush()
+            _set_backing(top, backing, new_name, backing_fmt)
+        finally:
+            if new_chain is not None:
+                new_chain.close()
+    finally:
+        chain.close()
+    if progress is not None:
+        progress.finish()
+
+
+def _set_backing(drv, backing, new_name, backing_fmt):
+    hook = getattr(drv, "set_backing", None)
+    try:
+        hook(new_name, backing_fmt if new_name else None)
+    except QimgError as e:
+        if new_name:
+            raise QimgError(f"Could not change the backing file to '{backing}': {e}") from None
+        raise
+
+
+def _copy_differences(chain, new_chain, top, progress) -> None:
+    import numpy as np
+
+    size = chain.virtual_size
+    if progress is not None:
+        progress.total = size
+    old_buf = bytearray(CHUNK)
+    new_buf = bytearray(CHUNK)
+    pos = 0
+    while pos < size:
+        ext = top.block_status(pos, min(size - pos, CHUNK * 16))
+        n = max(1, min(ext.length, size - pos))
+        if ext.present:
+            if progress is not None:
+                progress.update(n)
+            pos += n
+            continue
+        end = pos + n
+        while pos < end:
+            k = min(CHUNK - pos % CHUNK, end - pos)
+            if _both_zero(chain, new_chain, pos, k):
+                if progress is not None:
+                    progress.update(k)
+                pos += k
+                continue
+            ov = memoryview(old_buf)[:k]
+            nv = memoryview(new_buf)[:k]
+            chain.readinto(pos, ov, 1)
+            if new_chain is not None:
+                new_chain.readinto(pos, nv)
+            else:
+                nv[:] = bytes(k)
+            whole = k // SECTOR * SECTOR
+            a = np.frombuffer(ov, np.uint8)[:whole].reshape(-1, SECTOR)
+            b = np.frombuffer(nv, np.uint8)[:whole].reshape(-1, SECTOR)
+            diff = (a != b).any(axis=1)
+            if whole < k:
+                diff = np.append(diff, bytes(ov[whole:]) != bytes(nv[whole:]))
+            if diff.any():
+                d = np.concatenate(([0], diff.astype(np.int8), [0]))
+                edges = np.diff(d)
+                for s, e in zip(np.nonzero(edges == 1)[0].tolist(), np.nonzero(edges == -1)[0].tolist()):
+                    lo, hi = s * SECTOR, min(e * SECTOR, k)
+                    top.pwrite(pos + lo, ov[lo:hi])
+            if progress is not None:
+                progress.update(k)
+            pos += k
+
+
+def _both_zero(chain, new_chain, pos, k) -> bool:
+    """True when neither the old backing chain nor the new one holds data in [pos, pos+k)."""
+    old = chain.block_status(pos, k)
+    if old.present and old.depth == 0:
+        return False
+    # block_status from the top: the overlay does not hold this range, so depth >= 1 answered
+    if old.length < k or old.data or not old.zero:
+        return False
+    if new_chain is None:
+        return True
+    if pos >= new_chain.virtual_size:
+        return True
+    new = new_chain.block_status(pos, k)
+    return new.length >= k and new.zero and not new.data
