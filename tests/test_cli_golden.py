@@ -216,23 +216,6 @@ CASES = [
 
 #: cases where qimg still differs from qemu-img 7.2 (area: what differs)
 KNOWN = {
-    "check -T foo a.raw": "check: -T is the source cache option (cli.common.check_src_cache)",
-    "convert -T foo a.raw out.raw": "convert: -T is the source cache option (cli.common.check_src_cache)",
-    "rebase -T foo -u -b a.raw a.raw": "rebase: -T is the source cache option (cli.common.check_src_cache)",
-    "commit dir": "commit: opens read-write, so qemu-img reports 'Is a directory'",
-    "rebase -u -b a.raw dir": "rebase: opens read-write, so qemu-img reports 'Is a directory'",
-    "snapshot -f foo -l a.raw": "snapshot: qemu-img 7.2 has no -f",
-    "snapshot a.raw": "snapshot: the raw probing warning",
-    "snapshot -l -f raw a.raw": "snapshot: qemu-img 7.2 has no -f",
-    "snapshot -c s1 -f raw a.raw": "snapshot: qemu-img 7.2 has no -f",
-    "bench nope": "bench: not implemented",
-    "bench dir": "bench: not implemented",
-    "bench -f foo a.raw": "bench: not implemented",
-    "bench -c abc a.raw": "bench: not implemented",
-    "bench -s abc a.raw": "bench: not implemented",
-    "bitmap --add nope b0": "bitmap: not implemented",
-    "bitmap --add dir b0": "bitmap: not implemented",
-    "bitmap -f foo --add a.raw b0": "bitmap: not implemented",
 }
 
 

@@ -311,8 +311,6 @@ def test_truncated_file(tmp_path):
     one_line_error(run_qimg("info", "-f", "vhdx", img))
 
 
-@pytest.mark.xfail(strict=False, reason="ops/check.py opens the chain read-only before a repair; "
-                   "qemu-img check -r all replays the log instead of refusing")
 def test_check_command_replays_like_qemu(shared_images, tmp_path, oracle):
     img = decompress_to(shared_images / "vhdx" / "vhdx-log-replay.vhdx.gz", tmp_path)
     theirs = tmp_path / "theirs.vhdx"
