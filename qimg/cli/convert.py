@@ -26,7 +26,6 @@ from . import common as c
 @click.option("-F", "backing_fmt", default=None)
 @click.option("-o", "options", multiple=True)
 @click.option("-l", "snapshot_param", default=None)
-@click.option("-s", "snapshot_name", default=None)
 @click.option("-S", "sparse", default=None)
 @click.option("-r", "rate", default=None)
 @click.option("-m", "coroutines", default="8")
@@ -35,7 +34,7 @@ from . import common as c
 @click.argument("filenames", nargs=-1)
 def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, force_share, copy_offload,
             compress, progress, quiet, no_create, fmt, cache, src_cache, out_fmt, backing, backing_fmt, options,
-            snapshot_param, snapshot_name, sparse, rate, coroutines, out_of_order, salvage, filenames):
+            snapshot_param, sparse, rate, coroutines, out_of_order, salvage, filenames):
     from ..engine.progress import Progress
     from ..errors import QimgError, UsageError
     from ..ops.convert import ConvertRequest, convert
@@ -45,7 +44,7 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
 
     c.load_objects(objects)
     c.check_cache(cache)
-    c.check_cache(src_cache)
+    c.check_src_cache(src_cache)
     opts = merge_opts(list(options))
     if "help" in opts or "?" in opts:
         c.echo(options_help(out_fmt))
@@ -68,14 +67,19 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
     if backing_fmt and not backing:
         backing_fmt = backing_fmt
     snapshot = None
-    if snapshot_param:
-        if snapshot_param.startswith("snapshot.") or "=" in snapshot_param:
+    if snapshot_param is not None:
+        # like qemu-img 7.2 (which no longer takes -s): "snapshot.id=..,snapshot.name=.." or a plain id or name
+        if snapshot_param.startswith("snapshot."):
             p = parse_opts(snapshot_param)
-            snapshot = {k.replace("snapshot.", ""): v for k, v in p.items()}
+            for k in p:
+                if k not in ("snapshot.id", "snapshot.name"):
+                    from . import PROG
+
+                    raise QimgError(f"Invalid parameter '{k}'\n"
+                                    f"{PROG}: Failed in parsing snapshot param '{snapshot_param}'")
+            snapshot = {k[len("snapshot."):]: v for k, v in p.items()}
         else:
             snapshot = {"id_or_name": snapshot_param}
-    elif snapshot_name:
-        snapshot = {"id_or_name": snapshot_name}
     if "backing_file" in opts and backing is None:
         backing = opts.pop("backing_file")
     if "backing_fmt" in opts and backing_fmt is None:

@@ -94,7 +94,7 @@ def map_json_line(ext) -> str:
     """One entry of qemu-img map --output=json."""
     s = (f'{{ "start": {ext.start}, "length": {ext.length}, "depth": {ext.depth}, '
          f'"present": {_scalar(ext.present)}, "zero": {_scalar(ext.zero)}, "data": {_scalar(ext.data)}')
-    if ext.offset is not None and (ext.data or ext.zero and ext.present):
+    if ext.offset is not None:
         s += f', "offset": {ext.offset}'
     return s + "}"
 

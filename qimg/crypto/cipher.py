@@ -178,3 +178,10 @@ class SectorCipher:
             prev = np.frombuffer(_ecb(self.key, x.tobytes(), True), dtype="<u8").reshape(count, 2)
             out[:, j] = prev
         return out.tobytes()
+
+
+def legacy_aes_cipher(passphrase: bytes) -> SectorCipher:
+    """The legacy qcow/qcow2 AES cipher (crypt_method 1): AES-128-CBC with plain64 IVs, the key being the
+    passphrase (up to its first NUL, as a C string) truncated or zero-padded to 16 bytes."""
+    key = bytes(passphrase).split(b"\0", 1)[0][:16].ljust(16, b"\0")
+    return SectorCipher("aes-128", "cbc", "plain64", None, key)

@@ -44,11 +44,14 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> None:
         raise QimgError("-o has no effect when skipping image creation")
     chains = []
     try:
-        for i, (name, fmt, opts) in enumerate(req.sources):
-            o = dict(opts)
-            if req.snapshot and i == 0:
-                o["snapshot"] = req.snapshot
-            chains.append(Chain.open(name, fmt, options=o))
+        if req.snapshot is not None and len(req.sources) > 1:
+            raise QimgError("No support for concatenating multiple snapshot")
+        for name, fmt, opts in req.sources:
+            chains.append(Chain.open(name, fmt, options=dict(opts)))
+        if req.snapshot is not None:
+            from .measure import _load_snapshot
+
+            _load_snapshot(chains[0], req.snapshot)  # "Failed to load snapshot: ..." as qemu-img
         sources = [ChainSource(ch) for ch in chains]
         src = sources[0] if len(sources) == 1 else ConcatSource(sources)
         total = src.virtual_size
@@ -60,6 +63,8 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> None:
             cls = registry.get_driver(req.out_fmt)
             if not getattr(cls, "supports_compression", False):
                 raise QimgError("Compression not supported for this file format")
+            if not req.no_create:
+                _check_compress_options(req.options)
         if req.no_create:
             _write_into(req, src, total, progress)
         else:
@@ -67,6 +72,21 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> None:
     finally:
         for ch in chains:
             ch.close()
+
+
+def _check_compress_options(options: dict) -> None:
+    """-c refuses encryption and preallocation options, with qemu-img's messages."""
+    from ..options import parse_bool
+
+    enc = options.get("encryption")
+    try:
+        enc_on = enc is not None and parse_bool("encryption", enc)
+    except QimgError:
+        enc_on = False  # reported by the option checks of create
+    if enc_on or options.get("encrypt.format"):
+        raise QimgError("Compression and encryption not supported at the same time")
+    if options.get("preallocation", "off") != "off":
+        raise QimgError("Compression and preallocation not supported at the same time")
 
 
 def _copy_opts(req: ConvertRequest, target_is_zero: bool) -> CopyOptions:

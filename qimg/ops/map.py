@@ -58,8 +58,9 @@ def _entry(chain: Chain, offset: int, length: int) -> MapEntry:
     if ext.length <= 0:
         raise QimgError("Could not read file metadata: Input/output error")
     n = min(ext.length, length)
-    # qemu reports a host offset only when the data (or an allocated zero run) sits plainly in a file
-    has_offset = ext.offset is not None and (ext.data or (ext.zero and ext.present))
+    # qemu prints a host offset whenever block status has a valid one; drivers report an offset only then
+    # (plain data, allocated zero runs, unallocated subclusters of allocated extended-L2 clusters)
+    has_offset = ext.offset is not None
     return MapEntry(offset, n, ext.depth, bool(ext.present), bool(ext.zero), bool(ext.data),
                     ext.offset if has_offset else None, ext.filename if has_offset else None)
 

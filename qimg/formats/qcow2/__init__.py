@@ -21,8 +21,8 @@ Module layout (build on these; each has its own docstring):
                    messages), ``format_line_options``, ``write_new_image``.
 - ``measure.py``   ``measure(options, size, src)`` like ``qemu-img measure -O qcow2``.
 - ``driver.py``    ``Qcow2Driver``: open, block_status, readinto, info (bitmaps, LUKS header),
-                   snapshot views (``load_snapshot`` / the "snapshot" open option), LUKS
-                   decryption with the "encrypt.key-secret" open option, external data files.
+                   snapshot views (``load_snapshot`` / the "snapshot" open option), LUKS and
+                   legacy AES decryption with the "encrypt.key-secret" open option, external data files.
 - ``writer.py``    ``Qcow2Writer`` mixin: pwrite, write_zeroes, compressed writes,
                    preallocation, ``_flush_metadata`` (refcounts -> L2 -> L1 -> header).
 

@@ -20,6 +20,7 @@ from .header import (
     QCOW2_INCOMPAT_COMPRESSION,
     QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_INCOMPAT_EXTL2,
+    QCOW_CRYPT_AES,
     QCOW_CRYPT_LUKS,
     Header,
 )
@@ -147,21 +148,29 @@ def parse_spec(size: int, options: dict, backing_file=None, backing_fmt=None, ch
         raise QimgError("Backing file and data-file-raw cannot be used at the same time")
     if check_encryption:
         enc_format = o.get("encrypt.format")
-        if enc_format is None and "encryption" in o and parse_bool("encryption", o["encryption"]):
+        if "encryption" in o and parse_bool("encryption", o["encryption"]):
+            if enc_format is not None:
+                raise QimgError("'encrypt.format' and its alias 'encryption' can't be used at the same time")
             enc_format = "aes"
-        if enc_format is not None:
+        if enc_format == "aes":
+            # legacy AES (crypt_method 1): qemu-img 7.2 still creates it; it takes only the key secret
+            for k in _ENCRYPT_KEYS[3:]:
+                if k in o:
+                    raise QimgError(f"Parameter '{k}' is unexpected")
             if "encrypt.key-secret" not in o:
                 raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
             from ...objects import get_secret
 
             get_secret(o["encrypt.key-secret"])  # "No secret with id ..." as qemu-img
-            if enc_format == "aes":
-                raise QimgError("Creating qcow2 images with the old AES encryption is not supported "
-                                "(use encrypt.format=luks)")
+            spec.encrypt = (o["encrypt.key-secret"], None)
+        elif enc_format is not None:
+            if "encrypt.key-secret" not in o:
+                raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
+            from ...objects import get_secret
+
+            get_secret(o["encrypt.key-secret"])  # "No secret with id ..." as qemu-img
             if enc_format != "luks":
                 raise QimgError(f"Parameter 'encrypt.format' does not accept value '{enc_format}'")
-            if spec.preallocation != "off":
-                raise QimgError("Preallocation of encrypted qcow2 images is not supported")
             from ..luks import LuksDriver
 
             luks_opts = {k[len("encrypt."):]: v for k, v in o.items()
@@ -216,13 +225,17 @@ def format_line_options(opts) -> list[tuple[str, str]]:
     return out
 
 
-def _format_luks(store, offset: int, length: int, encrypt: tuple) -> None:
+def _format_luks(store, offset: int, length: int, encrypt: tuple, alloc_len: int) -> None:
     """A LUKS1 header with key slot 0 for the secret, inside the image at ``offset``."""
     from ...crypto import luks1
     from ...objects import get_secret
 
     secret, (alg, mode, ivgen, ivhash, hash_alg, iter_time) = encrypt
     region = luks1.RegionStore(store, offset, length)
+    # qemu-img writes the whole header region (unused key slots as zeros): the same allocated size
+    zero = bytes(min(alloc_len, 1 << 20))
+    for pos in range(0, alloc_len, len(zero)):
+        store.pwrite(offset + pos, zero[:alloc_len - pos])
     hdr, mk = luks1.new_header(alg, mode, ivgen, ivhash, hash_alg)
     luks1.finish_master_key(hdr, mk, iter_time)
     luks1.write_slot(region, hdr, 0, mk, get_secret(secret), iter_time)
@@ -315,7 +328,7 @@ def write_new_image(cls, filename: str, spec: Qcow2CreateSpec, opener) -> None:
     l1_clusters = -(-l1_size * 8 // cs)
     per_block = cs * 8 // spec.refcount_bits
     crypto_len = crypto_clusters = 0
-    if spec.encrypt:
+    if spec.encrypt and spec.encrypt[1] is not None:
         from ...crypto import luks1
 
         alg, mode = spec.encrypt[1][0], spec.encrypt[1][1]
@@ -325,7 +338,9 @@ def write_new_image(cls, filename: str, spec: Qcow2CreateSpec, opener) -> None:
     if layout is None:
         layout = _packed_layout(cs, per_block, l1_clusters, crypto_clusters)
     t_clusters, blocks, l1_at, total, crypto_at = layout
-    if spec.encrypt:
+    if spec.encrypt and spec.encrypt[1] is None:
+        h.crypt_method = QCOW_CRYPT_AES
+    elif spec.encrypt:
         h.crypt_method = QCOW_CRYPT_LUKS
         h.crypto_header = (crypto_at * cs, crypto_len)
     h.refcount_table_clusters = t_clusters
@@ -350,8 +365,8 @@ def write_new_image(cls, filename: str, spec: Qcow2CreateSpec, opener) -> None:
             store.pwrite(at * cs, encode_block(refs[idx * per_block:(idx + 1) * per_block], spec.refcount_bits))
         if store.size() < total * cs and (not l1_size or l1_at + l1_clusters < total):
             store.truncate(total * cs)
-        if spec.encrypt:
-            _format_luks(store, crypto_at * cs, crypto_len, spec.encrypt)
+        if spec.encrypt and spec.encrypt[1] is not None:
+            _format_luks(store, crypto_at * cs, crypto_len, spec.encrypt, crypto_clusters * cs)
     if spec.encrypt:
         from .driver import remember_key
 

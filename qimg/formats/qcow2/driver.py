@@ -1,7 +1,9 @@
 """The qcow2 driver: open, read, block status, info; writing comes from ``writer.Qcow2Writer``.
 
 References: QEMU docs/interop/qcow2.txt (header, cluster mapping, extended L2, external
-data files, snapshots); qemu-img 7.2's observed output for info, map and errors.
+data files, snapshots, crypt_method: 1 = AES-128-CBC per 512-byte sector with plain64 IVs
+of the guest sector number, 2 = LUKS whose sectors are numbered by host offset);
+qemu-img 7.2's observed output for info, map and errors.
 """
 
 from __future__ import annotations
@@ -174,9 +176,9 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                              self.file_size)
         self._l1_nonzero = None
         self.cache.clear()
-        if sn.disk_size is not None:
-            self.virtual_size = sn.disk_size
-        need = -(-self.virtual_size // (1 << self.l2_span_bits))
+        # like qemu-img, the image keeps its current size: past a smaller snapshot's end it reads as zeros
+        need = -(-(self.virtual_size if sn.disk_size is None else min(sn.disk_size, self.virtual_size))
+                 // (1 << self.l2_span_bits))
         if len(self.l1) < need:
             raise CorruptImage(f"Snapshot '{sn.name}' L1 table is too small for its disk size")
 
@@ -254,7 +256,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         if kind == UNALLOCATED:
             ext = Extent(offset, n, data=False, zero=True, present=False)
             host = d.host(u)
-            if self.extended and host and not (int(d.raw[(u >> 5) * 2]) & QCOW_OFLAG_COMPRESSED):
+            if self.extended and host and not self.encrypted and not (int(d.raw[(u >> 5) * 2]) & QCOW_OFLAG_COMPRESSED):
                 ext.offset = host + (offset - base - (u << self.unit_bits))
             return ext
         if kind == ZERO_PLAIN:
@@ -263,6 +265,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             return Extent(offset, n, data=True, zero=False, present=True, compressed=True)
         host = d.host(u) + (offset - base - (u << self.unit_bits))
         if kind == ZERO_ALLOC:
+            if self.encrypted:  # qemu reports no host offset for encrypted images
+                return Extent(offset, n, data=False, zero=True, present=True)
             return Extent(offset, n, data=False, zero=True, present=True, offset=host,
                           filename=self.data_filename)
         ext = Extent(offset, n, data=True, zero=False, present=True, offset=host, filename=self.data_filename)
@@ -355,9 +359,13 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             first = host - (off % 512)
             nbytes = -(-(host + n - first) // 512) * 512
             raw = self._data().pread_full(first, nbytes)
-            plain = cipher.decrypt(first // 512, raw)
+            plain = cipher.decrypt(self._iv_sector(first, off - (host - first)), raw)
             out[pos:pos + n] = plain[host - first:host - first + n]
             pos += n
+
+    def _iv_sector(self, host: int, guest: int) -> int:
+        """The sector number of the IV: LUKS in qcow2 counts host sectors, legacy AES guest sectors."""
+        return (guest if self.h.crypt_method == QCOW_CRYPT_AES else host) // 512
 
     def _host_offset(self, offset: int) -> int:
         l1i = offset >> self.l2_span_bits
@@ -479,17 +487,31 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         return luks1.parse_header(region.pread_full(0, luks1.LUKS_HEADER_SIZE), region.size())
 
     def _crypto(self):
-        """The payload cipher (LUKS in qcow2: sectors numbered by host offset), unlocked on first use."""
+        """The payload cipher (see ``_iv_sector`` for its sector numbers), unlocked on first use."""
         if self._cipher is None:
             secret = self._key_secret
-            if self.h.crypt_method != QCOW_CRYPT_LUKS:
-                raise Unsupported("Reading qcow2 images with the old AES encryption is not supported")
+            if self.h.crypt_method not in (QCOW_CRYPT_LUKS, QCOW_CRYPT_AES):
+                raise Unsupported(f"Unsupported encryption method: {self.h.crypt_method}")
+            # unlocked lazily (info works without the key), reported as qemu-img reports it at open
+            prefix = f"Could not open '{self.filename}': "
             if secret is None:
-                raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
-            from ...crypto import luks1
+                raise OpenError(prefix + "Parameter 'encrypt.key-secret' is required for cipher")
             from ...objects import get_secret
 
-            _hdr, self._cipher = luks1.open_volume(self._luks_region(), get_secret(secret))
+            try:
+                key = get_secret(secret)
+                if self.h.crypt_method == QCOW_CRYPT_AES:
+                    from ...crypto.cipher import legacy_aes_cipher
+
+                    self._cipher = legacy_aes_cipher(key)
+                    return self._cipher
+                from ...crypto import luks1
+
+                _hdr, self._cipher = luks1.open_volume(self._luks_region(), key)
+            except QimgError as e:
+                if str(e).startswith("Could not open"):
+                    raise
+                raise type(e)(prefix + str(e), e.exit_code) from None
         return self._cipher
 
     def info_extra(self) -> dict:

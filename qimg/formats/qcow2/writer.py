@@ -47,8 +47,9 @@ class Qcow2Writer:
         self._pending = None  # (guest cluster offset, bytearray): a cluster being assembled for compression
 
     # ------------------------------------------------------------------ helpers
-    def _dwrite(self, host: int, data) -> None:
-        """Write guest data at a host offset (of the data file), encrypting whole sectors for LUKS."""
+    def _dwrite(self, host: int, data, guest: int) -> None:
+        """Write guest data (guest offset ``guest``) at a host offset of the data file, encrypting whole
+        sectors when the image is encrypted (LUKS numbers sectors by host offset, legacy AES by guest offset)."""
         if not self.encrypted:
             self.data_store.pwrite(host, data)
             return
@@ -57,13 +58,14 @@ class Qcow2Writer:
         n = len(view)
         first = host - host % 512
         last = -(-(host + n) // 512) * 512
+        sector = self._iv_sector(first, guest - (host - first))
         if first != host or last != host + n:
             # partial sectors: read, decrypt, patch (only ever inside clusters that hold valid data)
-            plain = bytearray(cipher.decrypt(first // 512, self.data_store.pread_full(first, last - first)))
+            plain = bytearray(cipher.decrypt(sector, self.data_store.pread_full(first, last - first)))
             plain[host - first:host - first + n] = view
-            self.data_store.pwrite(first, cipher.encrypt(first // 512, bytes(plain)))
+            self.data_store.pwrite(first, cipher.encrypt(sector, bytes(plain)))
         else:
-            self.data_store.pwrite(host, cipher.encrypt(host // 512, bytes(view)))
+            self.data_store.pwrite(host, cipher.encrypt(sector, bytes(view)))
 
     def _refcounts(self) -> Refcounts:
         if self._rc is None:
@@ -81,7 +83,7 @@ class Qcow2Writer:
         if not self.writable:
             raise Unsupported("qcow2 image is opened read-only")
         if self.encrypted:
-            self._crypto()  # the key is needed (and only LUKS is written)
+            self._crypto()  # the key is needed
         if self.snapshot_view is not None:
             raise Unsupported("Cannot write to a snapshot view")
 
@@ -207,7 +209,7 @@ class Qcow2Writer:
             no_backing = self.backing is None
             if not ents.any() and (edges_ok or (no_backing and not self.h.has_data_file and not self.encrypted)):
                 host = self._alloc_data(c0 << cb, c1 - c0)
-                self._dwrite(host + (off - (c0 << cb)), data)
+                self._dwrite(host + (off - (c0 << cb)), data, off)
                 raw[i0:i1] = (np.uint64(host) + np.arange(c1 - c0, dtype=np.uint64) * np.uint64(cs)) | _COPIED
                 self.cache.drop(l2off)
                 return
@@ -215,7 +217,7 @@ class Qcow2Writer:
                 hosts = (ents & _MASK).astype(np.int64)
                 if len(hosts) == 1 or (np.diff(hosts) == cs).all():
                     if int(hosts[0]) or self.h.has_data_file:
-                        self._dwrite(int(hosts[0]) + (off - (c0 << cb)), data)
+                        self._dwrite(int(hosts[0]) + (off - (c0 << cb)), data, off)
                         return
         pos = 0
         for i in range(i0, i1):
@@ -237,19 +239,19 @@ class Qcow2Writer:
         is_comp = bool(e & QCOW_OFLAG_COMPRESSED)
         valid = host or self.h.has_data_file
         if not is_comp and valid and e & QCOW_OFLAG_COPIED and not e & QCOW_OFLAG_ZERO:
-            self._dwrite(host + lo, data)
+            self._dwrite(host + lo, data, gc + lo)
             return
         vend = min(cs, self.virtual_size - gc)
         full = lo == 0 and hi >= vend
         fresh_ok = e == 0 and self.backing is None and not self.h.has_data_file and not self.encrypted
         if full or fresh_ok:
             newhost = self._alloc_data(gc, 1)
-            self._dwrite(newhost + lo, data)
+            self._dwrite(newhost + lo, data, gc + lo)
         else:
             buf = self._guest_read(gc, vend)
             buf[lo:hi] = data
             newhost = self._alloc_data(gc, 1)
-            self._dwrite(newhost, buf)
+            self._dwrite(newhost, buf, gc)
         if e:
             self._free_entry(e)
         raw[i] = np.uint64(newhost | QCOW_OFLAG_COPIED)
@@ -271,9 +273,9 @@ class Qcow2Writer:
             if (lo != wlo and not (bm >> s0) & 1) or (hi != whi and not (bm >> (s1 - 1)) & 1):
                 buf = self._guest_read(gc + wlo, whi - wlo)
                 buf[lo - wlo:hi - wlo] = data
-                self._dwrite(host + wlo, buf)
+                self._dwrite(host + wlo, buf, gc + wlo)
             else:
-                self._dwrite(host + lo, data)
+                self._dwrite(host + lo, data, gc + lo)
             raw[2 * i + 1] = np.uint64((bm | mask) & ~(mask << 32) & 0xFFFFFFFFFFFFFFFF)
             return
         if is_comp or valid:
@@ -281,7 +283,7 @@ class Qcow2Writer:
             buf = self._guest_read(gc, vend)
             buf[lo:hi] = data
             newhost = self._alloc_data(gc, 1)
-            self._dwrite(newhost, buf)
+            self._dwrite(newhost, buf, gc)
             self._free_entry(e)
             raw[2 * i] = np.uint64(newhost | QCOW_OFLAG_COPIED)
             nsub = -(-vend // sc)
@@ -295,9 +297,9 @@ class Qcow2Writer:
         if lo != wlo or hi != whi:
             buf = self._guest_read(gc + wlo, whi - wlo)
             buf[lo - wlo:hi - wlo] = data
-            self._dwrite(newhost + wlo, buf)
+            self._dwrite(newhost + wlo, buf, gc + wlo)
         else:
-            self._dwrite(newhost + lo, data)
+            self._dwrite(newhost + lo, data, gc + lo)
         raw[2 * i] = np.uint64(newhost | QCOW_OFLAG_COPIED)
         raw[2 * i + 1] = np.uint64(((bm >> 32) & ~mask) << 32 | mask)
 
