@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
 
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
@@ -95,34 +94,6 @@ class BackingReader:
         if self.chain is not None:
             self.chain.close()
             self.chain = None
-
-
-@dataclass
-class CheckResult:
-    """qemu's BdrvCheckResult for the formats of this package (also readable as result["leaks"])."""
-
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    messages: list = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        if self.check_errors:
-            return 1
-        if self.corruptions:
-            return 2
-        return 3 if self.leaks else 0
-
-    def __getitem__(self, key):
-        return getattr(self, key.replace("-", "_"))
 
 
 def host_runs(offsets, length_each: int):

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import struct
 
+from ..core.check import CheckResult
 from ..core.driver import BackingRef, CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import OptSpec, parse_opt_size
 from ..units import round_up
-from .qcow import BackingReader, CheckResult, host_runs
+from .qcow import BackingReader, host_runs
 
 QED_MAGIC = 0x00444551  # "QED\0" little-endian
 QED_F_BACKING_FILE = 0x01

@@ -15,39 +15,12 @@ the image as it was.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...core.check import CheckResult
 from ...errors import QimgError
 from . import lifecycle as lc
-
-
-@dataclass
-class CheckResult:
-    """What qemu's BdrvCheckResult holds (keys of qemu-img check's JSON)."""
-
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    messages: list = field(default_factory=list)   # per-cluster diagnostics, for stderr
-
-    @property
-    def exit_code(self) -> int:
-        if self.check_errors:
-            return 1
-        if self.corruptions:
-            return 2
-        if self.leaks:
-            return 3
-        return 0
 
 
 class _Walk:

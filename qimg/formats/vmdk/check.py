@@ -8,40 +8,12 @@ check then fails as a whole ("Check failed: Invalid argument", status 1).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...core.check import CheckResult
 from ...errors import QimgError
 from .grains import COMPRESSED, DATA
-
-
-@dataclass
-class VmdkCheckResult:
-    """qemu's BdrvCheckResult fields that a VMDK check can fill."""
-
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    messages: list = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        if self.check_errors:
-            return 1
-        if self.corruptions:
-            return 2
-        return 3 if self.leaks else 0
-
-    def __getitem__(self, key):
-        return getattr(self, key.replace("-", "_"))
 
 
 def find_errors(drv) -> list[str]:
@@ -61,7 +33,7 @@ def find_errors(drv) -> list[str]:
     return []
 
 
-def check_image(drv, repair=None, emit=None) -> VmdkCheckResult:
+def check_image(drv, repair=None, emit=None) -> CheckResult:
     """Check the grain tables of every sparse extent; a damaged image fails the check like qemu-img's."""
     messages = find_errors(drv)
     if messages:
@@ -69,4 +41,4 @@ def check_image(drv, repair=None, emit=None) -> VmdkCheckResult:
         for m in messages:
             out(m)
         raise QimgError("Check failed: Invalid argument")
-    return VmdkCheckResult()
+    return CheckResult()
