@@ -143,7 +143,9 @@ class CowDriver(Driver):
         """Bitmap bits of sectors [first, first+count) as a numpy bool array."""
         import numpy as np
 
-        count = max(0, min(count, self.bitmap_sectors - first))
+        # bitmap bytes past the end of the file read as zeros: stop there (callers treat the rest as unallocated)
+        stored = max(0, self.store.size() - self.bitmap_off) * 8
+        count = max(0, min(count, self.bitmap_sectors - first, stored - first))
         if count == 0:
             return np.zeros(0, dtype=bool)
         b0 = first // 8
@@ -225,7 +227,8 @@ class CowDriver(Driver):
 
     def _sector_view(self, sector: int) -> bytes:
         ss = self.sector_bytes
-        if self._bits(sector, 1)[0]:
+        bits = self._bits(sector, 1)
+        if len(bits) and bits[0]:
             return self.store.pread_full(self.data_off + sector * ss, ss)
         return self._below.read(sector * ss, ss)
 

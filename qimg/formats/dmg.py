@@ -209,9 +209,13 @@ class DmgDriver(Driver):
         try:
             pl = plistlib.loads(raw)
             blkx = pl["resource-fork"]["blkx"]
-            return [b["Data"] for b in blkx]
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, ExpatError) as e:
+            blocks = [b["Data"] for b in blkx]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, ExpatError, OverflowError,
+                RecursionError, struct.error) as e:
             raise CorruptImage(f"dmg plist has no usable blkx table ({type(e).__name__})") from None
+        if not all(isinstance(b, bytes) for b in blocks):
+            raise CorruptImage("dmg plist blkx entry has no Data bytes")
+        return blocks
 
     def info_extra(self) -> dict:
         return {"dirty-flag": None}

@@ -26,12 +26,12 @@ from __future__ import annotations
 import os
 import struct
 
+from ..core.check import CheckResult
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import OptSpec, parse_opt_size
 from ..units import round_up
-from .qcow import CheckResult
 
 HEADER_MAGIC = b"WithoutFreeSpace"
 HEADER_MAGIC2 = b"WithouFreSpacExt"
@@ -163,7 +163,9 @@ class ParallelsDriver(Driver):
             same = ents * mult == first * mult + np.arange(len(ents), dtype=np.int64) * cs
         bad = np.nonzero(~same)[0]
         run = int(bad[0]) if len(bad) else len(ents)
-        run_end = (idx + run) * cs if run < len(ents) or last < self.bat_entries else end
+        run_end = (idx + run) * cs
+        if first == 0 and run == len(ents) and last == self.bat_entries:
+            run_end = end  # past the BAT the image reads as unallocated too; data runs end with the BAT
         n = min(end, run_end) - offset
         if first == 0:
             return Extent(offset, n, data=False, zero=True, present=False)

@@ -78,6 +78,38 @@ def _zero_stale(store, start: int, length: int, size: int) -> None:
             pos += n
 
 
+#: up to this many entries a block map is handled without numpy (importing it costs more than the walk)
+SMALL_TABLE = 1 << 16
+
+
+def _u32_table(raw: bytes, little: bool = True):
+    """An ``array('I')`` of the u32 entries in ``raw`` (native order in memory)."""
+    import sys
+    from array import array
+
+    tab = array("I")
+    if tab.itemsize != 4:  # pragma: no cover - exotic platforms
+        raise QimgError("unsupported platform: 32-bit unsigned array items are not 4 bytes")
+    tab.frombytes(raw)
+    if (sys.byteorder == "little") != little:
+        tab.byteswap()
+    return tab
+
+
+def _u32_bytes(tab, little: bool = True) -> bytes:
+    """The on-disk bytes of a u32 table (an ``array('I')`` or a numpy array)."""
+    import sys
+    from array import array
+
+    if not isinstance(tab, array):
+        return tab.astype("<u4" if little else ">u4").tobytes()
+    if (sys.byteorder == "little") == little:
+        return tab.tobytes()
+    out = array("I", tab)
+    out.byteswap()
+    return out.tobytes()
+
+
 def _round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -155,22 +187,38 @@ class VdiDriver(Driver):
     def _load_bmap(self):
         if self.bmap is not None:
             return self.bmap
-        import numpy as np
-
         h = self.header
         n = h["blocks_in_image"]
+        # a block map claimed past the end of the file is refused before any buffer is sized for it
+        if h["offset_bmap"] + n * 4 > self.store.size():
+            raise CorruptImage("Could not read VDI block map: image is truncated")
         raw = self.store.pread(h["offset_bmap"], n * 4)
         if len(raw) < n * 4:
             raise CorruptImage("Could not read VDI block map: image is truncated")
-        bmap = np.frombuffer(raw, "<u4").astype(np.uint32)
-        allocated = bmap < VDI_IMAGE_BLOCK_ZERO
-        if allocated.any() and int(bmap[allocated].max()) >= n:
-            bad = int(np.flatnonzero(allocated & (bmap >= n))[0])
+        bmap = _u32_table(raw)
+        top, bad = -1, None  # the highest allocated entry; the first entry past the image's blocks
+        if n > SMALL_TABLE:
+            import numpy as np
+
+            v = np.frombuffer(bmap, np.uint32)
+            allocated = v < VDI_IMAGE_BLOCK_ZERO
+            if allocated.any():
+                top = int(v[allocated].max())
+                if top >= n:
+                    bad = int(np.flatnonzero(allocated & (v >= n))[0])
+            del v
+        else:
+            for i, e in enumerate(bmap):
+                if e < VDI_IMAGE_BLOCK_ZERO and e > top:
+                    top = e
+                    if e >= n and bad is None:
+                        bad = i
+        if bad is not None:
             raise CorruptImage("VDI block map entry %u points to block %u, beyond the %u blocks of the image"
                                % (bad, int(bmap[bad]), n))
         self.bmap = bmap
         # never hand out a block some entry already uses, even if the header counter is off
-        self._next_free = int(bmap[allocated].max()) + 1 if allocated.any() else 0
+        self._next_free = top + 1
         self._file_end = h["offset_data"] + h["blocks_allocated"] * self.block_size
         return bmap
 
@@ -185,10 +233,24 @@ class VdiDriver(Driver):
     # ----- read side -----
     def _run_ends(self):
         """For each block, the first block after it that starts a new run (state or host contiguity changes)."""
+        if self._runs is None and len(self._load_bmap()) <= SMALL_TABLE:
+            bmap = self.bmap
+            runs = [0] * len(bmap)
+            end = len(bmap)
+            for j in range(len(bmap) - 1, -1, -1):
+                runs[j] = end
+                if j:
+                    a, b = bmap[j - 1], bmap[j]
+                    if a >= VDI_IMAGE_BLOCK_ZERO:
+                        if b < VDI_IMAGE_BLOCK_ZERO:
+                            end = j
+                    elif b != a + 1:
+                        end = j
+            self._runs = runs
         if self._runs is None:
             import numpy as np
 
-            bmap = self._load_bmap().astype(np.int64)
+            bmap = np.frombuffer(self._load_bmap(), np.uint32).astype(np.int64)
             n = len(bmap)
             free = bmap >= VDI_IMAGE_BLOCK_ZERO
             brk = np.ones(n, dtype=bool)  # brk[j]: block j starts a run
@@ -337,7 +399,7 @@ class VdiDriver(Driver):
             # a partly written last block must still lie inside the file
             self.store.truncate(self._file_end)
         if self._bmap_dirty:
-            self.store.pwrite(self.header["offset_bmap"], self.bmap.astype("<u4").tobytes())
+            self.store.pwrite(self.header["offset_bmap"], _u32_bytes(self.bmap))
             self._bmap_dirty = False
         if self._header_dirty:
             self.store.pwrite(0, _pack_header(self.header))
@@ -361,8 +423,10 @@ class VdiDriver(Driver):
 
         h = self.header
         n = h["blocks_in_image"]
-        raw = self.store.pread(h["offset_bmap"], n * 4)
-        bmap = np.frombuffer(raw.ljust(n * 4, b"\xff"), "<u4")
+        # entries past the end of the file count as free: read only the part that is there
+        avail = max(0, min(n * 4, self.store.size() - h["offset_bmap"])) // 4
+        raw = self.store.pread(h["offset_bmap"], avail * 4)
+        bmap = np.frombuffer(raw[:len(raw) // 4 * 4], "<u4")
         allocated = bmap < VDI_IMAGE_BLOCK_ZERO
         found = []  # (guest block, message), reported in block order as qemu does
         for i in np.flatnonzero(allocated & (bmap >= n))[:1000]:
@@ -381,7 +445,7 @@ class VdiDriver(Driver):
         count = len(idxs)
         if count != h["blocks_allocated"]:
             errors.append("ERROR: allocated blocks mismatch, is %u, should be %u" % (count, h["blocks_allocated"]))
-        from .qcow import CheckResult
+        from ..core.check import CheckResult
 
         return CheckResult(corruptions=len(errors), messages=errors)
 
@@ -398,8 +462,6 @@ class VdiDriver(Driver):
         if size > VDI_DISK_SIZE_MAX:
             raise QimgError("Unsupported VDI image size (size is 0x%x, max supported is 0x%x)"
                             % (size, VDI_DISK_SIZE_MAX))
-        import numpy as np
-
         bs = DEFAULT_BLOCK_SIZE
         blocks = (size + bs - 1) // bs
         offset_bmap = SECTOR
@@ -411,13 +473,18 @@ class VdiDriver(Driver):
                  blocks_in_image=blocks, blocks_allocated=blocks if static else 0,
                  uuid_image=uuid.uuid4().bytes, uuid_last_snap=uuid.uuid4().bytes, uuid_link=bytes(16),
                  uuid_parent=bytes(16))
-        if static:
-            bmap = np.arange(blocks, dtype="<u4")
+        if not static:
+            table = b"\xff" * (4 * blocks)  # VDI_IMAGE_BLOCK_FREE
+        elif blocks <= SMALL_TABLE:
+            from array import array
+
+            table = _u32_bytes(array("I", range(blocks)))
         else:
-            bmap = np.full(blocks, VDI_IMAGE_BLOCK_FREE, dtype="<u4")
+            import numpy as np
+
+            table = np.arange(blocks, dtype="<u4").tobytes()
         with opener.open_file(filename, writable=True, create=True) as store:
             store.pwrite(0, _pack_header(h))
-            table = bmap.tobytes()
             store.pwrite(offset_bmap, table + bytes(offset_data - offset_bmap - len(table)))
             if static:
                 end = offset_data + blocks * bs

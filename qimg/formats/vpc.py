@@ -158,7 +158,7 @@ class VpcDriver(Driver):
     def _open(self, options: dict) -> None:
         store = self.store
         file_size = store.size()
-        buf = store.pread(0, HEADER_SIZE)
+        buf = store.pread_full(0, HEADER_SIZE)  # a short file reads as zero-padded (fails the checksum)
         footer_off = 0
         if buf[:8] != b"conectix":
             if file_size < HEADER_SIZE:
@@ -256,8 +256,8 @@ class VpcDriver(Driver):
         import numpy as np
 
         bat = np.frombuffer(self._bat_array, np.uint32).astype(np.int64)
+        self.bat = bat  # before dropping the array: another reader thread may be here too
         self._bat_array = None
-        self.bat = bat
         return bat
 
     @property

@@ -112,7 +112,8 @@ def parse(raw: bytes, extents_required: bool) -> Descriptor:
     if d.create_type is None:
         raise CorruptImage("invalid VMDK image descriptor")
     if d.create_type not in DESCRIPTOR_TYPES:
-        raise CorruptImage(f"Unsupported image type '{d.create_type}'")
+        shown = "".join(ch if ch.isprintable() else "?" for ch in d.create_type)  # keep the error one line
+        raise CorruptImage(f"Unsupported image type '{shown}'")
     for line in text.splitlines():
         s = line.strip()
         if not s.startswith(("RW", "RDONLY", "NOACCESS")):
