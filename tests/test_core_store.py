@@ -132,3 +132,33 @@ def test_memory_store():
     s.truncate(2)
     assert s.pread(0, 10) == b"ab"
     assert s.next_data(0) == 0 and s.next_data(2) is None and s.next_hole(0) == 2
+
+
+def test_hostile_offsets_and_lengths_are_bounded(tmp_path):
+    """A length read from an image never allocates past the file; an offset past off_t is a clean error."""
+    from qimg.errors import CorruptImage
+    from qimg.io.store import FileStore
+
+    p = tmp_path / "small.bin"
+    p.write_bytes(b"x" * 1000)
+    with FileStore(str(p)) as s:
+        assert s.pread(0, 1 << 40) == b"x" * 1000
+        assert s.pread(2000, 1 << 40) == b""
+        with pytest.raises(CorruptImage):
+            s.pread(1 << 63, 8)
+
+
+def test_map_of_a_huge_virtual_size_is_bounded(tmp_path):
+    """A cow header claiming 2^60 bytes maps in one probe, not billions of 1 GiB probes."""
+    import struct
+
+    from tests.conftest import run_qimg
+
+    img = tmp_path / "c.cow"
+    assert run_qimg("create", "-q", "-f", "cow", img, "1M").rc == 0
+    with open(img, "r+b") as f:
+        f.seek(12)
+        f.write(struct.pack(">Q", 1 << 60))
+    r = run_qimg("map", "--output=json", img)
+    assert r.rc == 0, r.err
+    assert r.out.count("\n") == 1 and '"length": 1152921504606846976' in r.out

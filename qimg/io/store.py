@@ -10,10 +10,14 @@ import errno
 import os
 import stat
 
-from ..errors import OpenError, QimgError
+from ..errors import CorruptImage, OpenError, QimgError
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+#: offsets at or past this do not fit the kernel's off_t
+MAX_OFFSET = 1 << 63
+#: reads longer than this are clamped to the file size before a buffer is allocated
+LARGE_READ = 16 << 20
 
 
 def aligned_buffer(size: int):
@@ -111,6 +115,13 @@ class FileStore(Store):
         """Read up to length bytes; a short read past EOF is padded by callers that need it."""
         if length <= 0:
             return b""
+        if offset < 0 or offset >= MAX_OFFSET:
+            raise CorruptImage(f"Offset {offset} in '{self.filename}' is outside the addressable range")
+        if length > LARGE_READ:
+            # never let a length read from an image allocate more than the file holds
+            length = max(0, min(length, self.size() - offset))
+            if length == 0:
+                return b""
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as e:

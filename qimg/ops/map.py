@@ -1,9 +1,10 @@
 """map: the allocation of an image, as qemu-img 7.2's ``map`` reports it.
 
 Entries are produced lazily (a generator), so a huge sparse image costs memory for one
-entry at a time.  Each probe asks the chain for the first run at an offset (at most
-1 GiB, as qemu-img probes) and adjacent runs are merged by qemu's rules: same flags,
-same depth, same file, contiguous host offsets.
+entry at a time.  Each probe asks the chain for the whole rest of the range (drivers
+answer with their first run), so a hostile size field cannot turn into billions of
+probes; adjacent runs are merged by qemu's rules: same flags, same depth, same file,
+contiguous host offsets.  The result equals qemu-img's 1 GiB probes once merged.
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ from dataclasses import dataclass
 
 from ..core.chain import Chain
 from ..errors import QimgError
-
-#: qemu-img map probes at most this much per block-status call
-PROBE_MAX = 1 << 30
-
 
 @dataclass(slots=True)
 class MapEntry:
@@ -76,7 +73,7 @@ def map_entries(chain: Chain, start: int = 0, max_length: int | None = None):
     cur = MapEntry(start, 0)
     while cur.end < end:
         pos = cur.end
-        nxt = _entry(chain, pos, min(PROBE_MAX, end - pos))
+        nxt = _entry(chain, pos, end - pos)
         if mergeable(cur, nxt):
             cur.length += nxt.length
             continue
