@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import QimgError  # noqa: E402,F401
+from .errors import QimgError  # noqa: F401
 
 
 def open_image(filename: str, fmt: str | None = None, writable: bool = False, backing: bool = True):

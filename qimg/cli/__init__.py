@@ -25,9 +25,8 @@ def version_text() -> str:
 
 
 def help_text() -> str:
-    from .usage import HELP
-
     from ..core.registry import format_names
+    from .usage import HELP
 
     return version_text() + HELP + "\nSupported formats: " + " ".join(sorted(format_names())) + "\n"
 

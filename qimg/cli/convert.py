@@ -40,7 +40,6 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
     from ..ops.convert import ConvertRequest, convert
     from ..ops.create import options_help
     from ..options import merge_opts, parse_opts
-    from ..units import parse_size
 
     c.load_objects(objects)
     c.check_cache(cache)

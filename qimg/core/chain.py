@@ -20,7 +20,7 @@ class Chain:
 
     @classmethod
     def open(cls, filename: str, fmt: str | None = None, writable: bool = False, backing: bool = True,
-             options: dict | None = None, warn=None, max_depth: int = MAX_CHAIN_DEPTH) -> "Chain":
+             options: dict | None = None, warn=None, max_depth: int = MAX_CHAIN_DEPTH) -> Chain:
         """Open an image and (unless backing=False) its whole backing chain, read-only below the top."""
         top = registry.open_image(filename, fmt, writable, options, warn=warn)
         layers = [top]

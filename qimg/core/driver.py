@@ -111,11 +111,30 @@ class Driver:
         return Extent(offset, length, data=True, zero=False, present=True)
 
     def pread(self, offset: int, length: int) -> bytes:
-        raise NotImplementedError
+        """This layer's bytes at ``offset`` (zeros where it holds nothing)."""
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
 
     def readinto(self, offset: int, buf) -> None:
-        """Fill ``buf`` with this layer's bytes from ``offset`` (subclasses avoid the copy)."""
-        memoryview(buf)[:] = self.pread(offset, len(buf))
+        """Fill ``buf`` from ``offset`` by walking ``block_status``: host bytes where a run has a
+        plain host offset, zeros elsewhere.  Formats with compressed or encrypted data override it."""
+        view = memoryview(buf).cast("B")
+        total = len(view)
+        pos = 0
+        while pos < total:
+            ext = self.block_status(offset + pos, total - pos)
+            n = min(ext.length, total - pos)
+            if n <= 0:
+                raise QimgError(f"driver returned an empty extent at offset {offset + pos}")
+            sub = view[pos:pos + n]
+            if ext.data and ext.offset is not None:
+                got = self.store.readinto(ext.offset, sub)
+                if got < n:
+                    sub[got:] = bytes(n - got)  # past the end of the host file reads as zeros
+            else:
+                sub[:] = bytes(n)
+            pos += n
 
     def info_specific(self) -> dict | None:
         """qemu's ImageInfoSpecific as a dict ({"type": ..., "data": {...}}) or None."""

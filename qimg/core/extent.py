@@ -28,7 +28,7 @@ class Extent:
     def end(self) -> int:
         return self.start + self.length
 
-    def same_kind(self, other: "Extent") -> bool:
+    def same_kind(self, other: Extent) -> bool:
         """True when two extents may be merged (flags equal; offsets contiguous if any)."""
         if (self.data, self.zero, self.present, self.depth, self.compressed, self.filename) != (
             other.data, other.zero, other.present, other.depth, other.compressed, other.filename

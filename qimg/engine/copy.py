@@ -53,7 +53,7 @@ class Source:
 
     def plain_file(self, start: int, end: int):
         """(fd, host offset of ``start``) when [start, end) is stored plainly in one host file."""
-        return None
+        return
 
 
 class ChainSource(Source):

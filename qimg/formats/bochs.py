@@ -129,7 +129,3 @@ class BochsDriver(Driver):
                 sub[:] = data[head:head + n]
             pos += n
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)

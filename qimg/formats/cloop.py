@@ -99,7 +99,3 @@ class CloopDriver(Driver):
             view[pos:pos + n] = self._block(i)[within:within + n]
             pos += n
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)

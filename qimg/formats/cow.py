@@ -175,25 +175,6 @@ class CowDriver(Driver):
             return Extent(offset, n, data=True, zero=False, present=True, offset=self.data_off + offset)
         return Extent(offset, n, data=False, zero=True, present=False)
 
-    def readinto(self, offset: int, buf) -> None:
-        view = memoryview(buf).cast("B")
-        pos = 0
-        while pos < len(view):
-            ext = self.block_status(offset + pos, len(view) - pos)
-            n = min(ext.length, len(view) - pos)
-            sub = view[pos:pos + n]
-            if ext.present:
-                got = self.store.readinto(ext.offset, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
-            else:
-                sub[:] = bytes(n)
-            pos += n
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     # ----- write side -----
     def pwrite(self, offset: int, data) -> None:

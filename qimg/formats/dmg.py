@@ -272,7 +272,3 @@ class DmgDriver(Driver):
                 view[pos:pos + n] = self._chunk_data(i)[within:within + n]
             pos += n
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)

@@ -124,10 +124,6 @@ class LuksDriver(Driver):
         raw = self.store.pread_full(self.payload + first * SECTOR_SIZE, count * SECTOR_SIZE)
         return self._cipher.decrypt(first, raw)
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     def readinto(self, offset: int, buf) -> None:
         self._unlock()

@@ -175,25 +175,8 @@ class ParallelsDriver(Driver):
     def readinto(self, offset: int, buf) -> None:
         if self.bundle is not None:
             return self.bundle.readinto(offset, buf)
-        view = memoryview(buf).cast("B")
-        total = len(view)
-        pos = 0
-        while pos < total:
-            ext = self.block_status(offset + pos, total - pos)
-            n = min(ext.length, total - pos)
-            sub = view[pos:pos + n]
-            if ext.data:
-                got = self.store.readinto(ext.offset, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
-            else:
-                sub[:] = bytes(n)
-            pos += n
+        return super().readinto(offset, buf)
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     # ----- write side -----
     def _alloc(self, count: int) -> int:

@@ -420,10 +420,6 @@ class QcowDriver(Driver):
             sub[cur:cur + m] = data[within - s0:within - s0 + m]
             cur += m
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     # ----- write side -----
     def _file_end(self) -> int:

@@ -216,26 +216,6 @@ class QedDriver(Driver):
             return Extent(offset, n, data=False, zero=True, present=True)
         return Extent(offset, n, data=True, zero=False, present=True, offset=first + (offset & (cs - 1)))
 
-    def readinto(self, offset: int, buf) -> None:
-        view = memoryview(buf).cast("B")
-        total = len(view)
-        pos = 0
-        while pos < total:
-            ext = self.block_status(offset + pos, total - pos)
-            n = min(ext.length, total - pos)
-            sub = view[pos:pos + n]
-            if ext.data:
-                got = self.store.readinto(ext.offset, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
-            else:
-                sub[:] = bytes(n)
-            pos += n
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     # ----- write side -----
     def _alloc(self, nbytes: int) -> int:

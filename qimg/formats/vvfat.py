@@ -502,10 +502,6 @@ class VvfatDriver(Driver):
     def info_extra(self) -> dict:
         return {"dirty-flag": None}
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     def readinto(self, offset: int, buf) -> None:
         view = memoryview(buf).cast("B")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..core import registry
 from ..core.chain import Chain
 from ..engine.copy import ChainSource, ConcatSource, CopyOptions, copy_range
-from ..errors import QimgError, UsageError
+from ..errors import QimgError
 
 
 @dataclass
@@ -120,7 +120,6 @@ def _maybe_base(req, src):
 
 
 def _create_and_write(req, src, total, progress):
-    from .create import create_image
 
     target = req.target
     existed = os.path.lexists(target)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..core.chain import Chain
 from ..errors import QimgError
 
+
 @dataclass(slots=True)
 class MapEntry:
     """One line of ``qemu-img map`` output."""

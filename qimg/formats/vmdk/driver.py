@@ -250,10 +250,6 @@ class VmdkDriver(Driver):
             ext.readinto(off - start, view[pos:pos + n])
             pos += n
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     # ----- info -----
     def info_specific(self) -> dict:
