@@ -260,3 +260,13 @@ def test_source_not_a_multiple_of_512(oracle, tmp_path, size):
     assert r.rc == 0, r.err
     assert out.read_bytes() == ref.read_bytes()
     assert os.path.getsize(out) % 512 == 0
+
+
+def test_backing_format_without_backing_file_is_refused(tmp_path, oracle):
+    """-F without -B: qemu-img's message and status, and no target left behind."""
+    src = write_pattern(tmp_path / "s.raw", 1 << 20, [(0, 4096)])
+    ours = run_qimg("convert", "-F", "raw", "-O", "qcow2", src, tmp_path / "o.qcow2")
+    theirs = oracle("convert", "-F", "raw", "-O", "qcow2", src, tmp_path / "t.qcow2", check=False)
+    assert ours.rc == theirs.rc == 1
+    assert ours.err == theirs.err.replace("qemu-img:", "qimg:").replace("t.qcow2", "o.qcow2")
+    assert not (tmp_path / "o.qcow2").exists()

@@ -63,8 +63,6 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
         workers = 0
     if workers < 1 or workers > 16:
         raise QimgError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
-    if backing_fmt and not backing:
-        backing_fmt = backing_fmt
     snapshot = None
     if snapshot_param is not None:
         # like qemu-img 7.2 (which no longer takes -s): "snapshot.id=..,snapshot.name=.." or a plain id or name

@@ -57,6 +57,9 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> None:
         total = src.virtual_size
         if progress is not None:
             progress.total = total
+        if req.backing_fmt and not req.backing and not req.no_create:
+            raise QimgError(f"{req.target}: error while converting {req.out_fmt}: "
+                            "Backing format cannot be used without backing file")
         if req.backing and req.no_create:
             raise QimgError("-B makes no sense when skipping image creation")
         if req.compress:
