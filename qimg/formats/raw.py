@@ -6,6 +6,9 @@ at create time so that alignment probing works, sizes round up to 512 bytes).
 
 from __future__ import annotations
 
+import errno
+import os
+
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import QimgError
@@ -13,6 +16,9 @@ from ..options import OptSpec
 from ..units import round_up
 
 SECTOR = 512
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+_NO_MORE_DATA = 1 << 63  # end of a host run with no data after it (holes up to the end of the image)
 
 
 class RawDriver(Driver):
@@ -26,7 +32,9 @@ class RawDriver(Driver):
 
     def _open(self, options: dict) -> None:
         self.offset = int(options.get("offset", 0))
-        size = self.store.size() - self.offset
+        self._size = None
+        self._run = None  # the last host data/hole run found (read-only opens)
+        size = self._file_size() - self.offset
         if "size" in options:
             size = int(options["size"])
         self.virtual_size = round_up(max(size, 0), SECTOR)
@@ -39,22 +47,57 @@ class RawDriver(Driver):
     def has_zero_init(self) -> bool:
         return not getattr(self.store, "is_block", False)
 
-    def block_status(self, offset: int, length: int) -> Extent:
+    def _file_size(self) -> int:
+        """The host file size; cached while the image is open read-only (one fstat per open, not per call)."""
+        if self.writable:
+            return self.store.size()
+        size = self._size
+        if size is None:
+            size = self._size = self.store.size()
+        return size
+
+    def _host_run(self, host: int, file_size: int):
+        """(start, end, data) of the host data/hole run holding ``host`` (< file_size): two lseeks at most."""
         store = self.store
-        host = offset + self.offset
-        end = min(offset + length, self.virtual_size)
-        file_size = store.size()
-        if host >= file_size:
-            return Extent(offset, end - offset, data=False, zero=True, present=True, offset=host)
+        fd = getattr(store, "fd", -1)
+        if fd is not None and fd >= 0 and getattr(store, "_holes_ok", False) and not getattr(store, "is_block", True):
+            try:
+                nxt = os.lseek(fd, host, SEEK_DATA)
+            except OSError as e:
+                nxt = None if e.errno == errno.ENXIO else -1
+            if nxt is None or nxt >= file_size:
+                return host, _NO_MORE_DATA, False
+            if nxt > host:
+                return host, nxt, False
+            if nxt == host:
+                try:
+                    hole = min(os.lseek(fd, host, SEEK_HOLE), file_size)
+                except OSError:
+                    hole = file_size
+                return host, max(hole, host + 1), True
+        # no SEEK_DATA here (or it failed): the store's own logic decides
         nxt = store.next_data(host)
         if nxt is None:
-            return Extent(offset, end - offset, data=False, zero=True, present=True, offset=host)
+            return host, _NO_MORE_DATA, False
         if nxt > host:
-            n = min(nxt - host, end - offset)
-            return Extent(offset, n, data=False, zero=True, present=True, offset=host)
-        hole = store.next_hole(host)
-        n = max(min(hole - host, end - offset), 1)
-        return Extent(offset, n, data=True, zero=False, present=True, offset=host)
+            return host, nxt, False
+        return host, max(store.next_hole(host), host + 1), True
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        host = offset + self.offset
+        end = min(offset + length, self.virtual_size)
+        file_size = self._file_size()
+        if host >= file_size:
+            return Extent(offset, end - offset, data=False, zero=True, present=True, offset=host)
+        run = None if self.writable else self._run
+        if run is None or not run[0] <= host < run[1]:
+            run = self._host_run(host, file_size)
+            if not self.writable:
+                self._run = run  # one tuple: safe to share between reader threads
+        n = max(min(run[1] - host, end - offset), 1)
+        if run[2]:
+            return Extent(offset, n, data=True, zero=False, present=True, offset=host)
+        return Extent(offset, n, data=False, zero=True, present=True, offset=host)
 
     def pread(self, offset: int, length: int) -> bytes:
         return self.store.pread_full(offset + self.offset, length)
@@ -81,6 +124,7 @@ class RawDriver(Driver):
         if size < old and not shrink:
             raise QimgError("Use the --shrink option to perform a shrink operation.")
         self.store.truncate(size)
+        self._size = self._run = None
         if size > old:
             _preallocate(self.store, old, size, prealloc)
         self.virtual_size = round_up(size, SECTOR)

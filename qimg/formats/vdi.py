@@ -244,7 +244,7 @@ class VdiDriver(Driver):
                     if a >= VDI_IMAGE_BLOCK_ZERO:
                         if b < VDI_IMAGE_BLOCK_ZERO:
                             end = j
-                    elif b != a + 1:
+                    elif b != a + 1 or b >= VDI_IMAGE_BLOCK_ZERO:
                         end = j
             self._runs = runs
         if self._runs is None:

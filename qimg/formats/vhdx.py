@@ -204,6 +204,33 @@ def _pack_header(h: dict) -> bytes:
 _ZEROS = memoryview(bytes(4 << 20))
 
 
+def _u64_table(raw: bytes):
+    """An ``array('Q')`` of the little-endian u64 entries in ``raw``."""
+    import sys
+    from array import array
+
+    tab = array("Q")
+    if tab.itemsize != 8:  # pragma: no cover - exotic platforms
+        raise QimgError("unsupported platform: 64-bit unsigned array items are not 8 bytes")
+    tab.frombytes(raw)
+    if sys.byteorder != "little":
+        tab.byteswap()
+    return tab
+
+
+def _u64_bytes(tab) -> bytes:
+    """Little-endian bytes of a u64 table (an ``array('Q')`` or a numpy array)."""
+    import sys
+    from array import array
+
+    if not isinstance(tab, array):
+        return tab.astype("<u8").tobytes()
+    if sys.byteorder != "little":
+        tab = array("Q", tab)
+        tab.byteswap()
+    return tab.tobytes()
+
+
 def _fill_zero(view) -> None:
     """Zero a memoryview without allocating a new buffer for every call."""
     pos = 0
@@ -395,9 +422,24 @@ class VhdxDriver(Driver):
     def _load_bat(self):
         if self._bat is not None:
             return self._bat
+        raw = self.store.pread_full(self.bat_offset, self.bat_entries * 8)
+        if self.bat_entries <= self.SMALL_BAT_ENTRIES:
+            # array('Q') / array('q') tables: no numpy import for a small image (it costs more than the walk)
+            from array import array
+
+            bat = _u64_table(raw)
+            ratio = self.chunk_ratio
+            pidx = array("q", (i + i // ratio for i in range(self.data_blocks)))
+            present = (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+            offs = array("q", ((bat[b] & VHDX_BAT_FILE_OFF_MASK) if bat[b] & VHDX_BAT_STATE_BIT_MASK in present
+                               else -1 for b in pidx))
+            self._pidx = pidx
+            self._block_off = offs
+            self._bat_dirty = set()
+            self._bat = bat
+            return bat
         import numpy as np
 
-        raw = self.store.pread_full(self.bat_offset, self.bat_entries * 8)
         bat = np.frombuffer(raw, "<u8").copy()
         states = bat & VHDX_BAT_STATE_BIT_MASK
         # payload entries only: drop every (chunk_ratio+1)-th (sector bitmap) entry
@@ -610,14 +652,11 @@ class VhdxDriver(Driver):
             return
         if not self._bat_dirty:
             return
-        import numpy as np
-
         if self.store.size() < self._file_end:
             self.store.truncate(self._file_end)
-        dirty = np.array(sorted(self._bat_dirty), dtype=np.int64)
-        self._bat_dirty = set()
         # write each run of dirty entries in one go (aligned to 4 KiB pages of the BAT)
-        pages = np.unique(dirty // 512)
+        pages = sorted({d // 512 for d in self._bat_dirty})
+        self._bat_dirty = set()
         start = 0
         while start < len(pages):
             stop = start
@@ -625,7 +664,7 @@ class VhdxDriver(Driver):
                 stop += 1
             a = int(pages[start]) * 512
             b = min((int(pages[stop]) + 1) * 512, len(self._bat))
-            self.store.pwrite(self.bat_offset + a * 8, self._bat[a:b].astype("<u8").tobytes())
+            self.store.pwrite(self.bat_offset + a * 8, _u64_bytes(self._bat[a:b]))
             start = stop + 1
 
     def flush(self) -> None:
@@ -849,7 +888,6 @@ class VhdxDriver(Driver):
                 raise QimgError("Unsupported preallocation mode: metadata")
             raise QimgError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
         size, fixed, log_size, block_size, use_zero = cls._create_params(opts)
-        import numpy as np
 
         from .. import __version__
 
@@ -900,15 +938,25 @@ class VhdxDriver(Driver):
             meta[pos:pos + len(payload)] = payload
             pos += len(payload)
 
-        bat = np.zeros(bat_entries, dtype="<u8")
-        idx = np.arange(data_blocks, dtype=np.int64)
-        pidx = idx + idx // chunk_ratio
         # qemu 7.2: block_state_zero wins even for fixed images (ZERO blocks, space reserved);
         # a fixed file ends right after the guest size, not after the last whole block
-        if use_zero:
-            bat[pidx] = PAYLOAD_BLOCK_ZERO
-        elif fixed:
-            bat[pidx] = (data_start + idx * block_size).astype(np.uint64) | np.uint64(PAYLOAD_BLOCK_FULLY_PRESENT)
+        if bat_entries <= cls.SMALL_BAT_ENTRIES:
+            from array import array
+
+            bat = array("Q", bytes(8 * bat_entries))
+            for i in range(data_blocks) if use_zero or fixed else ():
+                bat[i + i // chunk_ratio] = (PAYLOAD_BLOCK_ZERO if use_zero else
+                                             (data_start + i * block_size) | PAYLOAD_BLOCK_FULLY_PRESENT)
+        else:
+            import numpy as np
+
+            bat = np.zeros(bat_entries, dtype="<u8")
+            idx = np.arange(data_blocks, dtype=np.int64)
+            pidx = idx + idx // chunk_ratio
+            if use_zero:
+                bat[pidx] = PAYLOAD_BLOCK_ZERO
+            elif fixed:
+                bat[pidx] = (data_start + idx * block_size).astype(np.uint64) | np.uint64(PAYLOAD_BLOCK_FULLY_PRESENT)
         file_end = data_start + size if fixed else data_start
 
         with opener.open_file(filename, writable=True, create=True) as store:
@@ -919,7 +967,7 @@ class VhdxDriver(Driver):
             store.pwrite(VHDX_REGION_TABLE_OFFSET, bytes(region))
             store.pwrite(VHDX_REGION_TABLE2_OFFSET, bytes(region))
             store.pwrite(meta_offset, bytes(meta[:pos]))
-            store.pwrite(bat_offset, bat.tobytes())
+            store.pwrite(bat_offset, _u64_bytes(bat))
             store.truncate(max(file_end, data_start))
             if fixed and prealloc == "falloc":
                 store.fallocate(data_start, file_end - data_start)

@@ -37,7 +37,7 @@ from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError
 from ..options import OptSpec, parse_bool
-from .vdi import _zero_stale
+from .vdi import SMALL_TABLE, _u32_bytes, _zero_stale
 
 SECTOR = 512
 HEADER_SIZE = 512
@@ -253,9 +253,12 @@ class VpcDriver(Driver):
     def _load_bat(self):
         if self.bat is not None:
             return self.bat
-        import numpy as np
+        if len(self._bat_array) <= SMALL_TABLE:
+            bat = self._bat_array  # an array('I'): indexing it beats numpy's, and numpy is not imported
+        else:
+            import numpy as np
 
-        bat = np.frombuffer(self._bat_array, np.uint32).astype(np.int64)
+            bat = np.frombuffer(self._bat_array, np.uint32).astype(np.int64)
         self.bat = bat  # before dropping the array: another reader thread may be here too
         self._bat_array = None
         return bat
@@ -275,8 +278,6 @@ class VpcDriver(Driver):
         end = min(offset + length, self.virtual_size)
         if self.disk_type == VHD_FIXED:
             return self._fixed_status(offset, end)
-        import numpy as np
-
         bat = self._load_bat()
         bs = self.block_size
         idx = offset // bs
@@ -284,8 +285,19 @@ class VpcDriver(Driver):
         if entry == BAT_UNUSED:
             if self._next_used is None:
                 # for each block, the first allocated block at or after it
-                used = np.flatnonzero(bat != BAT_UNUSED)
-                self._next_used = np.append(used, len(bat))[np.searchsorted(used, np.arange(len(bat)))]
+                if len(bat) <= SMALL_TABLE:
+                    nxt = [0] * len(bat)
+                    nb = len(bat)
+                    for j in range(len(bat) - 1, -1, -1):
+                        if bat[j] != BAT_UNUSED:
+                            nb = j
+                        nxt[j] = nb
+                    self._next_used = nxt
+                else:
+                    import numpy as np
+
+                    used = np.flatnonzero(bat != BAT_UNUSED)
+                    self._next_used = np.append(used, len(bat))[np.searchsorted(used, np.arange(len(bat)))]
             nb = int(self._next_used[idx])
             return Extent(offset, min(nb * bs, end) - offset, data=False, zero=True, present=True)
         # each block has its own bitmap in front, so host runs never span blocks
@@ -405,7 +417,7 @@ class VpcDriver(Driver):
         if self.disk_type == VHD_FIXED:
             return
         if self._bat_dirty:
-            self.store.pwrite(self.bat_offset, self.bat.astype(">u4").tobytes())
+            self.store.pwrite(self.bat_offset, _u32_bytes(self.bat, little=False))
             self._bat_dirty = False
         if self._footer_dirty:
             # the footer moves behind the last block
