@@ -303,26 +303,6 @@ class VdiDriver(Driver):
             return None
         return fd, self.header["offset_data"] + entry * bs + (start - idx * bs)
 
-    def readinto(self, offset: int, buf) -> None:
-        view = memoryview(buf).cast("B")
-        pos = 0
-        total = len(view)
-        while pos < total:
-            ext = self.block_status(offset + pos, total - pos)
-            n = min(ext.length, total - pos)
-            sub = view[pos:pos + n]
-            if ext.data:
-                got = self.store.readinto(ext.offset, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
-            else:
-                sub[:] = bytes(n)
-            pos += n
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     # ----- write side -----
     def pwrite(self, offset: int, data) -> None:

@@ -572,10 +572,6 @@ class VhdxDriver(Driver):
                     sub[got:] = bytes(n - got)
             pos += n
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     # ----- write side -----
     def _update_headers(self) -> None:

@@ -338,23 +338,8 @@ class VpcDriver(Driver):
             if got < total:
                 view[got:] = bytes(total - got)
             return
-        pos = 0
-        while pos < total:
-            ext = self.block_status(offset + pos, total - pos)
-            n = min(ext.length, total - pos)
-            sub = view[pos:pos + n]
-            if ext.data:
-                got = self.store.readinto(ext.offset, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
-            else:
-                sub[:] = bytes(n)
-            pos += n
+        super().readinto(offset, view)
 
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
 
     # ----- write side -----
     def pwrite(self, offset: int, data) -> None:
