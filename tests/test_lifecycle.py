@@ -176,7 +176,8 @@ def test_commit_matches_qemu(tmp_path, oracle, base_fmt, drop):
     if base_fmt == "qcow2":
         clean(b1)
     clean(t1)
-    strip = lambda m: [{k: v for k, v in e.items() if k != "offset"} for e in json.loads(m)]
+    def strip(m):
+        return [{k: v for k, v in e.items() if k != "offset"} for e in json.loads(m)]
     m1 = qemu("map", "--output=json", str(t1)).out
     m2 = qemu("map", "--output=json", str(t2)).out
     assert strip(m1) == strip(m2)

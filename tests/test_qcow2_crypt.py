@@ -233,7 +233,8 @@ def test_luks_wrong_key(tmp_path, oracle):
     q = qemu(*args, check=False)
     assert r.rc == q.rc == 1
     assert q.err.endswith(": Invalid password, cannot unlock any keyslot\n")
-    assert r.err.startswith("qimg: Could not open ") and r.err.endswith(": Invalid password, cannot unlock any keyslot\n")
+    assert r.err.startswith("qimg: Could not open ")
+    assert r.err.endswith(": Invalid password, cannot unlock any keyslot\n")
     # info needs no key, even a wrong one
     i1 = run_qimg("info", "--object", WRONG, "--image-opts", _opts(img))
     i2 = qemu("info", "--object", WRONG, "--image-opts", _opts(img))

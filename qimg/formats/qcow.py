@@ -194,7 +194,8 @@ class QcowDriver(Driver):
         OptSpec("size", "size", "Virtual disk size"),
         OptSpec("backing_file", "string", "File name of a base image"),
         OptSpec("backing_fmt", "string", "Format of the backing image"),
-        OptSpec("encryption", "bool", "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
+        OptSpec("encryption", "bool",
+                "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
         OptSpec("encrypt.format", "string", "Encrypt the image, format choices: 'aes'"),
         OptSpec("encrypt.key-secret", "string", "ID of the secret that provides the AES encryption key"),
     )
