@@ -32,8 +32,12 @@ Inside the driver: ``self.h`` (Header), ``self.l1`` (uint64 array), ``self._refc
 ``self.data_store`` (the external data file, or the image's own store).
 
 Write ordering: data is written at once; metadata stays in memory until ``flush``/``finalize``/
-``close`` (or a bound on dirty L2 tables) writes refcount blocks, then L2 tables, then L1, then
-the header.  Clusters are only ever allocated at the end of the file.
+``close`` (or a bound on dirty L2 tables) writes refcount blocks and table (and the header's
+refcount fields when the table moved), then L2 tables, then L1, then the header; refcount
+decrements of freed clusters come last (a crash leaks, never corrupts).  In-place writers
+(images not created by this process) fdatasync between the stages; convert's new targets do not.
+Clusters are only ever allocated at the end of the file.  numpy is imported on first use
+(``tables.LazyNumpy``) and the L1 table is read on first use, so ``info`` needs neither.
 Lifecycle operations (check, snapshots, amend, resize...) live in their own modules here.
 """
 

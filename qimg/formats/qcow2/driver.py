@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import threading
 
-import numpy as np
-
 from ...core.driver import BackingRef, Driver
 from ...core.extent import Extent
 from ...errors import CorruptImage, OpenError, QimgError, Unsupported
@@ -40,9 +38,12 @@ from .tables import (
     ZERO_ALLOC,
     ZERO_PLAIN,
     L2Cache,
+    LazyNumpy,
     decode_l2,
     read_table,
 )
+
+np = LazyNumpy(globals())
 from .writer import Qcow2Writer
 
 #: key secrets of LUKS images created in this process, so convert can write into them right away
@@ -66,8 +67,10 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
     @classmethod
     def create(cls, filename: str, opts, opener) -> None:
         from .create import create
+        from .writer import note_created
 
         create(cls, filename, opts, opener)
+        note_created(filename)
 
     @classmethod
     def format_line_options(cls, opts) -> list:
@@ -116,7 +119,10 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         self.l2_span_bits = self.cluster_bits + self.l2_bits
         self.unit_bits = self.cluster_bits - 5 if self.extended else self.cluster_bits
         self.virtual_size = h.size
-        self.l1 = read_table(store, h.l1_table_offset, h.l1_size, "L1 table", self.file_size)
+        if h.l1_table_offset >= self.file_size and h.l1_size:
+            raise CorruptImage(f"L1 table at offset {h.l1_table_offset:#x} lies outside the image file "
+                               f"(size {self.file_size})")
+        self._l1 = None  # read on first use: info needs the header, extensions and snapshots only
         self._l1_nonzero = None
         self.cache = L2Cache()
         self._ccache: dict = {}
@@ -193,6 +199,17 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             super().close()
 
     # ------------------------------------------------------------------ properties
+    @property
+    def l1(self):
+        """The active L1 table (uint64 array), read on first use."""
+        if self._l1 is None:
+            self._l1 = read_table(self.store, self.h.l1_table_offset, self.h.l1_size, "L1 table", self.file_size)
+        return self._l1
+
+    @l1.setter
+    def l1(self, value) -> None:
+        self._l1 = value
+
     @property
     def cluster_size(self) -> int:
         return self.cs
@@ -317,6 +334,21 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             return
         hole = st.next_hole(host)
         ext.length = min(ext.length, max(hole - host, 1))
+
+    def plain_host_file(self, start: int, end: int):
+        """(fd, host offset) when guest bytes [start, end) lie plainly and contiguously in one host
+        file (unencrypted, uncompressed data): the copy engine may then use copy_file_range."""
+        st = self.data_store
+        if self.encrypted or st is None or end <= start:
+            return None
+        fd = getattr(st, "fd", -1)
+        if fd is None or fd < 0 or getattr(st, "is_block", True):
+            return None
+        ext = self.block_status(start, end - start)
+        if (not ext.present or not ext.data or ext.zero or ext.compressed or ext.offset is None
+                or ext.length < end - start):
+            return None
+        return fd, ext.offset
 
     # ------------------------------------------------------------------ reading
     def readinto(self, offset: int, buf) -> None:

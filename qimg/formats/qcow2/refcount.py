@@ -12,10 +12,11 @@ that was freed is never reused while metadata may still point at it.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ...errors import CorruptImage, QimgError, check_limit
 from .header import MAX_REFTABLE_SIZE_BYTES
+from .tables import LazyNumpy
+
+np = LazyNumpy(globals())
 
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 

@@ -14,9 +14,28 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-import numpy as np
-
 from ...errors import CorruptImage
+
+
+class LazyNumpy:
+    """``np`` for the qcow2 modules: numpy is imported on first use, not when the module loads
+    (``info``, probing and other metadata-only commands never pay for it).  The first attribute
+    access rebinds the module's global ``np`` to numpy itself."""
+
+    def __init__(self, module_globals: dict):
+        self._globals = module_globals
+
+    def __getattr__(self, name):
+        import os
+
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        import numpy
+
+        self._globals["np"] = numpy
+        return getattr(numpy, name)
+
+
+np = LazyNumpy(globals())
 
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00

@@ -5,16 +5,15 @@ References: QEMU docs/interop/qcow2.txt ("Cluster mapping", "Extended L2 Entries
 
 Data goes to the file at once; metadata is kept in memory (L1, the L2 tables touched,
 the refcount blocks touched) and written by ``_flush_metadata`` in a crash-safe order:
-refcount blocks (and a moved refcount table), then L2 tables, then the L1 table, then the
-header.  New clusters come from ``Refcounts.alloc`` at the end of the file, contiguous,
+refcount blocks (and a moved refcount table, with the header pointing at it), then L2 tables,
+then the L1 table, then the header, then the refcount decrements of freed clusters.  New clusters come from ``Refcounts.alloc`` at the end of the file, contiguous,
 so convert's sequential writes produce one pwrite per chunk and one L2 write per table.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-
-import numpy as np
 
 from ...errors import QimgError, Unsupported
 from . import compress as qcompress
@@ -27,11 +26,18 @@ from .tables import (
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
     SUBCLUSTERS_PER_CLUSTER,
+    LazyNumpy,
 )
 
+np = LazyNumpy(globals())
+
 DIRTY_L2_LIMIT_BYTES = 64 << 20
-_MASK = np.uint64(L2E_OFFSET_MASK)
-_COPIED = np.uint64(QCOW_OFLAG_COPIED)
+#: images created by this process (convert's targets): written without fdatasync, like qemu-img
+_CREATED: set[str] = set()
+
+
+def note_created(filename: str) -> None:
+    _CREATED.add(os.path.abspath(filename))
 
 
 class Qcow2Writer:
@@ -45,6 +51,10 @@ class Qcow2Writer:
         self._backing_chain = None
         self._cpos = None  # byte pointer for packing compressed clusters
         self._pending = None  # (guest cluster offset, bytearray): a cluster being assembled for compression
+        # refcount decrements wait until no L2/L1 entry on disk references the clusters any more
+        self._deferred_frees: list[tuple[int, int]] = []
+        # in-place edits flush (fdatasync) between the metadata stages; a new image (convert) does not
+        self._sync_meta = os.path.abspath(self.filename) not in _CREATED
 
     # ------------------------------------------------------------------ helpers
     def _dwrite(self, host: int, data, guest: int) -> None:
@@ -102,7 +112,7 @@ class Qcow2Writer:
             # shared with a snapshot: copy the table (data refcounts already count both users)
             raw = self._read_l2_raw(off).copy()
             new = rc.alloc(1)
-            rc.add(off // self.cs, 1, -1)
+            self._deferred_frees.append((off // self.cs, 1))
             self.cache.drop(off)
         else:
             raw = self._l2_dirty.get(off)
@@ -154,16 +164,16 @@ class Qcow2Writer:
         """Drop this L2 reference to a host cluster (normal, zero-allocated or compressed)."""
         if self.h.has_data_file:
             return
-        rc = self._refcounts()
+        # applied by _flush_metadata once the L2 tables that dropped the references are written
         if entry & QCOW_OFLAG_COMPRESSED:
             host, length = qcompress.decode_descriptor(entry & ~(3 << 62), self.cluster_bits)
             first = host // self.cs
             last = (host + length - 1) // self.cs
-            rc.add(first, last - first + 1, -1)
+            self._deferred_frees.append((first, last - first + 1))
             return
         host = entry & L2E_OFFSET_MASK
         if host:
-            rc.add(host // self.cs, 1, -1)
+            self._deferred_frees.append((host // self.cs, 1))
 
     def _alloc_data(self, guest_cluster: int, count: int) -> int:
         """Host offset for ``count`` new data clusters from guest cluster offset ``guest_cluster``."""
@@ -210,11 +220,11 @@ class Qcow2Writer:
             if not ents.any() and (edges_ok or (no_backing and not self.h.has_data_file and not self.encrypted)):
                 host = self._alloc_data(c0 << cb, c1 - c0)
                 self._dwrite(host + (off - (c0 << cb)), data, off)
-                raw[i0:i1] = (np.uint64(host) + np.arange(c1 - c0, dtype=np.uint64) * np.uint64(cs)) | _COPIED
+                raw[i0:i1] = (np.uint64(host) + np.arange(c1 - c0, dtype=np.uint64) * np.uint64(cs)) | np.uint64(QCOW_OFLAG_COPIED)
                 self.cache.drop(l2off)
                 return
-            if (ents & _COPIED).all() and not (ents & np.uint64(QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)).any():
-                hosts = (ents & _MASK).astype(np.int64)
+            if (ents & np.uint64(QCOW_OFLAG_COPIED)).all() and not (ents & np.uint64(QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)).any():
+                hosts = (ents & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
                 if len(hosts) == 1 or (np.diff(hosts) == cs).all():
                     if int(hosts[0]) or self.h.has_data_file:
                         self._dwrite(int(hosts[0]) + (off - (c0 << cb)), data, off)
@@ -364,8 +374,8 @@ class Qcow2Writer:
             i0 = c0 & (self.l2_entries - 1)
             i1 = i0 + (c1 - c0)
             ents = raw[i0:i1]
-            keep = (not may_unmap) & ((ents & _COPIED) != 0) & ((ents & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0) & \
-                ((ents & _MASK) != 0)
+            keep = (not may_unmap) & ((ents & np.uint64(QCOW_OFLAG_COPIED)) != 0) & ((ents & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0) & \
+                ((ents & np.uint64(L2E_OFFSET_MASK)) != 0)
             for j in np.flatnonzero((ents != 0) & ~keep):
                 self._free_entry(int(ents[j]))
             if self.h.data_file_raw:
@@ -588,46 +598,84 @@ class Qcow2Writer:
     # ------------------------------------------------------------------ flushing
     def _maybe_flush(self) -> None:
         if len(self._l2_dirty) * self.cs * (2 if self.extended else 1) > DIRTY_L2_LIMIT_BYTES:
-            self._flush_metadata(sync=False)
+            self._flush_metadata(sync=self._sync_meta)
 
     def _flush_metadata(self, sync: bool) -> None:
-        """Write metadata: refcounts, L2 tables, L1 table, header (each after the previous)."""
+        """Write metadata so that a crash after any single write leaves a consistent image.
+
+        Order: data -> refcount blocks and table (and the header's refcount table fields when the
+        table moved) -> L2 tables -> L1 table -> header -> refcount decrements.  Every cluster an
+        L2/L1 entry on disk references is counted by the refcount structure the header on disk
+        points at; clusters freed meanwhile at worst leak.  With ``sync`` each stage is made
+        durable (fdatasync) before the next one starts.
+        """
         if not self.writable or self.store is None:
             return
         self._flush_pending()
         rc = self._rc
-        if not self._l2_dirty and not self._l1_dirty and not self._header_dirty and (
+        frees = self._deferred_frees
+        if not self._l2_dirty and not self._l1_dirty and not self._header_dirty and not frees and (
                 rc is None or (not rc.dirty and not rc.table_dirty and not rc.old_tables)):
             return
-        if sync:
+        store = self.store
+        if sync and self.data_store is not store:
             self.data_store.flush()
-        if rc is not None:
+        if rc is not None and (rc.dirty or rc.table_dirty):
+            if sync:
+                store.flush()  # data before the refcounts that count it
             rc.flush_blocks()
-            if rc.flush_table():
-                self.h.refcount_table_offset = rc.table_offset
-                self.h.refcount_table_clusters = len(rc.table) * 8 // self.cs
-                self._header_dirty = True
-        if sync:
-            self.store.flush()
-        for off in sorted(self._l2_dirty):
-            self.store.pwrite(off, self._l2_dirty[off].astype(">u8").tobytes())
-            self.cache.drop(off)
-        self._l2_dirty.clear()
+            if rc.table_dirty:
+                if sync:
+                    store.flush()  # blocks before the table that points at them
+                if rc.flush_table():
+                    self.h.refcount_table_offset = rc.table_offset
+                    self.h.refcount_table_clusters = len(rc.table) * 8 // self.cs
+                    if sync:
+                        store.flush()
+                    # the header must point at the new table before anything counted only there is used
+                    self._write_refcount_header_fields()
+        if self._l2_dirty:
+            if sync:
+                store.flush()
+            for off in sorted(self._l2_dirty):
+                store.pwrite(off, self._l2_dirty[off].astype(">u8").tobytes())
+                self.cache.drop(off)
+            self._l2_dirty.clear()
         if self._l1_dirty and len(self.l1):
             if sync:
-                self.store.flush()
-            self.store.pwrite(self.h.l1_table_offset, self.l1.astype(">u8").tobytes())
+                store.flush()
+            store.pwrite(self.h.l1_table_offset, self.l1.astype(">u8").tobytes())
             self._l1_dirty = False
         if self._header_dirty:
             if sync:
-                self.store.flush()
+                store.flush()
             self._write_header_fields()
             self._header_dirty = False
-            if rc is not None and rc.old_tables:
-                rc.release_old_tables()
-                rc.flush_blocks()
+        if rc is not None and rc.old_tables and self.h.refcount_table_offset == rc.table_offset:
+            rc.release_old_tables()
+        if frees:
+            rc = self._refcounts()
+            for first, count in frees:
+                rc.add(first, count, -1)
+            self._deferred_frees = []
+        if rc is not None and (rc.dirty or rc.table_dirty):
+            if sync:
+                store.flush()  # the references are gone before their clusters' refcounts drop
+            rc.flush_blocks()
+            if rc.table_dirty and rc.flush_table():
+                # cannot happen for decrements (no new blocks); kept for safety
+                self.h.refcount_table_offset = rc.table_offset
+                self.h.refcount_table_clusters = len(rc.table) * 8 // self.cs
+                if sync:
+                    store.flush()
+                self._write_refcount_header_fields()
         if sync:
-            self.store.flush()
+            store.flush()
+
+    def _write_refcount_header_fields(self) -> None:
+        """Point the header at the (moved) refcount table: refcount_table_offset and _clusters only."""
+        h = self.h
+        self.store.pwrite(48, struct.pack(">QI", h.refcount_table_offset, h.refcount_table_clusters))
 
     def _write_header_fields(self) -> None:
         """Rewrite the fixed header fields that writing may change (L1 and refcount table)."""
@@ -660,7 +708,7 @@ def _prealloc_method(self, mode: str) -> None:
         l2off, raw = self._l2_for_write(l1i)
         n = -(-(end - start) // cs)
         host = self._alloc_data(start, n)
-        hosts = (np.uint64(host) + np.arange(n, dtype=np.uint64) * np.uint64(cs)) | _COPIED
+        hosts = (np.uint64(host) + np.arange(n, dtype=np.uint64) * np.uint64(cs)) | np.uint64(QCOW_OFLAG_COPIED)
         if self.extended:
             raw[0:2 * n:2] = hosts
         else:
