@@ -42,9 +42,9 @@ from .tables import (
     decode_l2,
     read_table,
 )
+from .writer import Qcow2Writer
 
 np = LazyNumpy(globals())
-from .writer import Qcow2Writer
 
 #: key secrets of LUKS images created in this process, so convert can write into them right away
 _CREATED_KEYS: dict[str, str] = {}

@@ -6,7 +6,8 @@ References: QEMU docs/interop/qcow2.txt ("Cluster mapping", "Extended L2 Entries
 Data goes to the file at once; metadata is kept in memory (L1, the L2 tables touched,
 the refcount blocks touched) and written by ``_flush_metadata`` in a crash-safe order:
 refcount blocks (and a moved refcount table, with the header pointing at it), then L2 tables,
-then the L1 table, then the header, then the refcount decrements of freed clusters.  New clusters come from ``Refcounts.alloc`` at the end of the file, contiguous,
+then the L1 table, then the header, then the refcount decrements of freed clusters.
+New clusters come from ``Refcounts.alloc`` at the end of the file, contiguous,
 so convert's sequential writes produce one pwrite per chunk and one L2 write per table.
 """
 
@@ -220,10 +221,12 @@ class Qcow2Writer:
             if not ents.any() and (edges_ok or (no_backing and not self.h.has_data_file and not self.encrypted)):
                 host = self._alloc_data(c0 << cb, c1 - c0)
                 self._dwrite(host + (off - (c0 << cb)), data, off)
-                raw[i0:i1] = (np.uint64(host) + np.arange(c1 - c0, dtype=np.uint64) * np.uint64(cs)) | np.uint64(QCOW_OFLAG_COPIED)
+                hosts = np.uint64(host) + np.arange(c1 - c0, dtype=np.uint64) * np.uint64(cs)
+                raw[i0:i1] = hosts | np.uint64(QCOW_OFLAG_COPIED)
                 self.cache.drop(l2off)
                 return
-            if (ents & np.uint64(QCOW_OFLAG_COPIED)).all() and not (ents & np.uint64(QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)).any():
+            special = np.uint64(QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
+            if (ents & np.uint64(QCOW_OFLAG_COPIED)).all() and not (ents & special).any():
                 hosts = (ents & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
                 if len(hosts) == 1 or (np.diff(hosts) == cs).all():
                     if int(hosts[0]) or self.h.has_data_file:
@@ -374,8 +377,8 @@ class Qcow2Writer:
             i0 = c0 & (self.l2_entries - 1)
             i1 = i0 + (c1 - c0)
             ents = raw[i0:i1]
-            keep = (not may_unmap) & ((ents & np.uint64(QCOW_OFLAG_COPIED)) != 0) & ((ents & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0) & \
-                ((ents & np.uint64(L2E_OFFSET_MASK)) != 0)
+            keep = ((not may_unmap) & ((ents & np.uint64(QCOW_OFLAG_COPIED)) != 0)
+                    & ((ents & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0) & ((ents & np.uint64(L2E_OFFSET_MASK)) != 0))
             for j in np.flatnonzero((ents != 0) & ~keep):
                 self._free_entry(int(ents[j]))
             if self.h.data_file_raw:
