@@ -86,3 +86,11 @@ def test_extent_end_and_same_kind():
     assert a.same_kind(data(10, 5, offset=10))
     assert not a.same_kind(data(10, 5, offset=11))
     assert not a.same_kind(zero(10, 5))
+
+
+def test_split_at_cuts_at_absolute_boundaries():
+    from qimg.core.extent import split_at
+
+    assert list(split_at(100, 300, 128)) == [(100, 128), (128, 256), (256, 300)]
+    assert list(split_at(0, 256, 128)) == [(0, 128), (128, 256)]
+    assert list(split_at(5, 5, 128)) == []

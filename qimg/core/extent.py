@@ -67,3 +67,15 @@ def coalesce(extents):
         cur = ext
     if cur is not None:
         yield cur
+
+
+def split_at(start: int, end: int, unit: int):
+    """Cut [start, end) at absolute multiples of ``unit``: yields (pos, next) pairs.
+
+    The one place where a range that crosses block, table or chunk boundaries is split.
+    """
+    pos = start
+    while pos < end:
+        nxt = min((pos // unit + 1) * unit, end)
+        yield pos, nxt
+        pos = nxt

@@ -21,7 +21,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 
-from ..core.extent import Extent, clip
+from ..core.extent import Extent, clip, split_at
 
 CHUNK = 2 << 20
 
@@ -204,12 +204,9 @@ class _Workers:
 
 
 def _chunks(ext: Extent, chunk: int):
-    """Cut a data extent at absolute multiples of ``chunk``."""
-    pos = ext.start
-    while pos < ext.end:
-        nxt = min((pos // chunk + 1) * chunk, ext.end)
+    """Cut a data extent at absolute multiples of ``chunk``: (offset, length) pairs."""
+    for pos, nxt in split_at(ext.start, ext.end, chunk):
         yield pos, nxt - pos
-        pos = nxt
 
 
 def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progress=None,

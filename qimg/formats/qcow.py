@@ -27,7 +27,7 @@ import os
 import struct
 
 from ..core.driver import CreateOptions, Driver
-from ..core.extent import Extent
+from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import OptSpec, parse_bool
 from ..units import round_up
@@ -467,12 +467,8 @@ class QcowDriver(Driver):
         end = offset + len(data)
         if end > self.virtual_size:
             raise QimgError(f"Cannot write beyond the end of the image ({end} > {self.virtual_size})")
-        span = 1 << (self.l2_bits + self.cluster_bits)
-        pos = offset
-        while pos < end:
-            nxt = min(end, (pos // span + 1) * span)
+        for pos, nxt in split_at(offset, end, 1 << (self.l2_bits + self.cluster_bits)):
             self._write_span(pos, data[pos - offset:nxt - offset])
-            pos = nxt
 
     def _write_span(self, offset: int, data) -> None:
         """Write inside one L2 table: allocate what is missing, then write host runs."""

@@ -22,7 +22,7 @@ import struct
 
 from ..core.check import CheckResult
 from ..core.driver import BackingRef, CreateOptions, Driver
-from ..core.extent import Extent
+from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import OptSpec, parse_opt_size
 from ..units import round_up
@@ -252,12 +252,8 @@ class QedDriver(Driver):
         end = offset + len(data)
         if end > self.virtual_size:
             raise QimgError(f"Cannot write beyond the end of the image ({end} > {self.virtual_size})")
-        span = 1 << (self.l2_bits + self.cluster_bits)
-        pos = offset
-        while pos < end:
-            nxt = min(end, (pos // span + 1) * span)
+        for pos, nxt in split_at(offset, end, 1 << (self.l2_bits + self.cluster_bits)):
             self._write_span(pos, data[pos - offset:nxt - offset])
-            pos = nxt
 
     def _write_span(self, offset: int, data) -> None:
         import numpy as np
