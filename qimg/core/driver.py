@@ -174,8 +174,16 @@ class Driver:
     def discard(self, offset: int, length: int) -> None:
         pass
 
+    def write_metadata(self) -> None:
+        """Write the tables a driver keeps in memory (block maps, footers); flush, finalize and close call it."""
+
     def flush(self) -> None:
+        self.write_metadata()
         self.store.flush()
+
+    def finalize(self) -> None:
+        """Called by convert once all data is written, before close."""
+        self.write_metadata()
 
     def truncate(self, size: int, shrink: bool = False, prealloc: str = "off") -> None:
         raise Unsupported("Image format driver does not support resize")
@@ -196,8 +204,11 @@ class Driver:
 
     def close(self) -> None:
         if self.store is not None:
-            self.store.close()
-            self.store = None
+            try:
+                self.write_metadata()
+            finally:
+                self.store.close()
+                self.store = None
 
     def __enter__(self):
         return self

@@ -365,14 +365,7 @@ class VdiDriver(Driver):
                 super().write_zeroes(pos, n, may_unmap)
             pos += n
 
-    def flush(self) -> None:
-        self._write_tables()
-        self.store.flush()
-
-    def finalize(self) -> None:
-        self._write_tables()
-
-    def _write_tables(self) -> None:
+    def write_metadata(self) -> None:
         if self.store is None or not self.writable:
             return
         if self._file_end and self.store.size() < self._file_end:
@@ -384,13 +377,6 @@ class VdiDriver(Driver):
         if self._header_dirty:
             self.store.pwrite(0, _pack_header(self.header))
             self._header_dirty = False
-
-    def close(self) -> None:
-        if self.store is not None:
-            try:
-                self._write_tables()
-            finally:
-                super().close()
 
     # ----- check -----
     def check(self, repair: str | None = None):

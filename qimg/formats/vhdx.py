@@ -643,7 +643,7 @@ class VhdxDriver(Driver):
                 super().write_zeroes(pos, n, may_unmap)
             pos += n
 
-    def _write_tables(self) -> None:
+    def write_metadata(self) -> None:
         if self.store is None or not self.writable:
             return
         if not self._bat_dirty:
@@ -662,20 +662,6 @@ class VhdxDriver(Driver):
             b = min((int(pages[stop]) + 1) * 512, len(self._bat))
             self.store.pwrite(self.bat_offset + a * 8, _u64_bytes(self._bat[a:b]))
             start = stop + 1
-
-    def flush(self) -> None:
-        self._write_tables()
-        self.store.flush()
-
-    def finalize(self) -> None:
-        self._write_tables()
-
-    def close(self) -> None:
-        if self.store is not None:
-            try:
-                self._write_tables()
-            finally:
-                super().close()
 
     # ----- log -----
     def _log_read(self, pos: int, n: int) -> bytes:

@@ -396,7 +396,7 @@ class VpcDriver(Driver):
                 super().write_zeroes(pos, n, may_unmap)
             pos += n
 
-    def _write_tables(self) -> None:
+    def write_metadata(self) -> None:
         if self.store is None or not self.writable:
             return
         if self.disk_type == VHD_FIXED:
@@ -408,20 +408,6 @@ class VpcDriver(Driver):
             # the footer moves behind the last block
             self.store.pwrite(self.free_data_block_offset, self.footer_buf)
             self._footer_dirty = False
-
-    def flush(self) -> None:
-        self._write_tables()
-        self.store.flush()
-
-    def finalize(self) -> None:
-        self._write_tables()
-
-    def close(self) -> None:
-        if self.store is not None:
-            try:
-                self._write_tables()
-            finally:
-                super().close()
 
     # ----- create -----
     @classmethod
