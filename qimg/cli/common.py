@@ -39,19 +39,17 @@ def cache_opts(f):
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
-def check_cache(mode: str | None) -> None:
+def check_cache(mode: str | None, what: str = "cache", exit_code: int = 1) -> None:
+    """-t (what="cache") or -T (what="source cache"): qemu-img's message, no --help hint."""
     if mode is not None and mode not in CACHE_MODES:
         from ..errors import QimgError
 
-        raise QimgError(f"Invalid cache option: {mode}")  # qemu-img adds no --help hint here
+        raise QimgError(f"Invalid {what} option: {mode}", exit_code)
 
 
 def check_src_cache(mode: str | None, exit_code: int = 1) -> None:
     """-T: qemu-img names it the source cache option."""
-    if mode is not None and mode not in CACHE_MODES:
-        from ..errors import QimgError
-
-        raise QimgError(f"Invalid source cache option: {mode}", exit_code)
+    check_cache(mode, "source cache", exit_code)
 
 
 def load_objects(objects) -> None:
