@@ -135,7 +135,8 @@ def _from_w1(fmt):
 
 WORKLOADS = {"W1": ("w1.raw", make_w1), "W2": ("w2.raw", make_w2), "W3": ("w3.qcow2", make_w3),
              "W4": ("w4.qcow2", make_w4), "W1vdi": ("w1.vdi", _from_w1("vdi")),
-             "W1vpc": ("w1.vpc", _from_w1("vpc")), "W1vhdx": ("w1.vhdx", _from_w1("vhdx"))}
+             "W1vpc": ("w1.vpc", _from_w1("vpc")), "W1vhdx": ("w1.vhdx", _from_w1("vhdx")),
+             "W1vmdk": ("w1.vmdk", _from_w1("vmdk"))}
 #: bump when a generator changes so old files are rebuilt
 WORKLOAD_VERSION = 1
 
@@ -206,6 +207,7 @@ CASES: list[Case] = [
     _case("convert W1 (vdi) -O raw", "raw", src="W1vdi", sfmt="vdi", needs=("vdi",)),
     _case("convert W1 (vpc) -O raw", "raw", src="W1vpc", sfmt="vpc", needs=("vpc",)),
     _case("convert W1 (vhdx) -O raw", "raw", src="W1vhdx", sfmt="vhdx", needs=("vhdx",)),
+    _case("convert W1 (vmdk) -O raw", "raw", src="W1vmdk", sfmt="vmdk", needs=("vmdk",)),
 ]
 
 
@@ -422,7 +424,7 @@ def write_results(results: list[dict], args) -> str:
         "CPU is user+system time; RSS is the peak resident set (`/usr/bin/time -f %M`).",
         "- workloads: W1 = 4 GiB sparse raw, 1 GiB random data in 64 KiB-4 MiB extents + 256 MiB written "
         "zeros; W2 = 1 GiB dense random raw; W3 = W1 converted to qcow2 by qemu-img; "
-        "W1 (vdi/vpc/vhdx) = W1 converted to that format by qemu-img.",
+        "W1 (vdi/vpc/vhdx/vmdk) = W1 converted to that format by qemu-img.",
         "",
         "| case | pairs | qimg wall | qemu-img wall | **ratio** | best of qimg / qemu-img | CPU qimg / qemu-img "
         "| peak RSS qimg / qemu-img | measured (UTC), load |",
