@@ -7,6 +7,7 @@ table; preallocation allocates each L2 table followed by its data clusters).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from ...errors import QimgError
@@ -346,23 +347,18 @@ def write_new_image(cls, filename: str, spec: Qcow2CreateSpec, opener) -> None:
     h.refcount_table_clusters = t_clusters
     h.l1_size = l1_size
     h.l1_table_offset = l1_at * cs if l1_size else 0
-    import numpy as np
-
-    from .refcount import encode_block
-
     with opener.open_file(filename, writable=True, create=True) as store:
         head = h.pack()
         store.pwrite(0, head + bytes(cs - len(head)))
-        table = np.zeros(t_clusters * cs // 8, dtype=">u8")
+        table = bytearray(t_clusters * cs)
         for idx, at in blocks.items():
-            table[idx] = at * cs
-        store.pwrite(cs, table.tobytes())
-        refs = np.zeros((max(blocks) + 1) * per_block, dtype=np.uint64)
-        refs[:total] = 1
+            struct.pack_into(">Q", table, idx * 8, at * cs)
+        store.pwrite(cs, bytes(table))
         if l1_size:
             store.pwrite(h.l1_table_offset, bytes(l1_size * 8))
         for idx, at in sorted(blocks.items(), key=lambda kv: kv[1]):
-            store.pwrite(at * cs, encode_block(refs[idx * per_block:(idx + 1) * per_block], spec.refcount_bits))
+            ones = min(max(total - idx * per_block, 0), per_block)  # clusters 0..total-1 have refcount 1
+            store.pwrite(at * cs, _refcount_block_of_ones(ones, per_block, spec.refcount_bits))
         if store.size() < total * cs and (not l1_size or l1_at + l1_clusters < total):
             store.truncate(total * cs)
         if spec.encrypt and spec.encrypt[1] is not None:
@@ -382,3 +378,18 @@ def write_new_image(cls, filename: str, spec: Qcow2CreateSpec, opener) -> None:
         drv._flush_metadata(sync=False)
     finally:
         drv.close()
+
+
+def _refcount_block_of_ones(ones: int, per_block: int, bits: int) -> bytes:
+    """A refcount block whose first ``ones`` entries are 1 and the rest 0."""
+    if bits >= 8:
+        width = bits // 8
+        one = (1).to_bytes(width, "big")
+        return one * ones + bytes(width * (per_block - ones))
+    import numpy as np
+
+    from .refcount import encode_block
+
+    refs = np.zeros(per_block, dtype=np.uint64)
+    refs[:ones] = 1
+    return encode_block(refs, bits)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
+from array import array
+from bisect import bisect_left
 
 from ...core.driver import BackingRef, Driver
 from ...core.extent import Extent
@@ -39,8 +41,11 @@ from .tables import (
     ZERO_PLAIN,
     L2Cache,
     LazyNumpy,
+    be_u64_array,
+    copy_table,
     decode_l2,
     read_table,
+    read_table_array,
 )
 from .writer import Qcow2Writer
 
@@ -203,7 +208,9 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
     def l1(self):
         """The active L1 table (uint64 array), read on first use."""
         if self._l1 is None:
-            self._l1 = read_table(self.store, self.h.l1_table_offset, self.h.l1_size, "L1 table", self.file_size)
+            # standard L2 entries: tables are plain ``array('Q')`` (no numpy); extended L2 uses numpy
+            rd = read_table if self.extended else read_table_array
+            self._l1 = rd(self.store, self.h.l1_table_offset, self.h.l1_size, "L1 table", self.file_size)
         return self._l1
 
     @l1.setter
@@ -225,10 +232,13 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
     def _l1_next_nonzero(self, index: int) -> int:
         """The first L1 index >= index whose entry points at an L2 table (len(l1) if none)."""
         if self._l1_nonzero is None:
-            self._l1_nonzero = np.flatnonzero(self.l1 & np.uint64(L1E_OFFSET_MASK))
+            if isinstance(self.l1, array):
+                self._l1_nonzero = [i for i, e in enumerate(self.l1) if e & L1E_OFFSET_MASK]
+            else:
+                self._l1_nonzero = np.flatnonzero(self.l1 & np.uint64(L1E_OFFSET_MASK)).tolist()
         nz = self._l1_nonzero
-        pos = int(np.searchsorted(nz, index))
-        return int(nz[pos]) if pos < len(nz) else len(self.l1)
+        pos = bisect_left(nz, index)
+        return nz[pos] if pos < len(nz) else len(self.l1)
 
     def _decoded(self, l2_offset: int):
         d = self.cache.get(l2_offset)
@@ -241,7 +251,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
     def _read_l2_raw(self, l2_offset: int) -> np.ndarray:
         pending = self._dirty_l2_get(l2_offset)
         if pending is not None:
-            return pending.copy()
+            return copy_table(pending)
         if l2_offset % self.cs:
             raise CorruptImage(f"L2 table offset {l2_offset:#x} is not aligned to the cluster size")
         if l2_offset >= max(self.file_size, self.store.size()):
@@ -250,6 +260,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         raw = self.store.pread(l2_offset, n * 8)
         if len(raw) < n * 8:
             raw = raw + bytes(n * 8 - len(raw))
+        if not self.extended:
+            return be_u64_array(raw)  # decoded in plain Python (tables.decode_l2)
         return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
     # ------------------------------------------------------------------ block status
@@ -308,7 +320,11 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                 for i in range(0, min(end_cluster, len(rc.table) << rc.block_shift), rc.block_entries):
                     blk = rc.block(i >> rc.block_shift)
                     if blk is not None:
-                        count += int(np.count_nonzero(blk[:max(0, end_cluster - i)]))
+                        part = blk[:max(0, end_cluster - i)]
+                        if isinstance(part, array):
+                            count += len(part) - part.count(0)
+                        else:
+                            count += int(np.count_nonzero(part))
                     if count >= threshold:
                         break
                 self._meta_prealloc = count >= threshold

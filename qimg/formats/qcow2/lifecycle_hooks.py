@@ -28,10 +28,10 @@ class Qcow2LifecycleMixin:
         return drv
 
     def _is_dirty(self) -> bool:
-        from . import lifecycle as lc
+        from .header import QCOW2_INCOMPAT_DIRTY  # (lifecycle imports numpy: not needed here)
 
         h = getattr(self, "h", None)
-        return bool(h is not None and getattr(h, "incompatible_features", 0) & lc.INCOMPAT_DIRTY)
+        return bool(h is not None and getattr(h, "incompatible_features", 0) & QCOW2_INCOMPAT_DIRTY)
 
     def _lifecycle(self, fn):
         """Flush pending metadata, run ``fn(store)``, reload the metadata view."""

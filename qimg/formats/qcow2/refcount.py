@@ -12,9 +12,12 @@ that was freed is never reused while metadata may still point at it.
 
 from __future__ import annotations
 
+import sys
+from array import array
+
 from ...errors import CorruptImage, QimgError, check_limit
 from .header import MAX_REFTABLE_SIZE_BYTES
-from .tables import LazyNumpy
+from .tables import LazyNumpy, be_bytes, be_u64_array, table_bytes
 
 np = LazyNumpy(globals())
 
@@ -57,7 +60,12 @@ class Refcounts:
         check_limit("qcow2 refcount table size (bytes)", n * 8, MAX_REFTABLE_SIZE_BYTES)
         raw = store.pread(header.refcount_table_offset, n * 8)
         raw = raw + bytes(n * 8 - len(raw))
-        self.table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        # the usual 16-bit width: plain arrays (no numpy); other widths use numpy
+        self.plain = self.bits == 16
+        if self.plain:
+            self.table = be_u64_array(raw)
+        else:
+            self.table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         self.table_offset = header.refcount_table_offset
         self.blocks: dict[int, np.ndarray] = {}
         self.dirty: set[int] = set()
@@ -85,7 +93,13 @@ class Refcounts:
             raise CorruptImage(f"Refcount block {index} at offset {off:#x} lies outside the image file")
         raw = self.store.pread(off, self.cs)
         raw = raw + bytes(self.cs - len(raw))
-        blk = decode_block(raw, self.bits).copy()
+        if self.plain:
+            blk = array("H")
+            blk.frombytes(raw)
+            if sys.byteorder == "little":
+                blk.byteswap()
+        else:
+            blk = decode_block(raw, self.bits).copy()
         self.blocks[index] = blk
         return blk
 
@@ -108,6 +122,11 @@ class Refcounts:
             n = min(end - pos, self.block_entries - lo)
             self._ensure_table(idx)
             blk = self.block(idx, create=True)
+            if self.plain:
+                self._add_plain(blk, lo, n, delta)
+                self.dirty.add(idx)
+                pos += n
+                continue
             seg = blk[lo:lo + n].astype(np.int64) + delta
             if (seg < 0).any():
                 raise QimgError("qcow2: refcount would drop below zero (image is corrupt)")
@@ -118,9 +137,29 @@ class Refcounts:
             self.dirty.add(idx)
             pos += n
 
+    def _add_plain(self, blk: array, lo: int, n: int, delta: int) -> None:
+        seg = blk[lo:lo + n]
+        if delta < 0 and min(seg) + delta < 0:
+            raise QimgError("qcow2: refcount would drop below zero (image is corrupt)")
+        if delta > 0 and max(seg) + delta > self.max_ref:
+            raise QimgError(f"qcow2: refcount would exceed {self.max_ref} "
+                            f"(refcount_bits={self.bits}); use a wider refcount width")
+        if delta:
+            blk[lo:lo + n] = array("H", [v + delta for v in seg])
+
     def _past_last_used(self) -> None:
         """Move ``next_free`` past the last cluster with a refcount (it may lie beyond EOF)."""
         self._checked_end = True
+        if self.plain:
+            nz = [i for i, e in enumerate(self.table) if e & REFT_OFFSET_MASK]
+            for idx in nz[::-1][:4]:
+                blk = self.block(idx)
+                used = blk.tobytes().rstrip(b"\0") if blk is not None else b""
+                if used:
+                    end = ((idx << self.block_shift) + (len(used) - 1) // 2 + 1) * self.cs
+                    self.next_free = max(self.next_free, end)
+                    return
+            return
         nz = np.flatnonzero(self.table & np.uint64(REFT_OFFSET_MASK))
         for idx in nz[::-1][:4]:
             blk = self.block(int(idx))
@@ -142,7 +181,10 @@ class Refcounts:
     def _new_block(self, index: int) -> np.ndarray:
         if not self._checked_end:
             self._past_last_used()
-        blk = np.zeros(self.block_entries, dtype=np.uint64)
+        if self.plain:
+            blk = array("H", bytes(2 * self.block_entries))
+        else:
+            blk = np.zeros(self.block_entries, dtype=np.uint64)
         self.blocks[index] = blk
         off = self.next_free
         self.next_free += self.cs
@@ -164,7 +206,10 @@ class Refcounts:
         entries_per_cluster = self.cs // 8
         new_clusters = -(-(need + 8) * 3 // 2 // entries_per_cluster)
         check_limit("qcow2 refcount table size (bytes)", new_clusters * self.cs, MAX_REFTABLE_SIZE_BYTES)
-        new = np.zeros(new_clusters * entries_per_cluster, dtype=np.uint64)
+        if self.plain:
+            new = array("Q", bytes(8 * new_clusters * entries_per_cluster))
+        else:
+            new = np.zeros(new_clusters * entries_per_cluster, dtype=np.uint64)
         new[:len(self.table)] = self.table
         old = (self.table_offset, len(self.table) * 8 // self.cs)
         self.table = new
@@ -180,14 +225,15 @@ class Refcounts:
         """Write dirty refcount blocks."""
         for idx in sorted(self.dirty):
             off = int(self.table[idx]) & REFT_OFFSET_MASK
-            self.store.pwrite(off, encode_block(self.blocks[idx], self.bits))
+            blk = self.blocks[idx]
+            self.store.pwrite(off, be_bytes(blk) if isinstance(blk, array) else encode_block(blk, self.bits))
         self.dirty.clear()
 
     def flush_table(self) -> bool:
         """Write the table if it changed; True when its location/size changed (header update)."""
         if not self.table_dirty:
             return False
-        self.store.pwrite(self.table_offset, self.table.astype(">u8").tobytes())
+        self.store.pwrite(self.table_offset, table_bytes(self.table))
         self.table_dirty = False
         moved = (self.table_offset != self.h.refcount_table_offset
                  or len(self.table) * 8 // self.cs != self.h.refcount_table_clusters)
@@ -203,6 +249,13 @@ class Refcounts:
     def used_clusters(self) -> int:
         """Count of clusters with a non-zero refcount (reads every block)."""
         total = 0
+        if self.plain:
+            for idx, ent in enumerate(self.table):
+                if ent & REFT_OFFSET_MASK:
+                    blk = self.block(idx)
+                    if blk is not None:
+                        total += len(blk) - blk.count(0)
+            return total
         for idx in np.flatnonzero(self.table & np.uint64(REFT_OFFSET_MASK)):
             blk = self.block(int(idx))
             if blk is not None:

@@ -11,7 +11,10 @@ then costs one binary search per extent instead of a walk over entries.
 
 from __future__ import annotations
 
+import sys
 import threading
+from array import array
+from bisect import bisect_right
 from collections import OrderedDict
 
 from ...errors import CorruptImage
@@ -96,9 +99,90 @@ class DecodedL2:
         return int(self.kinds[index]), end
 
 
-def decode_l2(raw: np.ndarray, cluster_bits: int, extended: bool, has_data_file: bool) -> DecodedL2:
-    """Decode an L2 table (uint64 array, host byte order) into kinds per unit and hosts per cluster."""
+class DecodedL2Py:
+    """DecodedL2 for a standard (not extended) L2 table held as ``array('Q')``: the same interface,
+    built with plain Python once per table so that reading never needs numpy."""
+
+    __slots__ = ("chosts", "kinds", "nbytes", "raw", "shift", "starts", "unit")
+
+    def __init__(self, kinds, chosts, starts: list, unit: int, raw):
+        self.kinds = kinds
+        self.chosts = chosts
+        self.starts = starts
+        self.shift = 0
+        self.unit = unit
+        self.raw = raw
+        self.nbytes = len(kinds) + 8 * len(chosts) + 8 * len(raw) + 8 * len(starts)
+
+    def host(self, index: int) -> int:
+        c = self.chosts[index]
+        if not c:
+            return 0
+        return 0 if c < 0 else c
+
+    def run_at(self, index: int) -> tuple[int, int]:
+        starts = self.starts
+        pos = bisect_right(starts, index)
+        end = starts[pos] if pos < len(starts) else len(self.kinds)
+        return self.kinds[index], end
+
+
+def _decode_l2_py(raw: array, cs: int, has_data_file: bool) -> DecodedL2Py:
+    """Plain-Python decode_l2 for standard L2 entries (same kinds, hosts and run starts)."""
+    n = len(raw)
+    kinds = bytearray(n)
+    chosts = array("q", bytes(8 * n))
+    starts = []
+    prev_kind = -1
+    prev_host = 0  # value of the previous cluster's host (None-like 0 when it has none)
+    prev_hostful = False
+    mask = L2E_OFFSET_MASK
+    comp_flag = QCOW_OFLAG_COMPRESSED
+    copied_flag = QCOW_OFLAG_COPIED
+    for i in range(n):
+        e = raw[i]
+        if not e:
+            kind = UNALLOCATED
+            hostful = False
+            h = 0
+        else:
+            off = e & mask
+            compressed = e & comp_flag
+            has_off = bool(off) or (has_data_file and bool(e & copied_flag))
+            if compressed:
+                kind = COMPRESSED
+                hostful = False
+                h = 0
+            else:
+                zero = e & QCOW_OFLAG_ZERO
+                if has_off:
+                    kind = ZERO_ALLOC if zero else NORMAL
+                    hostful = True
+                    h = off
+                    chosts[i] = off if off else -1
+                else:
+                    kind = ZERO_PLAIN if zero else UNALLOCATED
+                    hostful = False
+                    h = 0
+        kinds[i] = kind
+        if (kind != prev_kind or hostful != prev_hostful or (hostful and h != prev_host + cs)
+                or kind == COMPRESSED):
+            starts.append(i)
+        prev_kind = kind
+        prev_hostful = hostful
+        prev_host = h
+    return DecodedL2Py(kinds, chosts, starts, cs, raw)
+
+
+def decode_l2(raw, cluster_bits: int, extended: bool, has_data_file: bool):
+    """Decode an L2 table (uint64 array, host byte order) into kinds per unit and hosts per cluster.
+
+    A standard table held as ``array('Q')`` is decoded in plain Python (no numpy)."""
     cs = 1 << cluster_bits
+    if isinstance(raw, array):
+        if not extended:
+            return _decode_l2_py(raw, cs, has_data_file)
+        raw = np.frombuffer(raw.tobytes(), dtype=np.uint64).copy()
     entries = raw[0::2] if extended else raw
     off = entries & np.uint64(L2E_OFFSET_MASK)
     compressed = (entries & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
@@ -213,6 +297,41 @@ def read_table(store, offset: int, entries: int, name: str, file_size: int) -> n
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
 
-def table_bytes(arr: np.ndarray) -> bytes:
-    """Serialise a u64 table big-endian."""
+def read_table_array(store, offset: int, entries: int, name: str, file_size: int) -> array:
+    """read_table as a plain ``array('Q')`` in host byte order (no numpy)."""
+    nbytes = entries * 8
+    if offset >= file_size and entries:
+        raise CorruptImage(f"{name} at offset {offset:#x} lies outside the image file (size {file_size})")
+    raw = store.pread(offset, nbytes)
+    if len(raw) < nbytes:
+        raw = raw + bytes(nbytes - len(raw))
+    return be_u64_array(raw)
+
+
+def be_u64_array(raw: bytes) -> array:
+    """Big-endian u64 bytes as a native ``array('Q')``."""
+    a = array("Q")
+    a.frombytes(raw)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a
+
+
+def be_bytes(a: array) -> bytes:
+    """A native ``array`` serialised big-endian."""
+    if sys.byteorder == "little":
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def table_bytes(arr) -> bytes:
+    """Serialise a u64 table (numpy array or ``array('Q')``) big-endian."""
+    if isinstance(arr, array):
+        return be_bytes(arr)
     return arr.astype(">u8").tobytes()
+
+
+def copy_table(arr):
+    """A copy of a u64 table (numpy array or ``array('Q')``)."""
+    return array(arr.typecode, arr) if isinstance(arr, array) else arr.copy()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 
 from ...errors import QimgError, Unsupported
 from . import compress as qcompress
@@ -28,6 +29,8 @@ from .tables import (
     QCOW_OFLAG_ZERO,
     SUBCLUSTERS_PER_CLUSTER,
     LazyNumpy,
+    copy_table,
+    table_bytes,
 )
 
 np = LazyNumpy(globals())
@@ -108,25 +111,25 @@ class Qcow2Writer:
         rc = self._refcounts()
         if off == 0:
             new = rc.alloc(1)
-            raw = np.zeros(n, dtype=np.uint64)
+            raw = np.zeros(n, dtype=np.uint64) if self.extended else array("Q", bytes(8 * n))
         elif not entry & QCOW_OFLAG_COPIED and rc.get(off // self.cs) != 1:
             # shared with a snapshot: copy the table (data refcounts already count both users)
-            raw = self._read_l2_raw(off).copy()
+            raw = copy_table(self._read_l2_raw(off))
             new = rc.alloc(1)
             self._deferred_frees.append((off // self.cs, 1))
             self.cache.drop(off)
         else:
             raw = self._l2_dirty.get(off)
             if raw is None:
-                raw = self._read_l2_raw(off).copy()
+                raw = copy_table(self._read_l2_raw(off))
                 self._l2_dirty[off] = raw
             if not entry & QCOW_OFLAG_COPIED:
-                self.l1[l1i] = np.uint64(off | QCOW_OFLAG_COPIED)
+                self.l1[l1i] = off | QCOW_OFLAG_COPIED
                 self._l1_dirty = True
             self.cache.drop(off)
             return off, raw
         self._l2_dirty[new] = raw
-        self.l1[l1i] = np.uint64(new | QCOW_OFLAG_COPIED)
+        self.l1[l1i] = new | QCOW_OFLAG_COPIED
         self._l1_dirty = True
         self._l1_nonzero = None
         return new, raw
@@ -215,23 +218,24 @@ class Qcow2Writer:
         i0 = c0 & (self.l2_entries - 1)
         i1 = i0 + (c1 - c0)
         if not self.extended:
-            ents = raw[i0:i1]
+            ents = raw[i0:i1]  # (a standard table is an array('Q'): plain Python below)
             edges_ok = self._aligned(off) and self._aligned(end)
             no_backing = self.backing is None
-            if not ents.any() and (edges_ok or (no_backing and not self.h.has_data_file and not self.encrypted)):
+            if not any(ents) and (edges_ok or (no_backing and not self.h.has_data_file and not self.encrypted)):
                 host = self._alloc_data(c0 << cb, c1 - c0)
                 self._dwrite(host + (off - (c0 << cb)), data, off)
-                hosts = np.uint64(host) + np.arange(c1 - c0, dtype=np.uint64) * np.uint64(cs)
-                raw[i0:i1] = hosts | np.uint64(QCOW_OFLAG_COPIED)
+                first = host | QCOW_OFLAG_COPIED
+                raw[i0:i1] = array("Q", range(first, first + (c1 - c0) * cs, cs))
                 self.cache.drop(l2off)
                 return
-            special = np.uint64(QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
-            if (ents & np.uint64(QCOW_OFLAG_COPIED)).all() and not (ents & special).any():
-                hosts = (ents & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
-                if len(hosts) == 1 or (np.diff(hosts) == cs).all():
-                    if int(hosts[0]) or self.h.has_data_file:
-                        self._dwrite(int(hosts[0]) + (off - (c0 << cb)), data, off)
-                        return
+            # every entry COPIED, neither compressed nor zero, host offsets contiguous: write in place
+            h0 = ents[0] & L2E_OFFSET_MASK
+            check = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK
+            want = QCOW_OFLAG_COPIED | h0
+            if all((e & check) == want + k * cs for k, e in enumerate(ents)):
+                if h0 or self.h.has_data_file:
+                    self._dwrite(h0 + (off - (c0 << cb)), data, off)
+                    return
         pos = 0
         for i in range(i0, i1):
             gc = (c0 + (i - i0)) << cb
@@ -267,7 +271,7 @@ class Qcow2Writer:
             self._dwrite(newhost, buf, gc)
         if e:
             self._free_entry(e)
-        raw[i] = np.uint64(newhost | QCOW_OFLAG_COPIED)
+        raw[i] = newhost | QCOW_OFLAG_COPIED
 
     def _write_subclusters(self, raw, i: int, gc: int, lo: int, hi: int, data) -> None:
         cs = self.cs
@@ -377,13 +381,14 @@ class Qcow2Writer:
             i0 = c0 & (self.l2_entries - 1)
             i1 = i0 + (c1 - c0)
             ents = raw[i0:i1]
-            keep = ((not may_unmap) & ((ents & np.uint64(QCOW_OFLAG_COPIED)) != 0)
-                    & ((ents & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0) & ((ents & np.uint64(L2E_OFFSET_MASK)) != 0))
-            for j in np.flatnonzero((ents != 0) & ~keep):
-                self._free_entry(int(ents[j]))
+            keep = [not may_unmap and bool(e & QCOW_OFLAG_COPIED) and not e & QCOW_OFLAG_COMPRESSED
+                    and bool(e & L2E_OFFSET_MASK) for e in ents]
+            for e, k in zip(ents, keep):
+                if e and not k:
+                    self._free_entry(e)
             if self.h.data_file_raw:
                 self._zero_data_file(start, end)
-            raw[i0:i1] = np.where(keep, ents | np.uint64(QCOW_OFLAG_ZERO), np.uint64(QCOW_OFLAG_ZERO))
+            raw[i0:i1] = array("Q", [(e | QCOW_OFLAG_ZERO) if k else QCOW_OFLAG_ZERO for e, k in zip(ents, keep)])
             return
         sc = cs // SUBCLUSTERS_PER_CLUSTER
         pos = start
@@ -593,7 +598,7 @@ class Qcow2Writer:
             raw[2 * i + 1] = np.uint64(0)
         else:
             old = int(raw[i])
-            raw[i] = np.uint64(entry)
+            raw[i] = entry
         if old and (old & ~1):
             self._free_entry(old)
         self.cache.drop(l2off)
@@ -641,13 +646,13 @@ class Qcow2Writer:
             if sync:
                 store.flush()
             for off in sorted(self._l2_dirty):
-                store.pwrite(off, self._l2_dirty[off].astype(">u8").tobytes())
+                store.pwrite(off, table_bytes(self._l2_dirty[off]))
                 self.cache.drop(off)
             self._l2_dirty.clear()
         if self._l1_dirty and len(self.l1):
             if sync:
                 store.flush()
-            store.pwrite(self.h.l1_table_offset, self.l1.astype(">u8").tobytes())
+            store.pwrite(self.h.l1_table_offset, table_bytes(self.l1))
             self._l1_dirty = False
         if self._header_dirty:
             if sync:
@@ -711,11 +716,12 @@ def _prealloc_method(self, mode: str) -> None:
         l2off, raw = self._l2_for_write(l1i)
         n = -(-(end - start) // cs)
         host = self._alloc_data(start, n)
-        hosts = (np.uint64(host) + np.arange(n, dtype=np.uint64) * np.uint64(cs)) | np.uint64(QCOW_OFLAG_COPIED)
         if self.extended:
+            hosts = (np.uint64(host) + np.arange(n, dtype=np.uint64) * np.uint64(cs)) | np.uint64(QCOW_OFLAG_COPIED)
             raw[0:2 * n:2] = hosts
         else:
-            raw[0:n] = hosts
+            first = host | QCOW_OFLAG_COPIED
+            raw[0:n] = array("Q", range(first, first + n * cs, cs))
         self.cache.drop(l2off)
         st = self.data_store
         length = end - start if self.h.has_data_file else n * cs
