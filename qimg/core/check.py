@@ -32,3 +32,15 @@ class CheckResult:
 
     def __getitem__(self, key):
         return getattr(self, key.replace("-", "_"))
+
+
+def check_then_recheck(run_check, repair: str | None) -> CheckResult:
+    """Run ``run_check(repair)``; after a repair run it again without repairing, as qemu-img reports
+    the second pass, carrying the fixed counts and the first pass's messages over."""
+    res = run_check(repair)
+    if repair and (res.corruptions_fixed or res.leaks_fixed):
+        again = run_check(None)
+        again.corruptions_fixed, again.leaks_fixed = res.corruptions_fixed, res.leaks_fixed
+        again.messages = res.messages + again.messages
+        return again
+    return res

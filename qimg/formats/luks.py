@@ -124,34 +124,30 @@ class LuksDriver(Driver):
         raw = self.store.pread_full(self.payload + first * SECTOR_SIZE, count * SECTOR_SIZE)
         return self._cipher.decrypt(first, raw)
 
-
-    def readinto(self, offset: int, buf) -> None:
-        self._unlock()
-        view = memoryview(buf).cast("B")
-        total = len(view)
+    @staticmethod
+    def _sector_spans(offset: int, total: int):
+        """Cut a byte range into cipher batches: (pos, first sector, skip into it, bytes, sector count)."""
         pos = 0
         while pos < total:
             off = offset + pos
             first = off // SECTOR_SIZE
             skip = off - first * SECTOR_SIZE
             n = min(total - pos, IO_CHUNK - skip)
-            count = -(-(skip + n) // SECTOR_SIZE)
+            yield pos, first, skip, n, -(-(skip + n) // SECTOR_SIZE)
+            pos += n
+
+    def readinto(self, offset: int, buf) -> None:
+        self._unlock()
+        view = memoryview(buf).cast("B")
+        for pos, first, skip, n, count in self._sector_spans(offset, len(view)):
             plain = self._read_sectors(first, count)
             view[pos:pos + n] = plain[skip:skip + n]
-            pos += n
 
     # ----- write side -----
     def pwrite(self, offset: int, data) -> None:
         self._unlock()
         mv = memoryview(data).cast("B")
-        total = len(mv)
-        pos = 0
-        while pos < total:
-            off = offset + pos
-            first = off // SECTOR_SIZE
-            skip = off - first * SECTOR_SIZE
-            n = min(total - pos, IO_CHUNK - skip)
-            count = -(-(skip + n) // SECTOR_SIZE)
+        for pos, first, skip, n, count in self._sector_spans(offset, len(mv)):
             if skip or n % SECTOR_SIZE:
                 # partial sectors: decrypt what is there, patch, re-encrypt
                 plain = bytearray(self._read_sectors(first, count))
@@ -159,7 +155,6 @@ class LuksDriver(Driver):
             else:
                 plain = mv[pos:pos + n]
             self.store.pwrite(self.payload + first * SECTOR_SIZE, self._cipher.encrypt(first, plain))
-            pos += n
 
     def truncate(self, size: int, shrink: bool = False, prealloc: str = "off") -> None:
         if size < self.virtual_size and not shrink:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..core.check import CheckResult
+from ..core.check import CheckResult, check_then_recheck
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
@@ -261,13 +261,7 @@ class ParallelsDriver(Driver):
     # ----- check -----
     def check(self, repair: str | None = None) -> CheckResult:
         """Check, and after a repair check again (qemu-img reports the second pass with the fixed counts)."""
-        res = self._check(repair)
-        if repair and (res.corruptions_fixed or res.leaks_fixed):
-            again = self._check(None)
-            again.corruptions_fixed, again.leaks_fixed = res.corruptions_fixed, res.leaks_fixed
-            again.messages = res.messages + again.messages
-            return again
-        return res
+        return check_then_recheck(self._check, repair)
 
     def _check(self, repair: str | None) -> CheckResult:
         if self.bundle is not None:

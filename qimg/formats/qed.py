@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 
-from ..core.check import CheckResult
+from ..core.check import CheckResult, check_then_recheck
 from ..core.driver import BackingRef, CreateOptions, Driver
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
@@ -414,13 +414,7 @@ class QedDriver(Driver):
     # ----- check -----
     def check(self, repair: str | None = None) -> CheckResult:
         """Check, and after a repair check again (qemu-img reports the second pass with the fixed counts)."""
-        res = self._check(repair)
-        if repair and (res.corruptions_fixed or res.leaks_fixed):
-            again = self._check(None)
-            again.corruptions_fixed, again.leaks_fixed = res.corruptions_fixed, res.leaks_fixed
-            again.messages = res.messages + again.messages
-            return again
-        return res
+        return check_then_recheck(self._check, repair)
 
     def _check(self, repair: str | None) -> CheckResult:
         """Table entries in range and aligned, clusters used once; leaks are unreferenced clusters."""
