@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import qemu, run_qimg, run_qimg_subprocess, sha256_file, write_pattern
+from .conftest import guest_sha256, qemu, run_qimg, run_qimg_subprocess, sha256_file, write_pattern
 
 MiB = 1 << 20
 
@@ -209,26 +209,30 @@ def test_reading_never_writes_the_source(oracle, src, tmp_path):
     assert (os.stat(src).st_mtime_ns, os.stat(src).st_size, sha256_file(src)) == before
 
 
-def test_engine_copy_file_range_and_fallback_agree(src, tmp_path, monkeypatch):
-    """The raw->raw offload path and the plain write path produce the same file."""
-    from qimg.engine import copy as engine
-
-    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+def test_copy_offload_matches_qemu_img(src, tmp_path, oracle):
+    """-C: the same guest bytes, and (as qemu-img -C) zeros inside data are copied, not skipped."""
+    a, b, ref = tmp_path / "a.raw", tmp_path / "b.raw", tmp_path / "ref.raw"
     assert run_qimg("convert", "-f", "raw", "-O", "raw", src, a).rc == 0
-    real = engine.CopyOptions
-    monkeypatch.setattr(engine, "CopyOptions", lambda *x, **k: real(*x, **{**k, "offload": False}))
-    import qimg.ops.convert as ops
-
-    monkeypatch.setattr(ops, "CopyOptions", engine.CopyOptions)
-    assert run_qimg("convert", "-f", "raw", "-O", "raw", src, b).rc == 0
+    assert run_qimg("convert", "-C", "-f", "raw", "-O", "raw", src, b).rc == 0
+    qemu("convert", "-C", "-f", "raw", "-O", "raw", src, ref)
     assert sha256_file(a) == sha256_file(b) == sha256_file(src)
-    assert qemu_map(a) == qemu_map(b) if qemu_available() else True
+    assert qemu_map(b) == qemu_map(ref)
+    c = tmp_path / "c.qcow2"
+    assert run_qimg("convert", "-C", "-f", "raw", "-O", "qcow2", src, c).rc == 0
+    assert qemu("check", c, check=False).rc == 0
+    assert guest_sha256(c) == sha256_file(src)
 
 
-def qemu_available():
-    import shutil
-
-    return shutil.which("qemu-img") is not None
+@pytest.mark.parametrize("args, message", [
+    (["-c"], "Cannot enable copy offloading when -c is used"),
+    (["-S", "4k"], "Cannot enable copy offloading when -S is used"),
+    (["-S", "0"], "Cannot enable copy offloading when -S is used"),
+    (["--salvage"], "Cannot use copy offloading in salvaging mode"),
+])
+def test_copy_offload_refuses_what_qemu_img_refuses(tmp_path, args, message):
+    r = run_qimg("convert", "-C", *args, "a", "b")
+    assert r.rc == 1
+    assert r.err.strip() == f"qimg: {message}"
 
 
 def test_fixture_samples_match_their_manifest(tmp_path):

@@ -189,7 +189,9 @@ def test_progress_counts_every_byte():
     assert p.done == len(data)
 
 
-def test_raw_files_use_copy_file_range(tmp_path, monkeypatch):
+def test_offload_uses_copy_file_range_and_skips_the_scan(tmp_path, monkeypatch):
+    """-C copies data extents in the kernel, without a zero scan (as qemu-img -C); without it
+    the data is written from the scanned buffer and zeros inside data stay holes."""
     from qimg.core.chain import Chain
     from qimg.core.registry import open_image
 
@@ -204,21 +206,31 @@ def test_raw_files_use_copy_file_range(tmp_path, monkeypatch):
     calls = []
     real = os.copy_file_range
     monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a) or real(*a))
-    out = tmp_path / "o.raw"
-    with open(out, "wb") as f:
-        f.truncate(size + 1000)
-    with Chain.open(str(src_path), "raw") as ch:
-        dst = open_image(str(out), "raw", writable=True)
+    for offload in (True, False):
+        calls.clear()
+        out = tmp_path / f"o{offload}.raw"
+        with open(out, "wb") as f:
+            f.truncate(size + 1000)
+        with Chain.open(str(src_path), "raw") as ch:
+            dst = open_image(str(out), "raw", writable=True)
+            try:
+                copy_range(ChainSource(ch), dst, 0, ch.virtual_size,
+                           CopyOptions(target_is_zero=True, offload=offload), dst_offset=1000)
+            finally:
+                dst.close()
+        got = out.read_bytes()
+        assert got[1000:1000 + size] == src_path.read_bytes()
+        assert not any(got[:1000])
+        zero_mib = (4 << 20) + 1000 + 8192  # a block inside the written zero MiB, in the target
+        fd = os.open(out, os.O_RDONLY)
         try:
-            copy_range(ChainSource(ch), dst, 0, ch.virtual_size, CopyOptions(target_is_zero=True), dst_offset=1000)
+            in_data = os.lseek(fd, zero_mib, os.SEEK_DATA) == zero_mib
         finally:
-            dst.close()
-    assert calls
-    got = out.read_bytes()
-    assert got[1000:1000 + size] == src_path.read_bytes()
-    assert not any(got[:1000])
-    # the zero MiB after the data stayed a hole in the target (not copied)
-    assert all(not (c[3] <= (4 << 20) + 10 < c[3] + c[2]) for c in calls)
+            os.close(fd)
+        if offload:
+            assert calls and in_data  # copied as it is, zeros included
+        else:
+            assert not calls and not in_data
 
 
 def _raw_target(tmp_path, size):

@@ -48,6 +48,12 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
     if "help" in opts or "?" in opts:
         c.echo(options_help(out_fmt))
         return
+    if copy_offload and compress:
+        raise QimgError("Cannot enable copy offloading when -c is used")
+    if copy_offload and sparse is not None:
+        raise QimgError("Cannot enable copy offloading when -S is used")
+    if copy_offload and salvage:
+        raise QimgError("Cannot use copy offloading in salvaging mode")
     if len(filenames) < 2:
         raise QimgError("Must specify image file name")
     min_sparse = 4096
@@ -93,7 +99,7 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
         sources=sources, target=target, out_fmt=out_fmt, options=opts, compress=compress, backing=backing,
         backing_fmt=backing_fmt, min_sparse=min_sparse, no_create=no_create, target_is_zero=target_is_zero,
         workers=workers, out_of_order=out_of_order, snapshot=snapshot, target_options=target_options,
-        salvage=salvage)
+        salvage=salvage, copy_offload=copy_offload)
     prog = Progress(0, enabled=progress and not quiet)
     convert(req, progress=prog)
 

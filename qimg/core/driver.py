@@ -171,6 +171,18 @@ class Driver:
     def write_compressed(self, offset: int, data) -> None:
         raise Unsupported("Compression not supported for this file format")
 
+    #: whether the copy engine's worker threads may write this image themselves, in any order:
+    #: "" no (writes go through ``pwrite`` in guest order from one thread); "free" yes, with no
+    #: metadata to protect (raw); "locked" yes, with ``direct_map`` and every other call made under
+    #: the engine's lock (a freshly created image whose metadata only matters once it is complete)
+    direct_writes = ""
+
+    def direct_map(self, offset: int, length: int):
+        """Where guest bytes [offset, offset + length) are to be written: [(store, host offset, n), ...]
+        in guest order, with space (and metadata) reserved for them; None when the range must go
+        through ``pwrite`` (for instance because it updates data already there)."""
+        return None
+
     def discard(self, offset: int, length: int) -> None:
         pass
 

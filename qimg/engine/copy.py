@@ -1,20 +1,26 @@
-"""The copy engine: extents in, ordered writes out.
+"""The copy engine: extents in, writes out.
 
 Zero extents cost no I/O.  Data extents are cut into aligned chunks that worker threads
-read into page-aligned buffers and scan for zeros (os.preadv and the scans release the GIL
-or are short); the calling thread writes the non-zero runs in guest order, so drivers that
-allocate metadata see one writer.  convert, commit, rebase and dd all go through
+read into page-aligned buffers and scan for zeros at qemu-img's ``-S`` granularity (os.preadv
+and the scans release the GIL or are short).  convert, commit, rebase and dd all go through
 ``copy_range``.
 
-A raw file target has no metadata to keep in order, so there the workers write their chunks
-themselves (one hand-off per chunk instead of two).  From a raw file source, the non-zero
-runs then go through ``os.copy_file_range`` (one in-kernel copy, no trip through the
-buffer); any copy_file_range error turns that path off and the buffer is written instead.
+Where the target allows it (``Driver.direct_writes``: a raw file, or an image convert has just
+created), the workers also write the data runs themselves, in whatever order they finish:
+``direct_map`` reserves the target's space under a lock and the data goes straight to the host
+file.  Other targets get their writes in guest order from the calling thread, so drivers that
+allocate metadata see one writer.
+
+The data is written from the buffer it was read and scanned in: on a filesystem without
+reflinks, ``os.copy_file_range`` is a page-by-page splice that costs more than that one write.
+With ``-C`` (as qemu-img) no zero scan is made and data moves with copy_file_range between
+plain host files; a refusal from the kernel turns that off and the data is read and written.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import mmap
 import os
@@ -37,7 +43,7 @@ class CopyOptions:
     skip_unallocated: bool = False  # -B / commit: ranges not present in the top are left alone
     chunk: int = CHUNK
     unmap_zeroes: bool = True       # zero ranges may be deallocated on the target
-    offload: bool = True            # allow os.copy_file_range between plain raw files
+    offload: bool = False           # -C: data copied as it is (no zero scan), copy_file_range between plain files
 
 
 class Source:
@@ -222,15 +228,22 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
         chunk = max(cluster_size, chunk // cluster_size * cluster_size)
     workers = max(1, opts.workers)
     prepare = getattr(dst, "prepare_compressed", None) if opts.compress else None
+    # -C: data is copied as it is (no zero scan), in the kernel where both ends are plain files
+    scan = gran != 0 and not opts.offload
 
-    # a raw file target keeps no metadata: the workers may write it themselves, in any order;
-    # from a raw file source, copy_file_range moves the data runs
-    tgt = None if opts.compress else _raw_file(dst, start + dst_offset, end + dst_offset)
-    offload = [tgt[0], tgt[1] - start] if tgt is not None and opts.offload else None  # fd, host - guest
-    direct = tgt is not None and workers > 1
+    def zero_range(off, n):
+        if not opts.target_is_zero:
+            dst.write_zeroes(off + dst_offset, n, opts.unmap_zeroes)
+
+    mode = "" if opts.compress else getattr(dst, "direct_writes", "")
+    if mode:
+        _run_direct(src, dst, start, end, opts, progress, chunk, workers, dst_offset, scan,
+                    locked=mode == "locked")
+        return
+
     depth = workers * 2 + 1
-    pool = _BufferPool(chunk, 0 if direct else depth + 1)
-    runner = _Workers(workers) if workers > 1 and not direct else None
+    pool = _BufferPool(chunk, depth + 1)
+    runner = _Workers(workers) if workers > 1 else None
     pending: collections.deque = collections.deque()
 
     def work(off, n, buf):
@@ -241,11 +254,7 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
                 return off, n, buf, [], None
             prep = prepare(off + dst_offset, view) if prepare is not None else None
             return off, n, buf, [(0, n)], prep
-        runs = [(0, n)] if gran == 0 else nonzero_runs(view, off, gran)
-        if direct:
-            # raw target: no metadata, so the workers write too (no hand-off per chunk)
-            write_runs(off, n, buf, runs, None)
-            return off, n, buf, None, None
+        runs = nonzero_runs(view, off, gran) if scan else [(0, n)]
         return off, n, buf, runs, None
 
     def drain(limit):
@@ -253,8 +262,7 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
             item = pending.popleft()
             off, n, buf, runs, prep = runner.result(item) if runner is not None else item
             try:
-                if runs is not None:
-                    write_runs(off, n, buf, runs, prep)
+                write_runs(off, n, buf, runs, prep)
             finally:
                 pool.put(buf)
             if progress is not None:
@@ -263,55 +271,18 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
     def write_runs(off, n, buf, runs, prep):
         view = memoryview(buf)
         pos = 0
-        plain = None
-        if offload is not None and runs:
-            plain = src.plain_file(off, off + n)
         for s, e in runs:
             if s > pos:
                 zero_range(off + pos, s - pos)
-            if opts.compress:
-                if prep is not None:
-                    dst.write_prepared(off + dst_offset, prep)
-                else:
-                    dst.write_compressed(off + dst_offset, view[s:e])
-            elif plain is not None and _offload(plain[0], plain[1] + s, off + s, view[s:e]):
-                pass
-            else:
+            if not opts.compress:
                 dst.pwrite(off + s + dst_offset, view[s:e])
+            elif prep is not None:
+                dst.write_prepared(off + dst_offset, prep)
+            else:
+                dst.write_compressed(off + dst_offset, view[s:e])
             pos = e
         if pos < n:
             zero_range(off + pos, n - pos)
-
-    def _offload(src_fd, src_host, guest, data):
-        """copy_file_range a run; False (and the path turned off) when the kernel or filesystem refuses."""
-        nonlocal offload
-        if offload is None:
-            return False
-        dst_fd, delta = offload
-        dst_host = guest + delta
-        n = len(data)
-        done = 0
-        try:
-            while done < n:
-                k = os.copy_file_range(src_fd, dst_fd, n - done, src_host + done, dst_host + done)
-                if k <= 0:
-                    break  # end of the source file: the rest is the buffer's zero padding
-                done += k
-        except OSError as e:
-            if e.errno not in _OFFLOAD_ERRNOS:
-                raise
-            offload = None
-        if done < n:
-            dst.pwrite(guest + done + dst_offset, data[done:])
-        return True
-
-    def zero_range(off, n):
-        if not opts.target_is_zero:
-            dst.write_zeroes(off + dst_offset, n, opts.unmap_zeroes)
-
-    if direct:
-        _run_direct(src, start, end, opts, progress, chunk, workers, work, zero_range)
-        return
 
     try:
         for ext in src.extents(start, end):
@@ -343,14 +314,25 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
         pool.close()
 
 
-def _run_direct(src, start, end, opts, progress, chunk, workers, work, zero_range):
-    """Workers that take the next chunk themselves, read, scan and write it: no thread hand-off
-    per chunk, so a busy machine (where every wake-up waits for a time slice) costs little.
+def _run_direct(src, dst, start, end, opts, progress, chunk, workers, dst_offset, scan, locked):
+    """Workers that take the next chunk themselves, read, scan and write it, in any order: no
+    thread hand-off per chunk, so a busy machine (where every wake-up waits for a time slice)
+    costs little.  ``dst.direct_map`` says where each data run goes; with ``locked`` that and every
+    other call on ``dst`` is made under one lock, and only the data writes run concurrently.
 
-    The extent walk is shared under a lock; the calling thread only reports progress.
+    The extent walk is shared under a lock too; the calling thread only reports progress.
     """
+    from .zeroscan import nonzero_runs
+
     lock = threading.Lock()
-    state = {"error": None, "stop": False, "done": 0}
+    guard = threading.Lock() if locked else contextlib.nullcontext()
+    state = {"error": None, "stop": False, "done": 0, "offload": opts.offload}
+    gran = opts.min_sparse
+
+    def zero_range(off, n):
+        if not opts.target_is_zero:
+            with guard:
+                dst.write_zeroes(off + dst_offset, n, opts.unmap_zeroes)
 
     def jobs():
         for ext in src.extents(start, end):
@@ -360,11 +342,64 @@ def _run_direct(src, start, end, opts, progress, chunk, workers, work, zero_rang
             if opts.skip_unallocated and not ext.present:
                 state["done"] += ext.length
                 continue
-            if ext.zero and opts.min_sparse != 0:
+            if ext.zero and gran != 0:
                 zero_range(ext.start, ext.length)
                 state["done"] += ext.length
                 continue
             yield from _chunks(ext, chunk)
+
+    def put(guest, data):
+        """Write one data run where the target maps it."""
+        with guard:
+            pieces = dst.direct_map(guest + dst_offset, len(data))
+            if pieces is None:
+                dst.pwrite(guest + dst_offset, data)
+                return
+        pos = 0
+        for store, host, k in pieces:
+            store.pwrite(host, data[pos:pos + k])
+            pos += k
+
+    def offload(off, n, view):
+        """-C: copy_file_range the chunk from a plain source file to where the target maps it
+        (what the kernel refuses is read and written); None when either end is not a plain file."""
+        plain = src.plain_file(off, off + n)
+        if plain is None:
+            return None
+        with guard:
+            pieces = dst.direct_map(off + dst_offset, n)
+        if pieces is None:
+            return None
+        src_fd, src_host = plain
+        pos = 0
+        for store, host, k in pieces:
+            fd = getattr(store, "fd", None) if state["offload"] else None
+            done = _copy_file_range(src_fd, src_host + pos, fd, host, k) if fd is not None else 0
+            if done is None:
+                state["offload"] = False  # the kernel or filesystem refuses: plain writes from now on
+                done = 0
+            if done < k:
+                # the rest of this piece (the source file's end, or a refused copy): read and write
+                part = view[pos + done:pos + k]
+                src.readinto(off + pos + done, part)
+                store.pwrite(host + done, part)
+            pos += k
+        return True
+
+    def work(off, n, buf):
+        view = memoryview(buf)[:n]
+        if state["offload"] and offload(off, n, view) is not None:
+            return
+        src.readinto(off, view)
+        runs = nonzero_runs(view, off, gran) if scan else [(0, n)]
+        pos = 0
+        for s, e in runs:
+            if s > pos:
+                zero_range(off + pos, s - pos)
+            put(off + s, view[s:e])
+            pos = e
+        if pos < n:
+            zero_range(off + pos, n - pos)
 
     it = jobs()
 
@@ -421,6 +456,22 @@ def _run_direct(src, start, end, opts, progress, chunk, workers, work, zero_rang
         raise state["error"]
     if progress is not None and state["done"] > reported:
         progress.update(state["done"] - reported)
+
+
+def _copy_file_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> int | None:
+    """Bytes copied in the kernel (fewer at the source's end); None when copy_file_range is refused."""
+    done = 0
+    try:
+        while done < n:
+            k = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
+            if k <= 0:
+                break  # end of the source file
+            done += k
+    except OSError as e:
+        if e.errno not in _OFFLOAD_ERRNOS:
+            raise
+        return None if done == 0 else done
+    return done
 
 
 _OFFLOAD_ERRNOS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY,

@@ -110,6 +110,15 @@ class RawDriver(Driver):
     def pwrite(self, offset: int, data) -> None:
         self.store.pwrite(offset + self.offset, data)
 
+    @property
+    def direct_writes(self) -> str:
+        # a host file or device keeps no metadata: the copy engine's workers may write it concurrently
+        fd = getattr(self.store, "fd", -1)
+        return "free" if self.writable and fd is not None and fd >= 0 else ""
+
+    def direct_map(self, offset: int, length: int):
+        return ((self.store, offset + self.offset, length),)
+
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         host = offset + self.offset
         size = self.store.size()

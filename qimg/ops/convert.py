@@ -32,6 +32,7 @@ class ConvertRequest:
     snapshot: dict | None = None
     target_options: dict = field(default_factory=dict)
     salvage: bool = False
+    copy_offload: bool = False  # -C
 
 
 def convert(req: ConvertRequest, progress=None, warn=None) -> None:
@@ -99,6 +100,7 @@ def _copy_opts(req: ConvertRequest, target_is_zero: bool) -> CopyOptions:
         workers=max(1, min(req.workers, os.cpu_count() or 2, 4)),
         compress=req.compress,
         skip_unallocated=bool(req.backing),
+        offload=req.copy_offload,
     )
 
 

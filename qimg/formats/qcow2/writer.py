@@ -213,29 +213,17 @@ class Qcow2Writer:
         cs, cb = self.cs, self.cluster_bits
         end = off + len(data)
         l2off, raw = self._l2_for_write(l1i)
+        plan = self._segment_plan(raw, off, end)
+        if plan is not None:
+            host, claim = plan
+            self._dwrite(host, data, off)  # data first: the entries point at it afterwards
+            if claim is not None:
+                self._claim(raw, l2off, *claim)
+            return
         c0 = off >> cb
         c1 = ((end - 1) >> cb) + 1
         i0 = c0 & (self.l2_entries - 1)
         i1 = i0 + (c1 - c0)
-        if not self.extended:
-            ents = raw[i0:i1]  # (a standard table is an array('Q'): plain Python below)
-            edges_ok = self._aligned(off) and self._aligned(end)
-            no_backing = self.backing is None
-            if not any(ents) and (edges_ok or (no_backing and not self.h.has_data_file and not self.encrypted)):
-                host = self._alloc_data(c0 << cb, c1 - c0)
-                self._dwrite(host + (off - (c0 << cb)), data, off)
-                first = host | QCOW_OFLAG_COPIED
-                raw[i0:i1] = array("Q", range(first, first + (c1 - c0) * cs, cs))
-                self.cache.drop(l2off)
-                return
-            # every entry COPIED, neither compressed nor zero, host offsets contiguous: write in place
-            h0 = ents[0] & L2E_OFFSET_MASK
-            check = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK
-            want = QCOW_OFLAG_COPIED | h0
-            if all((e & check) == want + k * cs for k, e in enumerate(ents)):
-                if h0 or self.h.has_data_file:
-                    self._dwrite(h0 + (off - (c0 << cb)), data, off)
-                    return
         pos = 0
         for i in range(i0, i1):
             gc = (c0 + (i - i0)) << cb
@@ -244,6 +232,72 @@ class Qcow2Writer:
             self._write_cluster(raw, i, gc, lo, hi, data[pos:pos + hi - lo])
             pos += hi - lo
         self.cache.drop(l2off)
+
+    def _segment_plan(self, raw, off: int, end: int):
+        """How guest bytes [off, end) inside one L2 table can be written with a single write:
+        (host offset of ``off``, claim) or None.  ``claim`` is None when the clusters are already
+        allocated here, contiguously, and writable in place; otherwise fresh clusters were allocated
+        and ``_claim(raw, l2off, *claim)`` enters them once the data is written."""
+        if self.extended:
+            return None
+        cs, cb = self.cs, self.cluster_bits
+        c0 = off >> cb
+        c1 = ((end - 1) >> cb) + 1
+        i0 = c0 & (self.l2_entries - 1)
+        i1 = i0 + (c1 - c0)
+        ents = raw[i0:i1]  # (a standard table is an array('Q'): plain Python below)
+        if not any(ents):
+            edges_ok = self._aligned(off) and self._aligned(end)
+            if edges_ok or (self.backing is None and not self.h.has_data_file and not self.encrypted):
+                host = self._alloc_data(c0 << cb, c1 - c0)
+                return host + (off - (c0 << cb)), (i0, i1, host)
+            return None
+        # every entry COPIED, neither compressed nor zero, host offsets contiguous: write in place
+        h0 = ents[0] & L2E_OFFSET_MASK
+        check = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK
+        want = QCOW_OFLAG_COPIED | h0
+        if (h0 or self.h.has_data_file) and all((e & check) == want + k * cs for k, e in enumerate(ents)):
+            return h0 + (off - (c0 << cb)), None
+        return None
+
+    def _claim(self, raw, l2off: int, i0: int, i1: int, host: int) -> None:
+        """Enter freshly allocated contiguous clusters at L2 indexes [i0, i1)."""
+        first = host | QCOW_OFLAG_COPIED
+        raw[i0:i1] = array("Q", range(first, first + (i1 - i0) * self.cs, self.cs))
+        self.cache.drop(l2off)
+
+    # ------------------------------------------------------------------ workers writing directly
+    @property
+    def direct_writes(self) -> str:
+        """A freshly created plain image (convert's target) may be written by the copy engine's
+        workers: its metadata only matters once the copy is complete."""
+        fd = getattr(self.data_store, "fd", -1)
+        ok = (self.writable and not self._sync_meta and not self.encrypted and not self.extended
+              and not self.h.has_data_file and self.snapshot_view is None and self._pending is None
+              and fd is not None and fd >= 0)
+        return "locked" if ok else ""
+
+    def direct_map(self, offset: int, length: int):
+        if length <= 0 or offset + length > self.virtual_size:
+            return None
+        out = []
+        span = 1 << self.l2_span_bits
+        pos = 0
+        while pos < length:
+            off = offset + pos
+            l1i = off >> self.l2_span_bits
+            n = min(length - pos, (l1i + 1) * span - off)
+            l2off, raw = self._l2_for_write(l1i)
+            plan = self._segment_plan(raw, off, off + n)
+            if plan is None:
+                return None  # pwrite takes it (segments claimed so far are then written in place)
+            host, claim = plan
+            if claim is not None:
+                self._claim(raw, l2off, *claim)
+            out.append((self.data_store, host, n))
+            pos += n
+        self._maybe_flush()
+        return out
 
     def _write_cluster(self, raw, i: int, gc: int, lo: int, hi: int, data) -> None:
         """Write bytes [lo, hi) of the guest cluster at ``gc`` (L2 index ``i``)."""
