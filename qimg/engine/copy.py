@@ -291,12 +291,13 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
                 continue
             if opts.skip_unallocated and not ext.present:
                 if progress is not None:
-                    drain(0)
                     progress.update(ext.length)
                 continue
             if ext.zero and gran != 0:
-                drain(0)
-                zero_range(ext.start, ext.length)
+                if not opts.target_is_zero:
+                    # writes stay in guest order (a compressed target merges partial clusters)
+                    drain(0)
+                    zero_range(ext.start, ext.length)
                 if progress is not None:
                     progress.update(ext.length)
                 continue
