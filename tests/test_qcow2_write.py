@@ -180,6 +180,40 @@ def test_convert_to_qcow2(sources, tmp_path, monkeypatch, opts, src):
         assert res.get("compressed-clusters", 0) > 0
 
 
+@pytest.mark.parametrize("cluster", ["512", "64k", "2M"])
+@pytest.mark.parametrize("workers", ["1", "2", "4"])
+def test_convert_workers_write_new_qcow2_directly(sources, tmp_path, monkeypatch, cluster, workers):
+    """convert's workers map and write a new qcow2 themselves, in any order; the result is a clean
+    image with the source's content, whatever the cluster size and worker count."""
+    from qimg.formats.qcow2 import writer
+
+    mapped = []
+    real = writer.Qcow2Writer.direct_map
+    monkeypatch.setattr(writer.Qcow2Writer, "direct_map", lambda self, o, n: mapped.append(n) or real(self, o, n))
+    out = tmp_path / "o.qcow2"
+    r = run_qimg("convert", "-m", workers, "-O", "qcow2", "-o", f"cluster_size={cluster}", sources["raw"], out)
+    assert r.rc == 0, r.err
+    assert mapped
+    qemu("check", "-q", out)
+    assert qemu("compare", "-q", sources["raw"], out, check=False).rc == 0
+    # written zeros inside the data stay unallocated, as in qemu-img's output
+    m = json.loads(qemu("map", "--output=json", out).out)
+    assert not any(e["data"] and e["start"] <= 11 * MiB + 4096 < e["start"] + e["length"] for e in m)
+
+
+def test_convert_into_existing_qcow2_keeps_ordered_writes(sources, tmp_path, monkeypatch):
+    """An image convert did not create (-n) is edited in place: no worker writes into it."""
+    from qimg.formats.qcow2 import writer
+
+    monkeypatch.setattr(writer.Qcow2Writer, "direct_map", lambda *a: pytest.fail("direct write into -n target"))
+    out = tmp_path / "o.qcow2"
+    qemu("create", "-q", "-f", "qcow2", out, str(12 * MiB + 4096))
+    r = run_qimg("convert", "-n", "-O", "qcow2", sources["raw"], out)
+    assert r.rc == 0, r.err
+    qemu("check", "-q", out)
+    assert qemu("compare", "-q", sources["raw"], out, check=False).rc == 0
+
+
 def test_compressed_keeps_incompressible_plain(sources, tmp_path):
     out = tmp_path / "c.qcow2"
     assert run_qimg("convert", "-c", "-O", "qcow2", sources["raw"], out).rc == 0
