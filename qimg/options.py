@@ -6,6 +6,11 @@ from dataclasses import dataclass
 
 from .errors import QimgError, UsageError
 
+#: open option: only metadata will be read (qemu's BDRV_O_NO_IO).  qemu-img info, and create
+#: sizing up a backing file, open encrypted images so without their keys; every other open of an
+#: encrypted image unlocks it at once, so a missing or wrong key fails there, as in qemu-img
+NO_IO = "_no_io"
+
 
 @dataclass(frozen=True)
 class OptSpec:

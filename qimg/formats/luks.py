@@ -15,8 +15,8 @@ from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..crypto import luks1
 from ..crypto.cipher import SECTOR_SIZE
-from ..errors import QimgError
-from ..options import OptSpec
+from ..errors import OpenError, QimgError
+from ..options import NO_IO, OptSpec
 from ..units import round_up
 
 #: the enum values qemu accepts for each create option (QCryptoCipherAlgorithm, ...Mode, IVGen, Hash)
@@ -97,14 +97,14 @@ class LuksDriver(Driver):
         self._cipher = None
         self._key_secret = options.get("key-secret")
         # qemu-img info opens without I/O and so without unlocking; everything else needs the key now
-        if self._key_secret is not None and not options.get("_no_io"):
+        if not options.get(NO_IO):
             self._unlock()
 
     def _unlock(self) -> None:
         if self._cipher is not None:
             return
         if self._key_secret is None:
-            raise QimgError(f"Could not open '{self.filename}': Parameter 'key-secret' is required for cipher")
+            raise OpenError(f"Could not open '{self.filename}': Parameter 'key-secret' is required for cipher")
         self.master_key, _slot = luks1.unlock(self.store, self.header, _secret(self._key_secret))
         self._cipher = self.header.cipher(self.master_key)
 

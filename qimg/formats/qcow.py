@@ -29,7 +29,7 @@ import struct
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
-from ..options import OptSpec, parse_bool
+from ..options import NO_IO, OptSpec, parse_bool
 from ..units import round_up
 
 QCOW_MAGIC = 0x514649FB
@@ -262,6 +262,8 @@ class QcowDriver(Driver):
                 key = _CREATED_KEYS.get(os.path.realpath(self.filename))
             if key is not None:
                 self.cipher = SectorCipher(key)
+            elif not options.get(NO_IO):
+                self._need_key()  # as qemu-img: everything but info needs the key at open
         self._eof = None
 
     @property
@@ -275,7 +277,7 @@ class QcowDriver(Driver):
 
     def _need_key(self) -> None:
         if self.crypt_method and self.cipher is None:
-            raise QimgError(f"Could not open '{self.filename}': Parameter 'encrypt.key-secret' is required for cipher")
+            raise OpenError(f"Could not open '{self.filename}': Parameter 'encrypt.key-secret' is required for cipher")
 
     # ----- metadata -----
     @property

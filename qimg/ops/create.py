@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..core import registry
 from ..core.driver import CreateOptions, Opener
 from ..errors import QimgError
-from ..options import OptSpec, parse_opt_size
+from ..options import NO_IO, OptSpec, parse_opt_size
 from ..units import INT64_MAX
 
 _KIND_LABEL = {"size": "<size>", "bool": "<bool (on/off)>", "number": "<num>", "string": "<str>"}
@@ -127,7 +127,7 @@ def _backing_size(filename, backing_file, backing_fmt, shown=None) -> int:
 
     path = _resolve(filename, backing_file)
     try:
-        with Chain.open(path, backing_fmt) as chain:
+        with Chain.open(path, backing_fmt, options={NO_IO: True}) as chain:
             return chain.virtual_size
     except QimgError as e:
         raise QimgError(f"{shown or filename}: Could not open backing image: {e}") from None

@@ -6,6 +6,7 @@ import os
 
 from ..core import registry
 from ..core.chain import Chain
+from ..options import NO_IO
 
 
 def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
@@ -56,7 +57,10 @@ def image_info(filename: str, fmt: str | None = None, backing_chain: bool = Fals
     seen = set()
     depth = 0
     while True:
-        drv = (open_image or registry.open_image)(name, cur_fmt, False, options if depth == 0 else None)
+        # metadata only (qemu's BDRV_O_NO_IO): encrypted images open without their keys
+        layer_opts = dict(options or {}) if depth == 0 else {}
+        layer_opts[NO_IO] = True
+        drv = (open_image or registry.open_image)(name, cur_fmt, False, layer_opts)
         try:
             infos.append(layer_info(drv, name))
             backing = drv.backing

@@ -17,6 +17,7 @@ from ...core.driver import BackingRef, Driver
 from ...core.extent import Extent
 from ...errors import CorruptImage, OpenError, QimgError, Unsupported
 from ...io.store import FileStore
+from ...options import NO_IO
 from . import compress as qcompress
 from .header import (
     COMPRESSION_NAMES,
@@ -111,6 +112,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
 
     def _open(self, options: dict) -> None:
         store = self.store
+        cipher = getattr(self, "_cipher", None)  # a reopen after a metadata change keeps the unlocked key
         self.file_size = store.size()
         h = Header.parse(store, self.file_size)
         self.h = h
@@ -132,7 +134,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         self.cache = L2Cache()
         self._ccache: dict = {}
         self._clock = threading.Lock()
-        self._cipher = None
+        self._cipher = cipher
         self._key_secret = (options or {}).get("encrypt.key-secret") or _CREATED_KEYS.get(
             os.path.abspath(self.filename))
         self.snapshot_list = read_snapshots(store, h.snapshots_offset, h.nb_snapshots, self.cs, self.file_size)
@@ -166,6 +168,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             self.data_filename = path
         self._meta_prealloc = None
         self._init_writer()
+        if self.encrypted and self._cipher is None and not (options or {}).get(NO_IO):
+            self._crypto()  # as qemu-img: everything but info needs the key, and says so at open
 
     def _data_file_path(self, name: str) -> str:
         """qemu-img opens a relative data file name from the current directory; fall back to the image's."""
@@ -540,7 +544,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             secret = self._key_secret
             if self.h.crypt_method not in (QCOW_CRYPT_LUKS, QCOW_CRYPT_AES):
                 raise Unsupported(f"Unsupported encryption method: {self.h.crypt_method}")
-            # unlocked lazily (info works without the key), reported as qemu-img reports it at open
+            # unlocked at open (info opens without the key: NO_IO), reported as qemu-img reports it
             prefix = f"Could not open '{self.filename}': "
             if secret is None:
                 raise OpenError(prefix + "Parameter 'encrypt.key-secret' is required for cipher")
@@ -559,7 +563,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             except QimgError as e:
                 if str(e).startswith("Could not open"):
                     raise
-                raise type(e)(prefix + str(e), e.exit_code) from None
+                raise OpenError(prefix + str(e), e.exit_code) from None
         return self._cipher
 
     def info_extra(self) -> dict:
