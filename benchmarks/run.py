@@ -391,13 +391,23 @@ NOTES = """\
   ~15 ms; a plain `pip install .` has no finder), click (~12 ms) and qimg's own modules (~10 ms).
   qemu-img starts in ~5 ms.  That is all of `info`/`--help` and roughly 0.1x of the raw
   convert ratios.
-- raw -> raw: two worker threads read 2 MiB chunks into page-aligned buffers, find zero blocks
-  (first/last word of each 4 KiB block from a strided memoryview; `bytes.startswith` as a
-  copy-free memcmp for zero runs; numpy only for chunks with many data/zero transitions), and
-  write the data runs themselves with `os.copy_file_range` (one in-kernel copy).  numpy is not
-  imported for such a copy, hence ~26 MiB peak RSS.  Holes are found with SEEK_DATA/SEEK_HOLE.
-- Other output formats go through the same engine, with the writes done in guest order by the
-  calling thread; their ratios are mostly the format writers' own cost.
+- raw and new qcow2 targets: two worker threads take 2 MiB chunks, read them into page-aligned
+  buffers, find zero blocks (first/last word of each 4 KiB block from a strided memoryview;
+  `bytes.startswith` as a copy-free memcmp for zero runs; numpy only for chunks with many
+  data/zero transitions) and write the data runs themselves, in whatever order they finish.  A
+  qcow2 that convert has just created reserves its clusters under a lock (`direct_map`) and the
+  data goes straight to the host file.  numpy is not imported for such a copy, hence ~22 MiB
+  peak RSS.  Holes are found with SEEK_DATA/SEEK_HOLE.
+- The data is written from the buffer it was scanned in.  On this ext4 (no reflinks)
+  `os.copy_file_range` is a page-by-page splice: 1 GiB takes ~270 ms against ~230 ms for a read
+  plus a write from the buffer, so after a zero scan it only added work.  It is used with `-C`,
+  which (as in qemu-img) skips the zero scan.
+- Two writers to one file contend for its inode lock (ext4 buffered writes take it exclusively):
+  the kernel spins (`rwsem_spin_on_owner`), which is why qimg's CPU column is above its wall time
+  on raw targets.  Serialising the writes in Python saved that CPU but cost ~20 ms of wall time.
+- Other output formats (and `-c`) go through the same engine with the writes done in guest
+  order by the calling thread.  Zero extents do not stall that pipeline when the target already
+  reads as zeros: before, every hole drained it, and `-c` kept only ~1.4 of the 2 cores busy.
 - vdi/vpc/vhdx: their block tables are Python ``array`` objects up to 65536 entries (numpy only
   for bigger images), so converting a W1-sized image to or from them does not import numpy
   (~0.15 s of CPU, ~10 MiB of RSS); a raw source caches its file size and its last
