@@ -410,6 +410,29 @@ def test_create_errors(oracle, tmp_path, opts, msg):
     assert len(r.err.strip().splitlines()) == 1
 
 
+def test_overlay_refuses_a_parent_whose_cid_changed(oracle, tmp_path):
+    """As qemu-img: reads that fall through to a parent written since the overlay was made fail
+    (convert 1, compare 4); metadata commands still work; allocated overlay data still reads."""
+    import subprocess
+
+    base, ovl = tmp_path / "b.vmdk", tmp_path / "o.vmdk"
+    qemu("create", "-q", "-f", "vmdk", base, "1M")
+    qemu("create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", ovl)
+    ref = tmp_path / "ref.raw"
+    qemu("create", "-q", "-f", "raw", ref, "1M")
+    assert run_qimg("compare", ovl, ref).rc == 0
+    subprocess.run(["qemu-io", "-c", "write -P 7 0 4k", str(base)], check=True, capture_output=True)
+    for tool in (qemu, run_qimg):
+        conv = tool("convert", "-O", "raw", ovl, tmp_path / "out.raw", **({"check": False} if tool is qemu else {}))
+        assert conv.rc == 1
+        cmp = tool("compare", ovl, ref, **({"check": False} if tool is qemu else {}))
+        assert cmp.rc == 4 and cmp.err.startswith(("qemu-img: Error while reading offset 0 of",
+                                                    "qimg: Error while reading offset 0 of"))
+        assert tool("map", "--output=json", ovl, **({"check": False} if tool is qemu else {})).rc == 0
+        assert tool("check", ovl, **({"check": False} if tool is qemu else {})).rc == 0
+    assert "has changed" in run_qimg("convert", "-O", "raw", ovl, tmp_path / "o2.raw").err
+
+
 def test_create_backing_must_be_vmdk(oracle, tmp_path):
     oracle("create", "-q", "-f", "raw", tmp_path / "r.raw", "1M")
     r = run_qimg("create", "-f", "vmdk", "-b", "r.raw", "-F", "raw", tmp_path / "m.vmdk")

@@ -17,6 +17,15 @@ class Chain:
     def __init__(self, layers: list, filenames: list[str]):
         self.layers = layers
         self.filenames = filenames
+        self._backing_checked: set[int] = set()
+
+    def _check_backing(self, depth: int) -> None:
+        """Before layer ``depth`` first reads through to its backing file, let it refuse one that has
+        changed under it (``check_backing``: a VMDK whose parent's CID moved on)."""
+        hook = getattr(self.layers[depth], "check_backing", None)
+        if hook is not None:
+            hook(self.layers[depth + 1], self.filenames[depth + 1])
+        self._backing_checked.add(depth)
 
     @classmethod
     def open(cls, filename: str, fmt: str | None = None, writable: bool = False, backing: bool = True,
@@ -119,6 +128,8 @@ class Chain:
             elif ext.present or depth + 1 >= len(self.layers):
                 sub[:] = bytes(n)
             else:
+                if depth not in self._backing_checked:
+                    self._check_backing(depth)
                 self.readinto(off, sub, depth + 1)
             pos += n
 

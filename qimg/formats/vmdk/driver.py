@@ -94,6 +94,14 @@ class VmdkDriver(Driver):
         if self.desc is not None and self.parent_cid != dsc.CID_NONE and self.desc.parent_hint:
             self.backing = BackingRef(self.desc.parent_hint, "vmdk")
 
+    def check_backing(self, parent, parent_name: str) -> None:
+        """Like qemu-img, read through to the parent only while its CID is still the parentCID this
+        overlay recorded: a parent written since then no longer holds what the overlay was made over."""
+        cid = getattr(parent, "cid", None)
+        if cid is not None and cid != self.parent_cid:
+            raise QimgError(f"Invalid argument: the parent '{parent_name}' has changed (its CID is {cid:08x}, "
+                            f"'{self.filename}' was made over CID {self.parent_cid:08x})")
+
     def _open_sparse_file(self) -> None:
         from . import sparse
 
