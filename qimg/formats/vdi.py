@@ -24,7 +24,7 @@ import struct
 import uuid
 
 from ..core.driver import CreateOptions, Driver
-from ..core.extent import Extent
+from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError
 from ..options import OptSpec, parse_bool
 
@@ -356,14 +356,9 @@ class VdiDriver(Driver):
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         bmap = self._load_bmap()
         bs = self.block_size
-        end = offset + length
-        pos = offset
-        while pos < end:
-            idx = pos // bs
-            n = min((idx + 1) * bs, end) - pos
-            if int(bmap[idx]) < VDI_IMAGE_BLOCK_ZERO:
-                super().write_zeroes(pos, n, may_unmap)
-            pos += n
+        for pos, nxt in split_at(offset, offset + length, bs):
+            if int(bmap[pos // bs]) < VDI_IMAGE_BLOCK_ZERO:  # allocated: unallocated blocks read as zeros
+                super().write_zeroes(pos, nxt - pos, may_unmap)
 
     def write_metadata(self) -> None:
         if self.store is None or not self.writable:

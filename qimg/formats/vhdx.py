@@ -33,7 +33,7 @@ import struct
 import uuid
 
 from ..core.driver import CreateOptions, Driver
-from ..core.extent import Extent
+from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, Unsupported, check_limit
 from ..options import OptSpec, parse_bool, parse_opt_size
 
@@ -634,14 +634,9 @@ class VhdxDriver(Driver):
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         self._load_bat()
         bs = self.block_size
-        end = offset + length
-        pos = offset
-        while pos < end:
-            idx = pos // bs
-            n = min((idx + 1) * bs, end) - pos
-            if int(self._block_off[idx]) >= 0:
-                super().write_zeroes(pos, n, may_unmap)
-            pos += n
+        for pos, nxt in split_at(offset, offset + length, bs):
+            if int(self._block_off[pos // bs]) >= 0:  # allocated: unallocated blocks read as zeros
+                super().write_zeroes(pos, nxt - pos, may_unmap)
 
     def write_metadata(self) -> None:
         if self.store is None or not self.writable:

@@ -34,7 +34,7 @@ import time
 import uuid
 
 from ..core.driver import CreateOptions, Driver
-from ..core.extent import Extent
+from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError
 from ..options import OptSpec, parse_bool
 from .vdi import SMALL_TABLE, _u32_bytes, _zero_stale
@@ -387,14 +387,9 @@ class VpcDriver(Driver):
             return super().write_zeroes(offset, length, may_unmap)
         bat = self._load_bat()
         bs = self.block_size
-        end = offset + length
-        pos = offset
-        while pos < end:
-            idx = pos // bs
-            n = min((idx + 1) * bs, end) - pos
-            if int(bat[idx]) != BAT_UNUSED:
-                super().write_zeroes(pos, n, may_unmap)
-            pos += n
+        for pos, nxt in split_at(offset, offset + length, bs):
+            if int(bat[pos // bs]) != BAT_UNUSED:  # allocated: unallocated blocks read as zeros
+                super().write_zeroes(pos, nxt - pos, may_unmap)
 
     def write_metadata(self) -> None:
         if self.store is None or not self.writable:
