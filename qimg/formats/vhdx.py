@@ -113,16 +113,25 @@ def _crc_table():
     return _CRC_TABLE
 
 
-def crc32c(data, crc: int = 0) -> int:
-    """CRC-32C of ``data`` (table driven; used only on headers, tables and log entries).
+#: from this many bytes on, the CRC runs in numpy lanes: a crafted 256 MiB log entry costs about a
+#: second instead of the ~20 s of the byte loop
+CRC_LANES_FROM = 256 << 10
 
-    Long runs of zero bytes (most of a 64 KiB region or metadata table) are skipped in
-    O(log n) with the CRC's zero-byte operator instead of byte by byte.
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC-32C of ``data`` (used on headers, tables and log entries).
+
+    Short inputs are table driven, with long runs of zero bytes (most of a 64 KiB region or
+    metadata table) skipped in O(log n) with the CRC's zero-byte operator; long ones (log
+    entries) go through ``_crc_lanes``.
     """
     global _ZERO_RUN
     table = _crc_table()
     c = crc ^ 0xFFFFFFFF
     data = bytes(data)
+    if len(data) >= CRC_LANES_FROM:
+        c, done = _crc_lanes(c, data)
+        data = data[done:]
     if _ZERO_RUN is None:
         import re
 
@@ -170,6 +179,65 @@ def _crc_zeros(c: int, n: int) -> int:
         n >>= 1
         i += 1
     return c
+
+
+def _crc_lanes(c: int, data: bytes) -> tuple[int, int]:
+    """Advance the CRC register ``c`` over the first ``k * step`` bytes of ``data`` (returned too).
+
+    The CRC register is linear in its input: the register after A+B is Z(A's register) ^ (B's
+    register from 0), Z being the map of len(B) zero bytes; and four bytes from register c give
+    Z4(c ^ word), Z4 split into two 65536-entry tables by the word's halves.  So the data is cut
+    into ``k`` lanes (a power of two) that numpy advances side by side, a 32-bit word of each per
+    step, and neighbouring lanes are then merged pairwise with the zero operator, log2(k) rounds.
+    """
+    import numpy as np
+
+    k = 1 << min(16, (len(data) // 64).bit_length() - 1)
+    step = len(data) // k // 4 * 4
+    words = np.frombuffer(data, dtype="<u4", count=k * step // 4).reshape(k, step // 4)
+    rows = words.T.copy()  # row t: word t of every lane
+    low, high = _zero_word_tables()
+    regs = np.zeros(k, dtype=np.uint32)
+    regs[0] = c
+    for row in rows:
+        regs ^= row
+        regs = low[regs & 0xFFFF] ^ high[regs >> 16]
+    span = step
+    while len(regs) > 1:
+        a, b = regs[0::2], regs[1::2]
+        regs = _gf2_apply_array(_zero_columns(span), a) ^ b
+        span *= 2
+    return int(regs[0]), k * step
+
+
+def _zero_columns(n: int) -> list[int]:
+    """The images of the 32 register bits after ``n`` zero bytes."""
+    return [_crc_zeros(1 << j, n) for j in range(32)]
+
+
+def _gf2_apply_array(cols, vals):
+    """``_gf2_apply`` over a numpy array of registers."""
+    import numpy as np
+
+    out = np.zeros_like(vals)
+    for j, col in enumerate(cols):
+        if col:
+            out ^= ((vals >> j) & 1) * np.uint32(col)
+    return out
+
+
+_ZERO_WORD_TABLES: list = []
+
+
+def _zero_word_tables():
+    """(low, high): the register after four zero bytes from each 16-bit low half and high half."""
+    if not _ZERO_WORD_TABLES:
+        import numpy as np
+
+        cols = _zero_columns(4)
+        vals = np.arange(65536, dtype=np.uint32)
+        _ZERO_WORD_TABLES.extend((_gf2_apply_array(cols[:16], vals), _gf2_apply_array(cols[16:], vals)))
+    return _ZERO_WORD_TABLES
 
 
 def _checksum_ok(buf: bytes, off: int = 4) -> bool:
