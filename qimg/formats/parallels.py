@@ -32,6 +32,7 @@ from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import OptSpec, parse_opt_size
 from ..units import round_up
+from .spans import write_span
 
 HEADER_MAGIC = b"WithoutFreeSpace"
 HEADER_MAGIC2 = b"WithouFreSpacExt"
@@ -204,31 +205,13 @@ class ParallelsDriver(Driver):
         if c1 > self.bat_entries:
             raise CorruptImage("parallels BAT does not cover the write")
         ents = self.bat[c0:c1].astype(np.int64)
-        need = ents == 0
-        start = c0 * cs
-        head_pad, tail_pad = offset - start, c1 * cs - end
-        if (head_pad and need[0]) or (tail_pad and need[-1]):
-            # unallocated clusters read as zeros: pad the write to whole clusters
-            pre = bytes(head_pad) if head_pad and need[0] else self.pread(start, head_pad)
-            post = bytes(tail_pad) if tail_pad and need[-1] else self.pread(end, tail_pad) if tail_pad else b""
-            data = memoryview(b"".join((pre, data, post)))
-            offset = start
-        base = offset - start
-        k = int(need.sum())
-        if k:
-            first = self._alloc(k)
-            ents[need] = (first + np.arange(k, dtype=np.int64) * cs) // self.off_multiplier
-        hosts = ents * self.off_multiplier
-        from .qcow import host_runs
-
-        for fi, count in host_runs(hosts, cs):
-            lo = max(0, fi * cs - base)
-            hi = min(len(data), (fi + count) * cs - base)
-            self.store.pwrite(int(hosts[fi]) + (base if fi == 0 else 0), data[lo:hi])
-        if k:
+        need = ents == 0  # (unallocated clusters read as zeros: parallels images have no backing file)
+        hosts = write_span(self.store, offset, data, cs, ents * self.off_multiplier, need,
+                           lambda i: bytes(cs) if need[i] else self.pread((c0 + i) * cs, cs), self._alloc)
+        if hosts is not None:
             if self.store.size() < self._eof:
                 self.store.truncate(self._eof)
-            self.bat[c0:c1] = ents.astype("<u4")
+            self.bat[c0:c1] = (hosts // self.off_multiplier).astype("<u4")
             self.store.pwrite(HEADER.size + 4 * c0, self.bat[c0:c1].tobytes())
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:

@@ -31,6 +31,7 @@ from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import NO_IO, OptSpec, parse_bool
 from ..units import round_up
+from .spans import write_span
 
 QCOW_MAGIC = 0x514649FB
 QCOW_VERSION = 1
@@ -94,20 +95,6 @@ class BackingReader:
         if self.chain is not None:
             self.chain.close()
             self.chain = None
-
-
-def host_runs(offsets, length_each: int):
-    """Group consecutive guest units whose host offsets are contiguous: [(first_index, count)]."""
-    import numpy as np
-
-    n = len(offsets)
-    if n == 0:
-        return []
-    offs = np.asarray(offsets, dtype=np.int64)
-    breaks = np.nonzero(np.diff(offs) != length_each)[0] + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [n]))
-    return list(zip(starts.tolist(), (ends - starts).tolist()))
 
 
 # --------------------------------------------------------------------------------------
@@ -485,41 +472,16 @@ class QcowDriver(Driver):
         i0 = c0 & (self.l2_entries - 1)
         ents = tbl[i0:i0 + (c1 - c0)]
         need = (ents == 0) | ((ents & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0)
-        # partial head/tail clusters that need a new home: merge with the old content
-        start = c0 * cs
-        head_pad = offset - start
-        tail_pad = c1 * cs - end
-        if (head_pad and need[0]) or (tail_pad and need[-1]) or self.crypt_method:
-            pre = b""
-            post = b""
-            if head_pad:
-                pre = (self._old_cluster(c0) if need[0] or self.crypt_method else self.pread(start, cs))[:head_pad]
-            if tail_pad:
-                old = self._old_cluster(c1 - 1) if need[-1] or self.crypt_method else self.pread((c1 - 1) * cs, cs)
-                post = old[cs - tail_pad:]
-            if pre or post:
-                data = memoryview(bytes(pre) + bytes(data) + bytes(post))
-                offset = start
-        # (when head/tail clusters are allocated in place, the data is written unaligned)
-        base = offset - start  # 0, or the unaligned head inside an allocated cluster
-        k = int(need.sum())
-        if k:
-            first = self._alloc(k * cs, cs)
-            new = np.uint64(first) + np.arange(k, dtype=np.uint64) * np.uint64(cs)
-            ents = ents.copy()
-            ents[need] = new
-        hosts = ents.astype(np.int64)
-        if self.crypt_method:
-            data = memoryview(self.cipher.encrypt(c0 * cs // SECTOR, data))
-        for first_i, count in host_runs(hosts, cs):
-            lo = max(0, first_i * cs - base)
-            hi = min(len(data), (first_i + count) * cs - base)
-            host = int(hosts[first_i]) + (base if first_i == 0 else 0)
-            self.store.pwrite(host, data[lo:hi])
-        if k:
+        crypt = bool(self.crypt_method)  # encrypted: whole clusters, so whole sectors, are written
+        hosts = write_span(self.store, offset, data, cs, np.where(need, 0, ents).astype(np.int64), need,
+                           lambda i: self._old_cluster(c0 + i), lambda k: self._alloc(k * cs, cs),
+                           whole_clusters=crypt,
+                           transform=(lambda off, d: self.cipher.encrypt(off // SECTOR, d)) if crypt else None)
+        if hosts is not None:
             # a full new tail cluster makes sure the file covers the cluster
             if self.store.size() < self._eof:
                 self.store.truncate(self._eof)
+            ents = hosts.astype(np.uint64)
             tbl[i0:i0 + (c1 - c0)] = ents
             self._write_l2_entries(l1_index, i0, ents)
 

@@ -26,7 +26,8 @@ from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import OptSpec, parse_opt_size
 from ..units import round_up
-from .qcow import BackingReader, host_runs
+from .qcow import BackingReader
+from .spans import write_span
 
 QED_MAGIC = 0x00444551  # "QED\0" little-endian
 QED_F_BACKING_FILE = 0x01
@@ -270,35 +271,17 @@ class QedDriver(Driver):
         else:
             ents = tbl[i0:i0 + (c1 - c0)].copy()
         need = (ents == 0) | (ents == QED_CLUSTER_ZERO)
-        start = c0 * cs
-        head_pad = offset - start
-        tail_pad = c1 * cs - end
-        if (head_pad and need[0]) or (tail_pad and need[-1]):
-            pre = post = b""
-            if head_pad:
-                old = self._old_cluster(c0) if need[0] else self.store.pread_full(int(ents[0]), cs)
-                pre = old[:head_pad]
-            if tail_pad:
-                old = self._old_cluster(c1 - 1) if need[-1] else self.store.pread_full(int(ents[-1]), cs)
-                post = old[cs - tail_pad:]
-            data = memoryview(b"".join((pre, data, post)))
-            offset = start
-        base = offset - start
-        k = int(need.sum())
-        if k:
-            self._mark_need_check()
-            first = self._alloc(k * cs)
-            ents[need] = np.uint64(first) + np.arange(k, dtype=np.uint64) * np.uint64(cs)
-        hosts = ents.astype(np.int64)
-        for first_i, count in host_runs(hosts, cs):
-            lo = max(0, first_i * cs - base)
-            hi = min(len(data), (first_i + count) * cs - base)
-            host = int(hosts[first_i]) + (base if first_i == 0 else 0)
-            self.store.pwrite(host, data[lo:hi])
-        if k:
+
+        def alloc(k: int) -> int:
+            self._mark_need_check()  # on disk before any new cluster is used
+            return self._alloc(k * cs)
+
+        hosts = write_span(self.store, offset, data, cs, np.where(need, 0, ents).astype(np.int64), need,
+                           lambda i: self._old_cluster(c0 + i), alloc)
+        if hosts is not None:
             if self.store.size() < self._eof:
                 self.store.truncate(self._eof)
-            self._set_entries(l1_index, i0, ents)
+            self._set_entries(l1_index, i0, hosts.astype(np.uint64))
 
     def _set_entries(self, l1_index: int, i0: int, ents) -> None:
         """Store L2 entries; a missing L2 table is appended (after the data) and then linked."""
