@@ -22,6 +22,12 @@ class OptSpec:
     default: object = None
 
 
+#: the creation options most formats share, with qemu-img's help texts
+SIZE_OPT = OptSpec("size", "size", "Virtual disk size")
+BACKING_FILE_OPT = OptSpec("backing_file", "string", "File name of a base image")
+BACKING_FMT_OPT = OptSpec("backing_fmt", "string", "Image format of the base image")
+
+
 def parse_opts(text: str) -> dict[str, str]:
     """Split "a=1,b=x,,y" into a dict; ",," escapes a comma, a lone key means "on"."""
     result: dict[str, str] = {}

@@ -28,7 +28,7 @@ import struct
 from ..core.driver import BackingRef, CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
-from ..options import OptSpec
+from ..options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT
 from ..units import round_up
 from .qcow import BackingReader
 
@@ -62,9 +62,9 @@ class CowDriver(Driver):
     format_name = "cow"
     supports_backing = True
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
-        OptSpec("backing_file", "string", "File name of a base image"),
-        OptSpec("backing_fmt", "string", "Image format of the base image"),
+        SIZE_OPT,
+        BACKING_FILE_OPT,
+        BACKING_FMT_OPT,
     )
 
     @classmethod

@@ -16,7 +16,7 @@ from ..core.extent import Extent
 from ..crypto import luks1
 from ..crypto.cipher import SECTOR_SIZE
 from ..errors import OpenError, QimgError
-from ..options import NO_IO, OptSpec
+from ..options import NO_IO, SIZE_OPT, OptSpec
 from ..units import round_up
 
 #: the enum values qemu accepts for each create option (QCryptoCipherAlgorithm, ...Mode, IVGen, Hash)
@@ -67,7 +67,7 @@ class LuksDriver(Driver):
 
     format_name = "luks"
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
+        SIZE_OPT,
         OptSpec("key-secret", "string", "ID of the secret that provides the keyslot passphrase"),
         OptSpec("cipher-alg", "string", "Name of encryption cipher algorithm"),
         OptSpec("cipher-mode", "string", "Name of encryption cipher mode"),

@@ -30,7 +30,7 @@ from ..core.check import CheckResult, check_then_recheck
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
-from ..options import OptSpec, parse_opt_size
+from ..options import SIZE_OPT, OptSpec, parse_opt_size
 from ..units import round_up
 from .spans import write_span
 
@@ -59,7 +59,7 @@ class ParallelsDriver(Driver):
 
     format_name = "parallels"
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
+        SIZE_OPT,
         OptSpec("cluster_size", "size", "Parallels image cluster size"),
     )
 

@@ -29,7 +29,7 @@ import struct
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
-from ..options import NO_IO, OptSpec, parse_bool
+from ..options import BACKING_FILE_OPT, NO_IO, SIZE_OPT, OptSpec, parse_bool
 from ..units import round_up
 from .spans import write_span
 
@@ -178,8 +178,8 @@ class QcowDriver(Driver):
     supports_backing = True
     supports_compression = True
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
-        OptSpec("backing_file", "string", "File name of a base image"),
+        SIZE_OPT,
+        BACKING_FILE_OPT,
         OptSpec("backing_fmt", "string", "Format of the backing image"),
         OptSpec("encryption", "bool",
                 "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),

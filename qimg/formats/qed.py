@@ -24,7 +24,7 @@ from ..core.check import CheckResult, check_then_recheck
 from ..core.driver import BackingRef, CreateOptions, Driver
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
-from ..options import OptSpec, parse_opt_size
+from ..options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT, OptSpec, parse_opt_size
 from ..units import round_up
 from .qcow import BackingReader
 from .spans import write_span
@@ -69,9 +69,9 @@ class QedDriver(Driver):
     format_name = "qed"
     supports_backing = True
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
-        OptSpec("backing_file", "string", "File name of a base image"),
-        OptSpec("backing_fmt", "string", "Image format of the base image"),
+        SIZE_OPT,
+        BACKING_FILE_OPT,
+        BACKING_FMT_OPT,
         OptSpec("cluster_size", "size", "Cluster size (in bytes)"),
         OptSpec("table_size", "size", "L1/L2 table size (in clusters)"),
     )

@@ -12,7 +12,7 @@ import os
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import QimgError
-from ..options import OptSpec
+from ..options import SIZE_OPT, OptSpec
 from ..units import round_up
 
 SECTOR = 512
@@ -26,7 +26,7 @@ class RawDriver(Driver):
 
     format_name = "raw"
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
+        SIZE_OPT,
         OptSpec("preallocation", "string", "Preallocation mode (allowed values: off, falloc, full)"),
     )
 

@@ -26,7 +26,7 @@ import uuid
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError
-from ..options import OptSpec, parse_bool
+from ..options import SIZE_OPT, OptSpec, parse_bool
 
 SECTOR = 512
 VDI_SIGNATURE = 0xBEDA107F
@@ -119,7 +119,7 @@ class VdiDriver(Driver):
 
     format_name = "vdi"
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
+        SIZE_OPT,
         OptSpec("static", "bool", "VDI static (pre-allocated) image"),
     )
     protocol_create_opts = ("preallocation", "nocow", "extent_size_hint")

@@ -36,7 +36,7 @@ import uuid
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError
-from ..options import OptSpec, parse_bool
+from ..options import SIZE_OPT, OptSpec, parse_bool
 from .vdi import SMALL_TABLE, _u32_bytes, _zero_stale
 
 SECTOR = 512
@@ -138,7 +138,7 @@ class VpcDriver(Driver):
 
     format_name = "vpc"
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
+        SIZE_OPT,
         OptSpec("subformat", "string",
                 "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} "),
         OptSpec("force_size", "bool",

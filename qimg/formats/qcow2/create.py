@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from ...errors import QimgError
-from ...options import OptSpec, parse_bool, parse_opt_size
+from ...options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT, OptSpec, parse_bool, parse_opt_size
 from .header import (
     COMPRESSION_TYPE_ZLIB,
     COMPRESSION_TYPE_ZSTD,
@@ -27,10 +27,10 @@ from .header import (
 )
 
 CREATE_OPTS = (
-    OptSpec("size", "size", "Virtual disk size"),
+    SIZE_OPT,
     OptSpec("compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    OptSpec("backing_file", "string", "File name of a base image"),
-    OptSpec("backing_fmt", "string", "Image format of the base image"),
+    BACKING_FILE_OPT,
+    BACKING_FMT_OPT,
     OptSpec("data_file", "string", "File name of an external data file"),
     OptSpec("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
     OptSpec("encryption", "bool", "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),

@@ -17,7 +17,7 @@ import stat
 from ...core.driver import BackingRef, Driver
 from ...core.extent import Extent
 from ...errors import CorruptImage, LimitExceeded, OpenError, QimgError, Unsupported
-from ...options import OptSpec
+from ...options import BACKING_FILE_OPT, SIZE_OPT, OptSpec
 from . import descriptor as dsc
 
 SECTOR = 512
@@ -37,10 +37,10 @@ class VmdkDriver(Driver):
     #: -c is accepted: stream extents are always deflated, the others store grains plainly (as qemu-img)
     supports_compression = True
     create_opts = (
-        OptSpec("size", "size", "Virtual disk size"),
+        SIZE_OPT,
         OptSpec("adapter_type", "string",
                 "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"),
-        OptSpec("backing_file", "string", "File name of a base image"),
+        BACKING_FILE_OPT,
         OptSpec("backing_fmt", "string", "Must be 'vmdk' if present"),
         OptSpec("compat6", "bool", "VMDK version 6 image"),
         OptSpec("hwversion", "string", "VMDK hardware version"),
