@@ -286,7 +286,8 @@ def test_short_fixed_image_reads_like_qemu(oracle, tmp_path, pattern):
     img.write_bytes(data[:len(data) - 512 - MiB] + data[-512:])
     oracle("convert", "-f", "vpc", "-O", "raw", img, tmp_path / "q.raw")
     assert guest_sha256(img, "vpc") == sha256_file(tmp_path / "q.raw")
+    size = vsize(img)  # before qimg holds the image read-write: qemu-img info honours its lock
     drv = open_driver(img, "vpc", writable=True)
     with pytest.raises(Exception, match="beyond the data area"):
-        drv.pwrite(vsize(img) - 4096, bytes(4096))
+        drv.pwrite(size - 4096, bytes(4096))
     drv.close()

@@ -59,6 +59,8 @@ def command(count, depth, fmt, flush_interval, aio, native, no_drain, offset, pa
     if len(filenames) != 1:
         raise UsageError("Expecting one image file name")
     c.load_objects(objects)
+    if write and force_share:
+        raise QimgError(f"Could not open '{filenames[0]}': force-share=on can only be used with read-only images")
     name, fmt, opts = c.image_spec(filenames[0], fmt, image_opts)
     registry.open_image(name, fmt, writable=write, options=opts).close()
     raise QimgError("bench is not supported by qimg (it measures QEMU's block layer); use qemu-img bench")

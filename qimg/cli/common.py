@@ -15,8 +15,17 @@ def image_opts_opt(f):
     return click.option("--image-opts", "image_opts", is_flag=True)(f)
 
 
+def _force_share_now(ctx, param, value):
+    """-U: the command's read-only opens (and their backing files) refuse nothing to other users."""
+    if value:
+        from ..io.lock import sharing
+
+        ctx.with_resource(sharing(True))
+    return value
+
+
 def force_share_opt(f):
-    return click.option("-U", "--force-share", "force_share", is_flag=True)(f)
+    return click.option("-U", "--force-share", "force_share", is_flag=True, callback=_force_share_now)(f)
 
 
 def quiet_opt(f):
@@ -68,8 +77,19 @@ def image_spec(filename: str, fmt: str | None, image_opts: bool) -> tuple[str, s
             from ..errors import QimgError
 
             raise QimgError("--image-opts and --format are mutually exclusive")
-        return parse_image_opts(filename)
+        name, fmt, options = parse_image_opts(filename)
+        _share_backing_files(options)
+        return name, fmt, options
     return filename, fmt, {}
+
+
+def _share_backing_files(options: dict) -> None:
+    """force-share=on in --image-opts reaches the image's backing files too, as in qemu-img."""
+    from ..io import lock
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and lock.flag(options.get(lock.FORCE_SHARE)):
+        ctx.with_resource(lock.sharing(True))
 
 
 def check_output(output: str) -> str:

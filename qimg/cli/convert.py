@@ -87,7 +87,11 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
         backing = opts.pop("backing_file")
     if "backing_fmt" in opts and backing_fmt is None:
         backing_fmt = opts.pop("backing_fmt")
-    sources = [c.image_spec(f, fmt, image_opts) for f in filenames[:-1]]
+    from ..io.lock import EXCLUSIVE_READ
+
+    # qemu-img convert keeps writers off its sources while it copies (even raw ones), unless -U
+    sources = [(n, f, {**o, EXCLUSIVE_READ: True}) for n, f, o in (c.image_spec(f, fmt, image_opts)
+                                                                  for f in filenames[:-1])]
     target = filenames[-1]
     target_options = {}
     if target_image_opts:

@@ -24,15 +24,14 @@ from . import common as c
 def command(objects, image_opts, force_share, quiet, fmt, cache, src_cache, progress, unsafe, backing, backing_fmt,
             help_, filename):
     from ..engine.progress import Progress
-    from ..errors import QimgError, UsageError
+    from ..errors import UsageError
     from ..ops.rebase import rebase
 
     c.check_cache(cache)
     c.check_src_cache(src_cache)
     if backing is None and not unsafe:
         raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
-    if force_share:
-        raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+    # -U shares the backing files only: the image itself is opened read-write (qemu-img ignores -U for it)
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
     prog = Progress(0, enabled=progress and not quiet)

@@ -14,11 +14,11 @@ from . import common as c
 @click.option("--preallocation", "prealloc", default=None)
 @c.quiet_opt
 @click.option("--shrink", "shrink", is_flag=True)
-@click.option("-U", "--force-share", "force_share", is_flag=True)
 @click.option("-h", "--help", "help_", is_flag=True)
 @click.argument("args", nargs=-1)
-def command(objects, image_opts, fmt, prealloc, quiet, shrink, force_share, help_, args):
-    from ..errors import QimgError, UsageError
+def command(objects, image_opts, fmt, prealloc, quiet, shrink, help_, args):
+    from ..errors import UsageError
+    from ..io.lock import TAKE_RESIZE
     from ..ops.resize import resize
 
     args = tuple(a for a in args if a != "--") if args.count("--") and len(args) > 2 else args
@@ -28,8 +28,7 @@ def command(objects, image_opts, fmt, prealloc, quiet, shrink, force_share, help
         raise UsageError(f"Invalid argument '{args[2]}'")
     filename, size_text = args
     c.load_objects(objects)
-    if force_share:
-        raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
+    opts[TAKE_RESIZE] = True  # qemu-img resize also takes the "resize" permission on a raw image
     resize(name, size_text, fmt, shrink=shrink, prealloc=prealloc, options=opts, warn=c.warn)
     c.echo("Image resized.\n", quiet)

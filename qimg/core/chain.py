@@ -49,7 +49,10 @@ class Chain:
                 try:
                     layer = registry.open_image(name, cur.backing.fmt, False)
                 except QimgError as e:
-                    raise QimgError(f"Could not open backing file: {e}") from None
+                    # qemu's wording: the top image, one "Could not open backing file" per level, the file's error
+                    inner = str(e).removeprefix(f"Could not open '{name}': ")
+                    raise QimgError(f"Could not open '{filename}': " + "Could not open backing file: " * len(layers)
+                                    + inner) from None
                 if ident is not None:
                     seen.add(ident)
                 layers.append(layer)

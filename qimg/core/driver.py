@@ -58,7 +58,20 @@ class Opener:
         if proto is not None and hasattr(get_driver(proto), "open_store"):
             # nbd and the like: "creating" means using the existing export
             return get_driver(proto).open_store(name, w, {})
-        return FileStore(self.resolve(name), w, create=create)
+        if create:
+            return FileStore(self.resolve(name), w, create=True)
+        store = FileStore(self.resolve(name), w, lock=None)
+        try:
+            from ..io import lock
+
+            if lock.sibling_locking():
+                # an extent with its own metadata (sparse vmdk) is locked as an image, others as data files
+                metadata = store.pread(0, 4) in (b"KDMV", b"COWD")
+                store.lock(*lock.sibling_perms(w, metadata))
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def open_image(self, name: str, fmt: str | None = None, writable: bool | None = None):
         if self._open_image is None:

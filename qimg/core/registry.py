@@ -114,7 +114,9 @@ def probe(head: bytes, filename: str) -> str:
 def open_image(filename: str, fmt: str | None = None, writable: bool = False, options: dict | None = None,
                warn=None):
     """Open one layer (no backing files): probe unless ``fmt`` is given."""
+    from ..io import lock
     from ..io.store import FileStore
+    from ..options import NO_IO
     from .driver import Opener
 
     proto = protocol_for(filename)
@@ -134,10 +136,11 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
         except OpenError as e:
             raise OpenError(f"Could not open '{filename}': {e}") from None
     try:
+        force_share, locking = lock.open_settings(options, writable)
         if proto_cls is not None:
             store = proto_cls.open_store(filename, writable, options or {})
         else:
-            store = FileStore(bundle_descriptor(filename), writable=writable)
+            store = FileStore(bundle_descriptor(filename), writable=writable, lock=None)
     except QimgError as e:
         raise OpenError(f"Could not open '{filename}': {e}") from None
     try:
@@ -150,8 +153,13 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
                      "write operations on block 0 will be restricted.\n"
                      "         Specify the 'raw' format explicitly to remove the restrictions.")
         cls = proto_cls if proto_cls is not None and fmt == "raw" else get_driver(fmt)
+        no_io = bool((options or {}).get(NO_IO))
+        if locking and hasattr(store, "lock"):
+            # taken once the format is known (qemu probes before it locks), before the driver reads on
+            store.lock(*lock.image_perms(fmt, writable, no_io, force_share, options))
         opener = Opener(bundle_descriptor(filename), writable, open_image=lambda f, t, w: open_image(f, t, w))
-        return cls.open(store, filename, writable=writable, opener=opener, options=options or {})
+        with lock.opening(no_io, force_share, locking):
+            return cls.open(store, filename, writable=writable, opener=opener, options=options or {})
     except QimgError as e:
         store.close()
         msg = str(e)

@@ -89,13 +89,18 @@ class Store:
 class FileStore(Store):
     """A host file through os.pread/os.pwrite, with SEEK_DATA/SEEK_HOLE."""
 
-    def __init__(self, filename: str, writable: bool = False, create: bool = False, display_name: str | None = None):
+    def __init__(self, filename: str, writable: bool = False, create: bool = False, display_name: str | None = None,
+                 lock: str | None = "data"):
+        """``lock``: "data" locks the file as a data file beside an image (the default, for extents and
+        data files), "image" as an image with its own metadata, None leaves locking to the caller
+        (``lock()``).  A file being created is locked before it is truncated."""
         self.filename = filename
         self.display_name = display_name or filename
         self.writable = writable
+        self._hold = None
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            flags |= os.O_CREAT  # truncated only once locked: a file in use elsewhere stays intact
         flags |= getattr(os, "O_CLOEXEC", 0)
         try:
             self.fd = os.open(filename, flags, 0o644)
@@ -110,6 +115,36 @@ class FileStore(Store):
         self.is_block = stat.S_ISBLK(st.st_mode)
         self.dev_ino = (st.st_dev, st.st_ino)
         self._holes_ok = True
+        try:
+            from . import lock as _lock
+
+            if create:
+                self.lock(*_lock.CREATE_PERMS, strict=True)  # not even over an image this process reads
+                if stat.S_ISREG(st.st_mode) and st.st_size:
+                    try:
+                        os.ftruncate(self.fd, 0)
+                    except OSError as e:
+                        raise OpenError(f"Could not create '{filename}': {e.strerror}") from None
+            elif lock is not None and _lock.sibling_locking():
+                self.lock(*_lock.sibling_perms(writable, metadata=lock == "image"))
+        except BaseException:
+            self.close()
+            raise
+
+    def lock(self, perm: int, unshare: int, strict: bool = False) -> None:
+        """Hold (perm, unshare) on this file as qemu does (qimg.io.lock); replaces what it held before."""
+        from . import lock as _lock
+
+        old = self._hold
+        self._hold = (_lock.acquire(self.fd, self.dev_ino, self.filename, perm, unshare, strict)
+                      if perm or unshare else None)
+        if old is not None:
+            old.release()
+
+    def unlock(self) -> None:
+        hold, self._hold = getattr(self, "_hold", None), None
+        if hold is not None:
+            hold.release()
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read up to length bytes; a short read past EOF is padded by callers that need it."""
@@ -236,9 +271,19 @@ class FileStore(Store):
             return size
 
     def close(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        try:
+            self.unlock()
+        finally:
+            if getattr(self, "fd", -1) >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def __del__(self):
+        # a store nobody closed still gives back its locks (and its descriptor)
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 class MemoryStore(Store):

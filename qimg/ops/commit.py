@@ -8,6 +8,7 @@ from ..core import registry
 from ..core.chain import Chain
 from ..engine.copy import ChainSource, CopyOptions, copy_range
 from ..errors import QimgError, Unsupported
+from ..io.lock import LockError
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -59,7 +60,10 @@ def commit(filename: str, fmt: str | None = None, base: str | None = None, drop:
         base_name = chain.filenames[depth]
         base_fmt = chain.layers[depth].format_name
         size = chain.virtual_size
-        base_drv = registry.open_image(base_name, base_fmt, writable=True)
+        try:
+            base_drv = registry.open_image(base_name, base_fmt, writable=True)
+        except LockError as e:  # qemu reopens the base read-write: its lock error names no file first
+            raise LockError(str(e).removeprefix(f"Could not open '{base_name}': "), e.exit_code) from None
         try:
             if base_drv.virtual_size < size:
                 base_drv.truncate(size, shrink=False, prealloc="off")

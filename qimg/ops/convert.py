@@ -135,8 +135,11 @@ def _create_and_write(req, src, total, progress):
     tmp = target if in_place or multi_file else _temp_name(target)
     created = []
     old_handlers = _trap_signals()
+    guard = None
     try:
         created.append(tmp)
+        if tmp != target and existed:
+            guard = _lock_target(req)
         _create_target(req, tmp, total)
         # like qemu-img, the secrets given for creation also unlock the new image
         secrets = {k: v for k, v in req.options.items() if k.endswith("key-secret")}
@@ -155,6 +158,8 @@ def _create_and_write(req, src, total, progress):
         if progress is not None:
             progress.finish()
     finally:
+        if guard is not None:
+            guard.release()
         _restore_signals(old_handlers)
         for name in created:
             if name == target and existed:
@@ -177,6 +182,16 @@ def _create_target(req, tmp, total):
     except QimgError as e:
         msg = str(e).removeprefix(f"{req.target}: ")
         raise type(e)(f"{req.target}: error while converting {req.out_fmt}: {msg}", e.exit_code) from None
+
+
+def _lock_target(req):
+    """Lock the image being replaced as qemu-img's create does: one in use elsewhere is left alone."""
+    from ..io import lock
+
+    try:
+        return lock.check_free(req.target, *lock.CREATE_PERMS)
+    except QimgError as e:
+        raise type(e)(f"{req.target}: error while converting {req.out_fmt}: {e}", e.exit_code) from None
 
 
 def _temp_name(target: str) -> str:

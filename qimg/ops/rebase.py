@@ -43,7 +43,8 @@ def rebase(filename: str, backing: str | None, backing_fmt: str | None = None, f
             try:
                 new_chain = Chain.open(path, backing_fmt)
             except QimgError as e:
-                raise QimgError(f"Could not open new backing file '{path}': {e}") from None
+                inner = str(e).removeprefix(f"Could not open '{path}': ")  # qemu names the file once
+                raise QimgError(f"Could not open new backing file '{path}': {inner}") from None
         try:
             if len(chain.layers) > 1:
                 _copy_differences(chain, new_chain, top, progress)
