@@ -11,15 +11,28 @@ Everything is written copy-on-write through ``lifecycle.commit``.
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
 from ...errors import QimgError
 from ...options import parse_bool
 from . import lifecycle as lc
+from .header import (
+    QCOW2_AUTOCLEAR_BITMAPS,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_EXT_MAGIC_CRYPTO_HEADER,
+    QCOW2_EXT_MAGIC_DATA_FILE,
+    QCOW2_EXT_MAGIC_FEATURE_TABLE,
+    QCOW2_INCOMPAT_COMPRESSION,
+    QCOW2_INCOMPAT_EXTL2,
+    V2_HEADER_LENGTH,
+    V3_HEADER_LENGTH,
+    V3_HEADER_LENGTH_COMPRESSION,
+    feature_table_bytes,
+)
 from .resize import apply_size
 from .snapshot_ops import refuse_if_corrupt
+from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
 
 AMEND_OPTS = {
     "backing_file": "File name of a base image",
@@ -42,9 +55,6 @@ CREATE_ONLY = ("cluster_size", "preallocation", "encryption", "encrypt.format", 
                "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg",
                "encrypt.key-secret", "extended_l2", "compression_type", "encrypt.iter-time")
 
-FEATURES = [(0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"), (0, 3, "compression type"),
-            (0, 4, "extended L2 entries"), (1, 0, "lazy refcounts"), (2, 0, "bitmaps"), (2, 1, "raw external data")]
-
 
 def amend_help() -> str:
     lines = ["Amend options for 'qcow2':"]
@@ -53,10 +63,6 @@ def amend_help() -> str:
         left = f"  {name}=<{kind}>"
         lines.append(f"{left:<24} - {text}" if len(left) < 24 else f"{left} - {text}")
     return "\n".join(lines) + "\n"
-
-
-def feature_table() -> bytes:
-    return b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURES)
 
 
 def validate(options: dict) -> None:
@@ -89,7 +95,7 @@ def amend(store, options: dict, force: bool = False) -> None:
             version = 3
         else:
             raise QimgError(f"Invalid compatibility level: '{v}'")
-    lazy = bool(h.compatible & lc.COMPAT_LAZY_REFCOUNTS)
+    lazy = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
     if "lazy_refcounts" in options:
         lazy = parse_bool("lazy_refcounts", options["lazy_refcounts"])
     elif version == 2:
@@ -104,18 +110,17 @@ def amend(store, options: dict, force: bool = False) -> None:
             raise QimgError("Refcount width must be a power of two and may not exceed 64 bits")
     if "backing_file" in options and (options["backing_file"] or None) != h.backing_file:
         raise QimgError("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
-    if "backing_fmt" in options and (options["backing_fmt"] or None) != h.backing_fmt:
+    if "backing_fmt" in options and (options["backing_fmt"] or None) != h.backing_format:
         raise QimgError("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
     if ("data_file" in options or "data_file_raw" in options) and not h.has_data_file:
         raise QimgError("data-file can only be set for images that use an external data file")
     if "data_file" in options:
-        nh.extensions = [(t, d) for t, d in nh.extensions if t != lc.EXT_DATA_FILE]
-        nh.extensions.append((lc.EXT_DATA_FILE, options["data_file"].encode()))
+        nh.replace_extension(QCOW2_EXT_MAGIC_DATA_FILE, options["data_file"].encode())
     if "data_file_raw" in options:
         if parse_bool("data_file_raw", options["data_file_raw"]):
-            nh.autoclear |= lc.AUTOCLEAR_DATA_FILE_RAW
+            nh.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
         else:
-            nh.autoclear &= ~lc.AUTOCLEAR_DATA_FILE_RAW
+            nh.autoclear_features &= ~QCOW2_AUTOCLEAR_DATA_FILE_RAW
     if version == 2:
         if lazy:
             raise QimgError("Lazy refcounts only supported with compatibility level 1.1 and above "
@@ -139,19 +144,19 @@ def amend(store, options: dict, force: bool = False) -> None:
                             f"{c * meta.cluster_size:#x} has a refcount of {int(refs[c])}")
         nh.refcount_order = refcount_bits.bit_length() - 1
     if lazy:
-        nh.compatible |= lc.COMPAT_LAZY_REFCOUNTS
+        nh.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS
     else:
-        nh.compatible &= ~lc.COMPAT_LAZY_REFCOUNTS
+        nh.compatible_features &= ~QCOW2_COMPAT_LAZY_REFCOUNTS
     if version != h.version:
         if version == 2:
             _downgrade(meta, change)
         else:
             nh.version = 3
-            nh.header_length = 112
-            nh.header_tail = bytes(8)
+            nh.header_length = V3_HEADER_LENGTH_COMPRESSION
+            nh.header_tail = bytes(V3_HEADER_LENGTH_COMPRESSION - V3_HEADER_LENGTH)
             nh.compression_type = 0
-            if nh.ext(lc.EXT_FEATURE_TABLE) is None:
-                nh.extensions.append((lc.EXT_FEATURE_TABLE, feature_table()))
+            if nh.ext(QCOW2_EXT_MAGIC_FEATURE_TABLE) is None:
+                nh.extensions.append((QCOW2_EXT_MAGIC_FEATURE_TABLE, feature_table_bytes()))
     lc.commit(meta, change, old_refs=refs)
 
 
@@ -164,18 +169,18 @@ def _downgrade(meta: lc.Qcow2Meta, change: lc.Change) -> None:
     if h.has_data_file:
         raise QimgError("Cannot downgrade an image with a data file")
     if h.extended_l2:
-        raise QimgError(f"Cannot downgrade an image with incompatible features {lc.INCOMPAT_EXTL2:#x} set")
+        raise QimgError(f"Cannot downgrade an image with incompatible features {QCOW2_INCOMPAT_EXTL2:#x} set")
     if h.compression_type and _has_compressed(meta):
-        raise QimgError(f"Cannot downgrade an image with incompatible features {lc.INCOMPAT_COMPRESSION:#x} set")
-    if h.autoclear & lc.AUTOCLEAR_BITMAPS and h.ext(lc.EXT_BITMAPS) is not None:
+        raise QimgError(f"Cannot downgrade an image with incompatible features {QCOW2_INCOMPAT_COMPRESSION:#x} set")
+    if h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS and h.bitmaps_ext:
         raise QimgError("Cannot downgrade an image with persistent bitmaps")
     nh = change.header
     nh.version = 2
-    nh.header_length = 72
+    nh.header_length = V2_HEADER_LENGTH
     nh.header_tail = b""
-    nh.incompatible = nh.compatible = nh.autoclear = 0
+    nh.incompatible_features = nh.compatible_features = nh.autoclear_features = 0
     nh.refcount_order = 4
-    nh.extensions = [(t, d) for t, d in nh.extensions if t in (lc.EXT_CRYPTO_HEADER,)]
+    nh.extensions = [(t, d) for t, d in nh.extensions if t == QCOW2_EXT_MAGIC_CRYPTO_HEADER]
     # zero clusters: plain ones without a backing file become unallocated, the others get real zeros
     cs = meta.cluster_size
     bits = meta.cluster_bits
@@ -190,14 +195,14 @@ def _downgrade(meta: lc.Qcow2Meta, change: lc.Change) -> None:
             if l2 is None:
                 l2 = meta.read_l2(int(p.entries[i]))
             e = l2
-            comp = (e & np.uint64(lc.QCOW_OFLAG_COMPRESSED)) != 0
-            zero = ~comp & ((e & np.uint64(lc.QCOW_OFLAG_ZERO)) != 0)
+            comp = (e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+            zero = ~comp & ((e & np.uint64(QCOW_OFLAG_ZERO)) != 0)
             if not zero.any():
                 continue
             e = e.copy()
             for j in np.nonzero(zero)[0].tolist():
                 v = int(e[j])
-                if (v & lc.L2E_OFFSET_MASK) == 0 and not has_backing:
+                if (v & L2E_OFFSET_MASK) == 0 and not has_backing:
                     e[j] = 0
                 else:
                     e[j] = (next_free << bits)
@@ -212,9 +217,9 @@ def _downgrade(meta: lc.Qcow2Meta, change: lc.Change) -> None:
 
 def _has_compressed(meta: lc.Qcow2Meta) -> bool:
     for ent in meta.l1.tolist():
-        off = ent & lc.L1E_OFFSET_MASK
+        off = ent & L1E_OFFSET_MASK
         if off:
             e = meta.l2_words(meta.read_l2(off))
-            if ((e & np.uint64(lc.QCOW_OFLAG_COMPRESSED)) != 0).any():
+            if ((e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0).any():
                 return True
     return False

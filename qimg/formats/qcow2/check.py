@@ -21,6 +21,15 @@ import numpy as np
 from ...core.check import CheckResult
 from ...errors import QimgError
 from . import lifecycle as lc
+from .header import MAX_L1_SIZE_BYTES
+from .tables import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_L2_BITMAP_ALL_ALLOC,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+)
 
 
 class _Walk:
@@ -59,7 +68,7 @@ class _Walk:
         for i, ent in enumerate(ents.tolist()):
             if not ent:
                 continue
-            l2_off = ent & lc.L1E_OFFSET_MASK
+            l2_off = ent & L1E_OFFSET_MASK
             if not l2_off:
                 continue
             if l2_off % cs:
@@ -77,13 +86,13 @@ class _Walk:
         l2 = meta.read_l2(offset)
         e = meta.l2_words(l2)
         bitmap = l2[:, 1] if l2.ndim == 2 else None
-        comp = (e & np.uint64(lc.QCOW_OFLAG_COMPRESSED)) != 0
-        off = e & np.uint64(lc.L2E_OFFSET_MASK)
+        comp = (e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+        off = e & np.uint64(L2E_OFFSET_MASK)
         data_file = meta.header.has_data_file
         # compressed clusters
         if comp.any():
             ce = e[comp]
-            bad = (ce & np.uint64(lc.QCOW_OFLAG_COPIED)) != 0
+            bad = (ce & np.uint64(QCOW_OFLAG_COPIED)) != 0
             for v in ce[bad].tolist():
                 self.emit(f"ERROR: coffset=0x{v & meta.cluster_offset_mask:x}: copied flag must never be set "
                           "for compressed clusters")
@@ -104,14 +113,14 @@ class _Walk:
         std = ~comp & (off != 0)
         if data_file:
             # offset 0 is a valid host offset in an external data file: OFLAG_COPIED tells it apart
-            std |= ~comp & (off == 0) & ((e & np.uint64(lc.QCOW_OFLAG_COPIED)) != 0) & \
-                ((e & np.uint64(lc.QCOW_OFLAG_ZERO)) == 0)
+            std |= ~comp & (off == 0) & ((e & np.uint64(QCOW_OFLAG_COPIED)) != 0) & \
+                ((e & np.uint64(QCOW_OFLAG_ZERO)) == 0)
         if bitmap is not None:
             corrupt_bm = std & (((bitmap >> np.uint64(32)) & bitmap) != 0)
             for o in off[corrupt_bm].tolist():
                 self.emit(f"ERROR offset={o:x}: Allocated cluster has corrupted subcluster allocation bitmap")
                 res.corruptions += 1
-            unalloc_bm = ~comp & (off == 0) & ((bitmap & np.uint64(lc.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
+            unalloc_bm = ~comp & (off == 0) & ((bitmap & np.uint64(QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
             for _ in range(int(unalloc_bm.sum())):
                 self.emit("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
                 res.corruptions += 1
@@ -120,8 +129,8 @@ class _Walk:
         offs = off[std]
         unaligned = (offs & np.uint64(cs - 1)) != 0
         if unaligned.any():
-            zero = (e[std] & np.uint64(lc.QCOW_OFLAG_ZERO)) != 0 if bitmap is None else \
-                (bitmap[std] & np.uint64(lc.QCOW_L2_BITMAP_ALL_ALLOC)) == 0
+            zero = (e[std] & np.uint64(QCOW_OFLAG_ZERO)) != 0 if bitmap is None else \
+                (bitmap[std] & np.uint64(QCOW_L2_BITMAP_ALL_ALLOC)) == 0
             for o, z in zip(offs[unaligned].tolist(), zero[unaligned].tolist()):
                 res.corruptions += 1
                 if z:
@@ -219,12 +228,12 @@ def _repair_in_place(meta, state, fix_leaks, fix_errors, emit) -> None:
     # OFLAG_COPIED from the repaired refcounts, entry by entry
     bits = meta.cluster_bits
     for i, ent in enumerate(meta.l1.tolist()):
-        l2_off = ent & lc.L1E_OFFSET_MASK
+        l2_off = ent & L1E_OFFSET_MASK
         if not l2_off or l2_off % cs:
             continue
         c = l2_off >> bits
         r = int(new[c]) if c < len(new) else 0
-        want = (ent & ~lc.QCOW_OFLAG_COPIED) | (lc.QCOW_OFLAG_COPIED if r == 1 else 0)
+        want = (ent & ~QCOW_OFLAG_COPIED) | (QCOW_OFLAG_COPIED if r == 1 else 0)
         if want != ent:
             store.pwrite(meta.header.l1_table_offset + 8 * i, want.to_bytes(8, "big"))
         if c >= meta.file_clusters:
@@ -258,12 +267,12 @@ def _check_once(meta: lc.Qcow2Meta, fix_errors: bool, emit, fix_leaks: bool = Fa
     walk.l1(h.l1_table_offset, h.l1_size, True)
     for s in meta.snapshots:
         if s.l1_table_offset % cs:
-            emit(f"ERROR snapshot {s.id} ({s.name}) l1_offset=0x{s.l1_table_offset:x}: L1 table is not cluster "
+            emit(f"ERROR snapshot {s.id_str} ({s.name}) l1_offset=0x{s.l1_table_offset:x}: L1 table is not cluster "
                  "aligned; snapshot table entry corrupted")
             res.corruptions += 1
             continue
-        if s.l1_size > lc.QCOW_MAX_L1_SIZE // 8:
-            emit(f"ERROR snapshot {s.id} ({s.name}) l1_size=0x{s.l1_size:x}: L1 table is too large; snapshot "
+        if s.l1_size > MAX_L1_SIZE_BYTES // 8:
+            emit(f"ERROR snapshot {s.id_str} ({s.name}) l1_size=0x{s.l1_size:x}: L1 table is too large; snapshot "
                  "table entry corrupted")
             res.corruptions += 1
             continue
@@ -357,12 +366,12 @@ def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
     fixable = 0
     word = "Repairing" if fix_errors else "ERROR"
     for i, ent in enumerate(meta.l1.tolist()):
-        l2_off = ent & lc.L1E_OFFSET_MASK
+        l2_off = ent & L1E_OFFSET_MASK
         if not l2_off or l2_off % meta.cluster_size:
             continue
         c = l2_off >> bits
         r = int(ondisk[c]) if c < len(ondisk) else 0
-        if (r == 1) != bool(ent & lc.QCOW_OFLAG_COPIED):
+        if (r == 1) != bool(ent & QCOW_OFLAG_COPIED):
             emit(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={ent:x} refcount={r}")
             res.corruptions += 1
             fixable += 1
@@ -370,8 +379,8 @@ def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
             continue
         l2 = meta.read_l2(l2_off)
         e = meta.l2_words(l2)
-        comp = (e & np.uint64(lc.QCOW_OFLAG_COMPRESSED)) != 0
-        off = e & np.uint64(lc.L2E_OFFSET_MASK)
+        comp = (e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+        off = e & np.uint64(L2E_OFFSET_MASK)
         std = ~comp & (off != 0)
         if meta.header.has_data_file or not std.any():
             continue
@@ -379,7 +388,7 @@ def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
         refs = np.zeros(len(e), np.int64)
         ok = std & (idx < len(ondisk))
         refs[ok] = ondisk[idx[ok]]
-        copied = (e & np.uint64(lc.QCOW_OFLAG_COPIED)) != 0
+        copied = (e & np.uint64(QCOW_OFLAG_COPIED)) != 0
         bad = std & ((refs == 1) != copied)
         for v, r in zip(e[bad].tolist(), refs[bad].tolist()):
             emit(f"{word} OFLAG_COPIED data cluster: l2_entry={v:x} refcount={r}")

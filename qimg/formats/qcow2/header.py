@@ -3,6 +3,10 @@
 References: QEMU docs/interop/qcow2.txt, sections "Header", "Header extensions",
 "Feature name table", "Bitmaps extension", "Full disk encryption header pointer",
 "External data file name".  Field names follow the spec.
+
+One reader and two writers: ``Header.parse`` serves the driver and the in-place edits alike;
+``pack`` lays out the header of a new image, ``repack`` writes an existing one back with its
+extensions in file order and the bytes past the known fields kept as they were.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from ...errors import CorruptImage, OpenError, check_limit
+from ...errors import CorruptImage, OpenError, QimgError, check_limit
 
 QCOW_MAGIC = 0x514649FB
 QCOW2_MAGIC_BYTES = b"QFI\xfb"
@@ -109,6 +113,7 @@ class Header:
     refcount_order: int = 4
     header_length: int = V2_HEADER_LENGTH
     compression_type: int = COMPRESSION_TYPE_ZLIB
+    header_tail: bytes = b""  # the bytes from 104 to header_length (compression type first), kept for rewriting
     # extensions
     backing_file: str | None = None
     backing_format: str | None = None
@@ -116,7 +121,7 @@ class Header:
     feature_table: list = field(default_factory=list)  # [(type, bit, name)]
     crypto_header: tuple | None = None  # (offset, length)
     bitmaps_ext: tuple | None = None  # (nb_bitmaps, directory_size, directory_offset)
-    unknown_extensions: list = field(default_factory=list)  # [(type, bytes)] kept for rewriting
+    extensions: list = field(default_factory=list)  # [(type, bytes)] in file order, backing format excluded
 
     @property
     def cluster_size(self) -> int:
@@ -145,6 +150,20 @@ class Header:
     @property
     def l2_entries(self) -> int:
         return self.cluster_size // self.l2_entry_size
+
+    def ext(self, etype: int) -> bytes | None:
+        """The raw data of the first extension of type ``etype`` as stored (None if absent)."""
+        for t, data in self.extensions:
+            if t == etype:
+                return data
+        return None
+
+    def replace_extension(self, etype: int, data: bytes) -> None:
+        """Drop every extension of type ``etype`` and append one with ``data`` (written by ``repack``)."""
+        self.extensions = [(t, d) for t, d in self.extensions if t != etype]
+        self.extensions.append((etype, data))
+        if etype == QCOW2_EXT_MAGIC_DATA_FILE:
+            self.data_file = data.decode("utf-8", "replace")
 
     # ------------------------------------------------------------------ parse
     @classmethod
@@ -180,8 +199,8 @@ class Header:
                 raise CorruptImage(f"qcow2 header too short ({h.header_length} bytes, need at least 104)")
             check_limit("qcow2 header length", h.header_length, cs, "the header (cluster size)")
             if h.header_length > V3_HEADER_LENGTH:
-                b = store.pread(V3_HEADER_LENGTH, 1)
-                h.compression_type = b[0] if b else 0
+                h.header_tail = bytes(store.pread(V3_HEADER_LENGTH, h.header_length - V3_HEADER_LENGTH))
+                h.compression_type = h.header_tail[0] if h.header_tail else 0
         else:
             h.refcount_order = 4
             h.header_length = V2_HEADER_LENGTH
@@ -253,11 +272,11 @@ class Header:
             raise CorruptImage(f"{name} at offset {offset:#x} lies outside the image file (size {file_size})")
 
     def _read_extensions(self, store, cs: int) -> None:
-        """Walk the extensions between the header and the end of the first cluster."""
+        """Walk the extensions between the header and the backing file name (or the end of the first cluster)."""
         start = self.header_length
-        end = cs
-        if self.backing_file_offset and self.backing_file_offset > start:
-            end = min(end, self.backing_file_offset)
+        end = min(cs, self.backing_file_offset) if self.backing_file_offset else cs
+        if end <= start:
+            return  # as qemu: a name right after the header leaves no room for extensions
         area = store.pread(start, end - start)
         pos = 0
         while pos + 8 <= len(area):
@@ -271,7 +290,9 @@ class Header:
             pos += (elen + 7) & ~7
             if etype == QCOW2_EXT_MAGIC_BACKING_FORMAT:
                 self.backing_format = data.decode("utf-8", "replace")
-            elif etype == QCOW2_EXT_MAGIC_FEATURE_TABLE:
+                continue
+            self.extensions.append((etype, data))
+            if etype == QCOW2_EXT_MAGIC_FEATURE_TABLE:
                 n = elen // 48
                 for i in range(n):
                     t, b = data[i * 48], data[i * 48 + 1]
@@ -290,53 +311,79 @@ class Header:
                 check_limit("qcow2 bitmap count", nb, MAX_BITMAPS)
                 check_limit("qcow2 bitmap directory size", dsize, MAX_BITMAP_DIRECTORY_BYTES)
                 self.bitmaps_ext = (nb, dsize, doff)
-            else:
-                self.unknown_extensions.append((etype, data))
         # running off the end of the cluster without an end marker is tolerated, like qemu
 
     # ------------------------------------------------------------------ serialise
     def pack(self) -> bytes:
-        """The header, its extensions and the backing file name, as the first bytes of cluster 0."""
-        fixed = _V2.pack(QCOW_MAGIC, self.version, 0, 0, self.cluster_bits, self.size, self.crypt_method,
-                         self.l1_size, self.l1_table_offset, self.refcount_table_offset,
-                         self.refcount_table_clusters, self.nb_snapshots, self.snapshots_offset)
+        """A new image's header, extensions and backing file name, laid out as qemu-img creates them."""
         if self.version >= 3:
             self.header_length = V3_HEADER_LENGTH_COMPRESSION
-            fixed += _V3.pack(self.incompatible_features, self.compatible_features, self.autoclear_features,
-                              self.refcount_order, self.header_length)
-            fixed += bytes([self.compression_type]) + bytes(7)
+            self.header_tail = bytes(V3_HEADER_LENGTH_COMPRESSION - V3_HEADER_LENGTH)
         else:
             self.header_length = V2_HEADER_LENGTH
-        exts = b""
+        exts = []
         if self.backing_format:
-            exts += _ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, self.backing_format.encode())
+            exts.append((QCOW2_EXT_MAGIC_BACKING_FORMAT, self.backing_format.encode()))
         if self.data_file:
-            exts += _ext(QCOW2_EXT_MAGIC_DATA_FILE, self.data_file.encode())
+            exts.append((QCOW2_EXT_MAGIC_DATA_FILE, self.data_file.encode()))
         if self.crypto_header:
-            exts += _ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER, struct.pack(">QQ", *self.crypto_header))
+            exts.append((QCOW2_EXT_MAGIC_CRYPTO_HEADER, struct.pack(">QQ", *self.crypto_header)))
         if self.version >= 3 and self.cluster_size >= 8192:
             # qemu-img leaves the feature name table out of small clusters
-            table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURE_NAMES)
-            exts += _ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, table)
+            exts.append((QCOW2_EXT_MAGIC_FEATURE_TABLE, feature_table_bytes()))
         if self.bitmaps_ext:
             nb, dsize, doff = self.bitmaps_ext
-            exts += _ext(QCOW2_EXT_MAGIC_BITMAPS, struct.pack(">IIQQ", nb, 0, dsize, doff))
-        for etype, data in self.unknown_extensions:
-            exts += _ext(etype, data)
-        exts += struct.pack(">II", 0, 0)
-        out = bytearray(fixed + exts)
-        if self.backing_file:
-            name = self.backing_file.encode()
-            self.backing_file_offset = len(out)
-            self.backing_file_size = len(name)
-            out += name
-        else:
-            self.backing_file_offset = 0
-            self.backing_file_size = 0
-        struct.pack_into(">QI", out, 8, self.backing_file_offset, self.backing_file_size)
+            exts.append((QCOW2_EXT_MAGIC_BITMAPS, struct.pack(">IIQQ", nb, 0, dsize, doff)))
+        out = self._page(exts)
+        self.backing_file_offset, self.backing_file_size = struct.unpack_from(">QI", out, 8)
         if len(out) > self.cluster_size:
             raise CorruptImage("qcow2 header and extensions do not fit in one cluster")
+        return out
+
+    def repack(self) -> bytes:
+        """This (parsed, then edited) header written back: extensions in file order, the bytes past the
+        known header fields as they were, the backing format only with a backing file, no feature name
+        table on version 2."""
+        exts = []
+        if self.backing_format and self.backing_file:
+            exts.append((QCOW2_EXT_MAGIC_BACKING_FORMAT, self.backing_format.encode()))
+        exts.extend((t, d) for t, d in self.extensions if t != QCOW2_EXT_MAGIC_BACKING_FORMAT
+                    and (self.version >= 3 or t != QCOW2_EXT_MAGIC_FEATURE_TABLE))
+        if self.backing_file and len(self.backing_file.encode()) > MAX_BACKING_NAME:
+            raise QimgError("Backing file name too long")
+        out = self._page(exts)
+        if len(out) > self.cluster_size:
+            raise QimgError("Cannot fit the header, its extensions and the backing file name into one cluster")
+        return out
+
+    def _page(self, exts: list) -> bytes:
+        """Header fields, ``header_tail`` (v3), the extensions, the end marker and the backing file name."""
+        out = bytearray(_V2.pack(QCOW_MAGIC, self.version, 0, 0, self.cluster_bits, self.size, self.crypt_method,
+                                 self.l1_size, self.l1_table_offset, self.refcount_table_offset,
+                                 self.refcount_table_clusters, self.nb_snapshots, self.snapshots_offset))
+        if self.version >= 3:
+            hlen = max(self.header_length, V3_HEADER_LENGTH)
+            if self.compression_type and hlen < V3_HEADER_LENGTH_COMPRESSION:
+                hlen = V3_HEADER_LENGTH_COMPRESSION
+            out += _V3.pack(self.incompatible_features, self.compatible_features, self.autoclear_features,
+                            self.refcount_order, hlen)
+            tail = bytearray(self.header_tail.ljust(hlen - V3_HEADER_LENGTH, b"\0")[:hlen - V3_HEADER_LENGTH])
+            if tail:
+                tail[0] = self.compression_type
+            out += tail
+        for etype, data in exts:
+            out += _ext(etype, data)
+        out += struct.pack(">II", QCOW2_EXT_MAGIC_END, 0)
+        if self.backing_file:
+            name = self.backing_file.encode()
+            struct.pack_into(">QI", out, 8, len(out), len(name))
+            out += name
         return bytes(out)
+
+
+def feature_table_bytes() -> bytes:
+    """The feature name table extension's data (every feature this implementation knows)."""
+    return b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURE_NAMES)
 
 
 def _ext(etype: int, data: bytes) -> bytes:

@@ -7,6 +7,9 @@ References:
   "Bitmaps" (bitmap directory and bitmap tables, for their cluster references).
   Observed behaviour of qemu-img 7.2 (check, snapshot, resize, amend, rebase, commit).
 
+The header is read by ``header.Header.parse`` (the driver's own reader) and written back with
+``Header.repack``; this module reads and rewrites the tables behind it.
+
 How a change is made (crash safety): live metadata is never edited in place.  New L1 and L2 tables,
 a new snapshot table and a complete new refcount structure go to clusters that are free both in the
 old and in the new image; everything is flushed (fdatasync); then ONE write of the header page (the
@@ -19,260 +22,30 @@ old image used become free (refcount 0), never leaked.
 from __future__ import annotations
 
 import copy
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ...errors import CorruptImage, QimgError, check_limit
+from .header import (
+    MAX_L1_SIZE_BYTES,
+    MAX_REFTABLE_SIZE_BYTES,
+    MAX_SNAPSHOT_TABLE_BYTES,
+    QCOW2_AUTOCLEAR_BITMAPS,
+    QCOW2_INCOMPAT_DIRTY,
+    Header,
+    read_bitmap_directory,
+)
+from .refcount import REFT_OFFSET_MASK
+from .snapshot import read_snapshots
+from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
 
-QCOW_MAGIC = 0x514649FB
-QCOW_OFLAG_COPIED = 1 << 63
-QCOW_OFLAG_COMPRESSED = 1 << 62
-QCOW_OFLAG_ZERO = 1
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
-QCOW_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
-
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-COMPAT_LAZY_REFCOUNTS = 1 << 0
-AUTOCLEAR_BITMAPS = 1 << 0
-AUTOCLEAR_DATA_FILE_RAW = 1 << 1
-
-EXT_END = 0
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_CRYPTO_HEADER = 0x0537BE77
-EXT_BITMAPS = 0x23852875
-EXT_DATA_FILE = 0x44415441
-
-# limits (qemu's own where it has one)
-MIN_CLUSTER_BITS = 9
-MAX_CLUSTER_BITS = 21
-QCOW_MAX_L1_SIZE = 32 << 20            # bytes
-QCOW_MAX_REFTABLE_SIZE = 8 << 20       # bytes
-QCOW_MAX_SNAPSHOTS = 65536
-QCOW_MAX_SNAPSHOTS_SIZE = 64 << 20     # bytes of snapshot table
-QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
-QCOW_MAX_BACKING_NAME = 1023
-QCOW_MAX_EXTENSIONS_SIZE = 1 << 21
-QCOW_MAX_BITMAPS = 65535
-QCOW_MAX_BITMAP_DIRECTORY_SIZE = 64 << 20
 HEADER_PAGE = 4096
 L2_CACHE_BYTES = 64 << 20
 
-_HDR = struct.Struct(">IIQIIQIIQQIIQ")   # version 2 fields, 72 bytes
-_HDR3 = struct.Struct(">QQQII")           # version 3 additions, up to header_length 104
-_SNAP = struct.Struct(">QIHHIIQII")       # fixed part of a snapshot table entry, 40 bytes
-
-
 class RefcountOverflow(QimgError):
     """A reference count would not fit in refcount_bits."""
-
-
-@dataclass
-class Header:
-    """The qcow2 header and what sits in the header cluster (extensions, backing file name)."""
-
-    version: int = 3
-    backing_file_offset: int = 0
-    backing_file_size: int = 0
-    cluster_bits: int = 16
-    size: int = 0
-    crypt_method: int = 0
-    l1_size: int = 0
-    l1_table_offset: int = 0
-    refcount_table_offset: int = 0
-    refcount_table_clusters: int = 0
-    nb_snapshots: int = 0
-    snapshots_offset: int = 0
-    incompatible: int = 0
-    compatible: int = 0
-    autoclear: int = 0
-    refcount_order: int = 4
-    header_length: int = 104
-    compression_type: int = 0
-    header_tail: bytes = b""     # bytes between 104 and header_length, kept as they are
-    extensions: list = field(default_factory=list)   # [(type, data)] in file order, backing format excluded
-    backing_file: str | None = None
-    backing_fmt: str | None = None
-
-    @property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
-
-    @property
-    def refcount_bits(self) -> int:
-        return 1 << self.refcount_order
-
-    @property
-    def extended_l2(self) -> bool:
-        return bool(self.incompatible & INCOMPAT_EXTL2)
-
-    @property
-    def has_data_file(self) -> bool:
-        return bool(self.incompatible & INCOMPAT_DATA_FILE)
-
-    def ext(self, etype: int) -> bytes | None:
-        for t, data in self.extensions:
-            if t == etype:
-                return data
-        return None
-
-    def to_bytes(self) -> bytes:
-        """The header page: header, extensions, end marker, backing file name."""
-        out = bytearray(_HDR.pack(
-            QCOW_MAGIC, self.version, 0, 0, self.cluster_bits, self.size, self.crypt_method, self.l1_size,
-            self.l1_table_offset, self.refcount_table_offset, self.refcount_table_clusters, self.nb_snapshots,
-            self.snapshots_offset))
-        if self.version >= 3:
-            hlen = max(self.header_length, 104)
-            if self.compression_type and hlen < 112:
-                hlen = 112
-            out += _HDR3.pack(self.incompatible, self.compatible, self.autoclear, self.refcount_order, hlen)
-            tail = bytearray(self.header_tail.ljust(hlen - 104, b"\0")[:hlen - 104])
-            if hlen > 104:
-                tail[0] = self.compression_type
-            out += tail
-        exts = []
-        if self.backing_fmt and self.backing_file:
-            exts.append((EXT_BACKING_FORMAT, self.backing_fmt.encode()))
-        exts.extend((t, d) for t, d in self.extensions if t != EXT_BACKING_FORMAT
-                    and (self.version >= 3 or t != EXT_FEATURE_TABLE))
-        for t, d in exts:
-            out += struct.pack(">II", t, len(d)) + d + bytes(-len(d) % 8)
-        out += bytes(8)  # end of extensions
-        if self.backing_file:
-            name = self.backing_file.encode()
-            if len(name) > QCOW_MAX_BACKING_NAME:
-                raise QimgError("Backing file name too long")
-            struct.pack_into(">QI", out, 8, len(out), len(name))
-            out += name
-        if len(out) > self.cluster_size:
-            raise QimgError("Cannot fit the header, its extensions and the backing file name into one cluster")
-        return bytes(out)
-
-
-@dataclass
-class Snapshot:
-    """One snapshot table entry (extra data kept as raw bytes)."""
-
-    l1_table_offset: int
-    l1_size: int
-    id: str
-    name: str
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    extra: bytes = b""
-    unknown_extra_ok: bool = True
-    #: a new L1 table for this snapshot (written at commit); None keeps l1_table_offset
-    new_l1: object = None
-
-    @property
-    def vm_state_size_large(self) -> int:
-        if len(self.extra) >= 8:
-            return struct.unpack_from(">Q", self.extra, 0)[0]
-        return self.vm_state_size
-
-    @property
-    def disk_size(self) -> int | None:
-        if len(self.extra) >= 16:
-            return struct.unpack_from(">Q", self.extra, 8)[0]
-        return None
-
-    @property
-    def icount(self) -> int | None:
-        if len(self.extra) >= 24:
-            v = struct.unpack_from(">Q", self.extra, 16)[0]
-            return None if v == (1 << 64) - 1 else v
-        return None
-
-    def to_bytes(self) -> bytes:
-        ident = self.id.encode()
-        name = self.name.encode()
-        vm32 = self.vm_state_size if self.vm_state_size < (1 << 32) else 0
-        out = _SNAP.pack(self.l1_table_offset, self.l1_size, len(ident), len(name), self.date_sec, self.date_nsec,
-                         self.vm_clock_nsec, vm32, len(self.extra)) + self.extra + ident + name
-        return out + bytes(-len(out) % 8)
-
-    def info(self) -> dict:
-        """qemu's SnapshotInfo dict (info / snapshot -l)."""
-        d = {
-            "icount": self.icount,
-            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
-            "name": self.name,
-            "date-sec": self.date_sec,
-            "date-nsec": self.date_nsec,
-            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
-            "id": self.id,
-            "vm-state-size": self.vm_state_size_large,
-        }
-        if d["icount"] is None:
-            del d["icount"]
-        return d
-
-
-def parse_header(head: bytes, file_size: int) -> Header:
-    """Decode the header cluster (``head`` holds at least its first cluster, or the whole file if shorter)."""
-    if len(head) < 72:
-        raise CorruptImage("Image is not in qcow2 format")
-    f = _HDR.unpack_from(head, 0)
-    if f[0] != QCOW_MAGIC:
-        raise CorruptImage("Image is not in qcow2 format")
-    h = Header(version=f[1], backing_file_offset=f[2], backing_file_size=f[3], cluster_bits=f[4], size=f[5],
-               crypt_method=f[6], l1_size=f[7], l1_table_offset=f[8], refcount_table_offset=f[9],
-               refcount_table_clusters=f[10], nb_snapshots=f[11], snapshots_offset=f[12])
-    if h.version not in (2, 3):
-        raise QimgError(f"Unsupported qcow2 version {h.version}")
-    if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
-        raise CorruptImage(f"Unsupported cluster size: 2^{h.cluster_bits}")
-    if h.version == 3:
-        if len(head) < 104:
-            raise CorruptImage("qcow2 header exceeds cluster size")
-        h.incompatible, h.compatible, h.autoclear, h.refcount_order, h.header_length = _HDR3.unpack_from(head, 72)
-        check_limit("qcow2 header_length", h.header_length, h.cluster_size)
-        if h.header_length < 104:
-            raise CorruptImage("qcow2 header too short")
-        h.header_tail = bytes(head[104:h.header_length])
-        if h.header_length > 104:
-            h.compression_type = head[104]
-        if h.refcount_order > 6:
-            raise CorruptImage("Reference count entry width too large; may not exceed 64 bits")
-    else:
-        h.header_length = 72
-        h.refcount_order = 4
-    cs = h.cluster_size
-    ext_end = h.backing_file_offset if h.backing_file_offset else cs
-    ext_end = min(ext_end, cs, len(head))
-    pos = h.header_length
-    while pos + 8 <= ext_end:
-        etype, elen = struct.unpack_from(">II", head, pos)
-        pos += 8
-        if etype == EXT_END:
-            break
-        if elen > ext_end - pos:
-            raise CorruptImage("Invalid extension length in qcow2 header")
-        data = bytes(head[pos:pos + elen])
-        pos += (elen + 7) & ~7
-        if etype == EXT_BACKING_FORMAT:
-            h.backing_fmt = data.decode("utf-8", "replace")
-        else:
-            h.extensions.append((etype, data))
-    if h.backing_file_offset:
-        check_limit("qcow2 backing file name length", h.backing_file_size, QCOW_MAX_BACKING_NAME)
-        if h.backing_file_offset + h.backing_file_size > min(cs, len(head)):
-            raise CorruptImage("Invalid backing file offset")
-        h.backing_file = bytes(head[h.backing_file_offset:h.backing_file_offset + h.backing_file_size]).decode(
-            "utf-8", "replace")
-    return h
 
 
 def _be64(buf) -> np.ndarray:
@@ -285,90 +58,34 @@ class Qcow2Meta:
     def __init__(self, store):
         self.store = store
         self.file_size = store.size()
-        head = store.pread_full(0, min(HEADER_PAGE, max(self.file_size, 72)))
-        h = parse_header(head, self.file_size)
-        if h.cluster_size > len(head):
-            head = store.pread_full(0, min(h.cluster_size, max(self.file_size, 72)))
-            h = parse_header(head, self.file_size)
+        h = Header.parse(store, self.file_size)   # every header field checked against its limit
         self.header = h
         cs = h.cluster_size
         self.cluster_bits = h.cluster_bits
         self.cluster_size = cs
         self.l2_entry_words = 2 if h.extended_l2 else 1
-        self.l2_entries = cs // (8 * self.l2_entry_words)
+        self.l2_entries = h.l2_entries
         self.csize_shift = 62 - (h.cluster_bits - 8)
         self.csize_mask = (1 << (h.cluster_bits - 8)) - 1
         self.cluster_offset_mask = (1 << self.csize_shift) - 1
         self.rc_per_block = cs * 8 // h.refcount_bits
         self.file_clusters = -(-self.file_size // cs)
         self._l2_cache: dict[int, np.ndarray] = {}
-        # the tables, checked against their limits before anything is read
-        check_limit("qcow2 L1 table entries", h.l1_size, QCOW_MAX_L1_SIZE // 8)
-        check_limit("qcow2 refcount table clusters", h.refcount_table_clusters, QCOW_MAX_REFTABLE_SIZE // cs + 1)
-        check_limit("qcow2 snapshot count", h.nb_snapshots, QCOW_MAX_SNAPSHOTS)
-        if h.l1_size and (h.l1_table_offset % cs or h.l1_table_offset + h.l1_size * 8 > self.file_size):
+        # the whole tables are read here: they must also end inside the file
+        if h.l1_size and h.l1_table_offset + h.l1_size * 8 > self.file_size:
             raise CorruptImage("Invalid L1 table offset")
-        if h.refcount_table_offset % cs or h.refcount_table_offset + h.refcount_table_clusters * cs > max(
-                self.file_size, cs):
+        if h.refcount_table_offset + h.refcount_table_clusters * cs > max(self.file_size, cs):
             raise CorruptImage("Invalid reference count table offset")
-        if h.size > (1 << 63) - 1:
-            raise CorruptImage("Image size too large")
-        need_l1 = -(-h.size // (cs * self.l2_entries))
-        if h.l1_size < need_l1:
-            raise CorruptImage("L1 table is too small")
         self.l1 = self.read_table(h.l1_table_offset, h.l1_size)
         self.reftable = self.read_table(h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
-        self.snapshots = self._read_snapshots()
+        self.snapshots = read_snapshots(store, h.snapshots_offset, h.nb_snapshots, cs, self.file_size)
+        self.snapshot_table_bytes = sum(s.entry_size for s in self.snapshots)
 
     # ----- reading -----
     def read_table(self, offset: int, entries: int) -> np.ndarray:
         if entries == 0:
             return np.zeros(0, np.uint64)
         return _be64(self.store.pread_full(offset, entries * 8))
-
-    def snapshot_table_size(self) -> int:
-        return sum(len(s.to_bytes()) for s in self.snapshots)
-
-    def _read_snapshots(self) -> list[Snapshot]:
-        h = self.header
-        if h.nb_snapshots == 0:
-            return []
-        if h.snapshots_offset % self.cluster_size or h.snapshots_offset >= self.file_size:
-            raise CorruptImage("Snapshot table offset invalid")
-        limit = min(QCOW_MAX_SNAPSHOTS_SIZE, self.file_size - h.snapshots_offset)
-        want = min(limit, h.nb_snapshots * 1104 + 8)
-        while True:
-            data = self.store.pread_full(h.snapshots_offset, want)
-            try:
-                return self._parse_snapshots(data)
-            except CorruptImage:
-                if want >= limit:
-                    raise
-                want = min(limit, want * 4)   # long names or extra data: read more, up to the limit
-
-    def _parse_snapshots(self, data: bytes) -> list[Snapshot]:
-        h = self.header
-        snaps = []
-        pos = 0
-        for _ in range(h.nb_snapshots):
-            if pos + _SNAP.size > len(data):
-                raise CorruptImage("Snapshot table exceeds the limit or the end of the file")
-            (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize, extra_len) = _SNAP.unpack_from(data, pos)
-            pos += _SNAP.size
-            check_limit("qcow2 snapshot extra data size", extra_len, QCOW_MAX_SNAPSHOT_EXTRA_DATA)
-            end = pos + extra_len + id_len + name_len
-            if end > len(data):
-                raise CorruptImage("Snapshot table exceeds the limit or the end of the file")
-            extra = bytes(data[pos:pos + extra_len])
-            pos += extra_len
-            ident = bytes(data[pos:pos + id_len]).decode("utf-8", "replace")
-            pos += id_len
-            name = bytes(data[pos:pos + name_len]).decode("utf-8", "replace")
-            pos += name_len
-            pos = (pos + 7) & ~7
-            snaps.append(Snapshot(l1_off, l1_size, ident, name, dsec, dnsec, clock, vmsize, extra))
-        self.snapshot_table_bytes = pos
-        return snaps
 
     def read_l2(self, offset: int) -> np.ndarray:
         """An L2 table as uint64 entries ((n, 2) with the subcluster bitmaps for extended L2)."""
@@ -432,32 +149,16 @@ class Qcow2Meta:
         """Byte ranges referenced by the header's extensions (crypto header, bitmaps) besides cluster 0."""
         h = self.header
         out = []
-        crypto = h.ext(EXT_CRYPTO_HEADER)
-        if crypto is not None and len(crypto) >= 16:
-            off, length = struct.unpack_from(">QQ", crypto, 0)
-            out.append((off, length))
-        bm = h.ext(EXT_BITMAPS)
-        if bm is not None and len(bm) >= 24 and h.autoclear & AUTOCLEAR_BITMAPS:
-            out.extend(self._bitmap_refs(bm))
-        return out
-
-    def _bitmap_refs(self, ext: bytes) -> list[tuple[int, int]]:
-        nb, _res, dir_size, dir_off = struct.unpack_from(">IIQQ", ext, 0)
-        check_limit("qcow2 bitmap count", nb, QCOW_MAX_BITMAPS)
-        check_limit("qcow2 bitmap directory size", dir_size, QCOW_MAX_BITMAP_DIRECTORY_SIZE)
-        out = [(dir_off, dir_size)]
-        data = self.store.pread_full(dir_off, dir_size)
-        pos = 0
-        for _ in range(nb):
-            if pos + 24 > len(data):
-                break
-            tab_off, tab_size, _flags, _type, _gran, name_len, extra_len = struct.unpack_from(">QIIBBHI", data, pos)
-            out.append((tab_off, tab_size * 8))
-            check_limit("qcow2 bitmap table size", tab_size, QCOW_MAX_L1_SIZE)
-            tab = self.read_table(tab_off, tab_size) & np.uint64(0x00FFFFFFFFFFFE00)
-            for o in tab[tab > 1].tolist():
-                out.append((o, self.cluster_size))
-            pos += (24 + extra_len + name_len + 7) & ~7
+        if h.crypto_header:
+            out.append(h.crypto_header)
+        if h.bitmaps_ext and h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
+            _nb, dir_size, dir_off = h.bitmaps_ext
+            out.append((dir_off, dir_size))
+            for bm in read_bitmap_directory(self.store, h, self.file_size):
+                out.append((bm.table_offset, bm.table_size * 8))
+                check_limit("qcow2 bitmap table size", bm.table_size, MAX_L1_SIZE_BYTES)
+                tab = self.read_table(bm.table_offset, bm.table_size) & np.uint64(L1E_OFFSET_MASK)
+                out.extend((o, self.cluster_size) for o in tab[tab > 1].tolist())
         return out
 
 
@@ -555,9 +256,7 @@ class Change:
 def current_plan(meta: Qcow2Meta) -> Change:
     """A Change describing the image as it is (ops edit it, then commit)."""
     h = copy.deepcopy(meta.header)
-    snaps = [copy.copy(s) for s in meta.snapshots]
-    for s in snaps:
-        check_limit("qcow2 snapshot L1 table entries", s.l1_size, QCOW_MAX_L1_SIZE // 8, f"snapshot '{s.name}'")
+    snaps = [copy.copy(s) for s in meta.snapshots]   # (read_snapshots bounded their L1 sizes)
     plans = [L1Plan(meta.read_table(s.l1_table_offset, s.l1_size) & np.uint64(L1E_OFFSET_MASK),
                     location=s.l1_table_offset) for s in snaps]
     active = L1Plan(meta.l1 & np.uint64(L1E_OFFSET_MASK))
@@ -713,13 +412,11 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
         s.l1_table_offset = p.location if p.location is not None else l1_where[si + 1]
         s.l1_size = len(p.entries)
     for s in change.snapshots:
-        if len(s.extra) < 24:
-            # qemu writes the full extra data (vm_state_size_large, disk_size, icount) for every entry
-            vm = s.vm_state_size_large
-            ds = s.disk_size if s.disk_size is not None else h.size
-            s.extra = struct.pack(">QQQ", vm, ds, (1 << 64) - 1)
-    snap_bytes = b"".join(s.to_bytes() for s in change.snapshots)
-    check_limit("qcow2 snapshot table size", len(snap_bytes), QCOW_MAX_SNAPSHOTS_SIZE)
+        if s.disk_size is None:
+            s.disk_size = h.size
+    # qemu writes the full extra data (vm_state_size_large, disk_size, icount) for every entry, v2 too
+    snap_bytes = b"".join(s.pack(3) for s in change.snapshots)
+    check_limit("qcow2 snapshot table size", len(snap_bytes), MAX_SNAPSHOT_TABLE_BYTES)
     snap_off = take(-(-len(snap_bytes) // cs)) if change.snapshots else 0
     # 4. the refcount structure, sized for everything above plus itself
     final = np.zeros(len(alloc.used), np.int64)
@@ -728,14 +425,15 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
         final = _grow(final, first + count)
         final[first:first + count] += 1
     rpb = cs * 8 // h.refcount_bits
+    top = int(np.nonzero(final)[0][-1]) + 1
+    slack = 0   # grows when the structure lands past what the blocks cover (clusters the old image still uses)
     while True:
-        top = int(np.nonzero(final)[0][-1]) + 1
         nblocks = -(-top // rpb)
         rt_clusters = max(1, -(-nblocks * 8 // cs))
         # room for growth caused by the structure itself
-        nblocks_try = -(-(top + nblocks + rt_clusters + 2) // rpb)
+        nblocks_try = -(-(top + nblocks + rt_clusters + 2 + slack) // rpb)
         rt_clusters = max(1, -(-nblocks_try * 8 // cs))
-        check_limit("qcow2 refcount table size", rt_clusters * cs, QCOW_MAX_REFTABLE_SIZE)
+        check_limit("qcow2 refcount table size", rt_clusters * cs, MAX_REFTABLE_SIZE_BYTES)
         saved = alloc.used.copy()
         rt_first = alloc.alloc(rt_clusters)
         blocks = [alloc.alloc(1) for _ in range(nblocks_try)]
@@ -748,6 +446,7 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
             final = trial
             break
         alloc.used = saved
+        slack = max(slack + 1, top2 - top)
     maxrc = (1 << h.refcount_bits) - 1
     if int(final.max()) > maxrc:
         raise RefcountOverflow(f"Cannot update refcounts: a refcount exceeds the {h.refcount_bits}-bit limit")
@@ -788,8 +487,8 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     h.refcount_table_clusters = rt_clusters
     h.nb_snapshots = len(change.snapshots)
     h.snapshots_offset = snap_off
-    h.incompatible &= ~INCOMPAT_DIRTY
-    page = h.to_bytes()
+    h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY
+    page = h.repack()
     store.pwrite(0, page)
     if flush:
         store.flush()
@@ -842,6 +541,6 @@ def write_header_only(meta: Qcow2Meta, header: Header, flush: bool = True) -> No
     """Switch header fields that need no new clusters (backing file, feature bits) in one page write."""
     if flush:
         meta.store.flush()
-    meta.store.pwrite(0, header.to_bytes())
+    meta.store.pwrite(0, header.repack())
     if flush:
         meta.store.flush()

@@ -15,7 +15,9 @@ import numpy as np
 
 from ...errors import QimgError
 from . import lifecycle as lc
+from .header import MAX_L1_SIZE_BYTES, QCOW2_AUTOCLEAR_BITMAPS
 from .snapshot_ops import refuse_if_corrupt
+from .tables import QCOW_L2_BITMAP_ALL_ALLOC
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -31,7 +33,7 @@ def resize(store, new_size: int, prealloc: str = "off") -> None:
         raise QimgError("Can't resize a v2 image which has snapshots")
     if new_size % 512:
         raise QimgError("The new size must be a multiple of 512")
-    if h.ext(lc.EXT_BITMAPS) is not None and h.autoclear & lc.AUTOCLEAR_BITMAPS and new_size < h.size:
+    if h.bitmaps_ext and h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS and new_size < h.size:
         raise QimgError("Cannot shrink an image with persistent bitmaps")
     change = lc.current_plan(meta)
     apply_size(meta, change, new_size)
@@ -52,7 +54,7 @@ def apply_size(meta: lc.Qcow2Meta, change: lc.Change, new_size: int) -> None:
     cs = meta.cluster_size
     per_l2 = cs * meta.l2_entries
     need = -(-new_size // per_l2)
-    lc.check_limit("qcow2 L1 table entries", need, lc.QCOW_MAX_L1_SIZE // 8)
+    lc.check_limit("qcow2 L1 table entries", need, MAX_L1_SIZE_BYTES // 8)
     ents = change.active.entries
     if need > len(ents):
         ents = np.concatenate((ents, np.zeros(need - len(ents), np.uint64)))
@@ -97,7 +99,7 @@ def _preallocate(meta: lc.Qcow2Meta, change: lc.Change, old_size: int, new_size:
         host = (start + k) << bits
         if l2.ndim == 2:
             l2[l2i, 0] = host
-            l2[l2i, 1] = lc.QCOW_L2_BITMAP_ALL_ALLOC
+            l2[l2i, 1] = QCOW_L2_BITMAP_ALL_ALLOC
         else:
             l2[l2i] = host
     end = (start + count) << bits

@@ -31,6 +31,7 @@ class Snapshot:
     disk_size: int | None = None
     icount: int = -1
     extra: bytes = b""  # the raw extra data (kept whole when rewriting)
+    entry_size: int = 0  # bytes the entry took in the table as read, padding to 8 included
 
     def info(self) -> dict:
         """The SnapshotInfo dict ``qemu-img info`` prints."""
@@ -94,6 +95,7 @@ def read_snapshots(store, offset: int, count: int, cluster_size: int, file_size:
 
     for _ in range(count):
         pos = (pos + 7) & ~7
+        start = pos
         need(_ENTRY.size)
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize, extra_len) = _ENTRY.unpack_from(buf, pos)
         check_limit("qcow2 snapshot extra data size", extra_len, MAX_SNAPSHOT_EXTRA_BYTES)
@@ -106,7 +108,8 @@ def read_snapshots(store, offset: int, count: int, cluster_size: int, file_size:
         pos += id_len
         name = buf[pos:pos + name_len].decode("utf-8", "replace")
         pos += name_len
-        sn = Snapshot(l1_off, l1_size, id_str, name, dsec, dnsec, vmclock, vmsize, None, -1, extra)
+        sn = Snapshot(l1_off, l1_size, id_str, name, dsec, dnsec, vmclock, vmsize, None, -1, extra,
+                      ((pos + 7) & ~7) - start)
         if extra_len >= 8:
             sn.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
         if extra_len >= 16:

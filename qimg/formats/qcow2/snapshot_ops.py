@@ -12,13 +12,14 @@ killed at any point leaves the image with or without the change, and consistent 
 
 from __future__ import annotations
 
-import struct
 import time
 
 import numpy as np
 
 from ...errors import QimgError
 from . import lifecycle as lc
+from .header import MAX_SNAPSHOTS, QCOW2_INCOMPAT_CORRUPT
+from .snapshot import Snapshot
 
 
 def open_meta(store, writable: bool = True) -> lc.Qcow2Meta:
@@ -32,7 +33,7 @@ def refuse_if_corrupt(meta: lc.Qcow2Meta) -> np.ndarray:
     """Run the consistency walk; a corrupt image is refused with one line. Returns the computed refcounts."""
     from .check import _check_once
 
-    if meta.header.incompatible & lc.INCOMPAT_CORRUPT:
+    if meta.header.incompatible_features & QCOW2_INCOMPAT_CORRUPT:
         raise QimgError("qcow2: Image is corrupt; cannot be opened read/write")
     res, state = _check_once(meta, False, lambda m: None)
     if res.corruptions or res.check_errors:
@@ -42,7 +43,7 @@ def refuse_if_corrupt(meta: lc.Qcow2Meta) -> np.ndarray:
 
 def find_snapshot(snaps, id_or_name: str) -> int:
     for i, s in enumerate(snaps):
-        if s.id == id_or_name:
+        if s.id_str == id_or_name:
             return i
     for i, s in enumerate(snaps):
         if s.name == id_or_name:
@@ -62,14 +63,14 @@ def create(store, name: str, vm_state_size: int = 0, vm_clock_nsec: int = 0, dat
     if meta.header.has_data_file:
         raise QimgError(f"Could not create snapshot '{name}': -95 (Operation not supported)")
     change = lc.current_plan(meta)
-    ids = [int(s.id) for s in meta.snapshots if s.id.isdigit()]
+    ids = [int(s.id_str) for s in meta.snapshots if s.id_str.isdigit()]
     new_id = str(max(ids, default=0) + 1)
     now_us = int((time.time() if date is None else date) * 1_000_000)
-    extra = struct.pack(">QQQ", vm_state_size, meta.header.size, 0)
     h = meta.header
-    sn = lc.Snapshot(l1_table_offset=h.l1_table_offset, l1_size=h.l1_size, id=new_id, name=name,
-                     date_sec=now_us // 1_000_000, date_nsec=(now_us % 1_000_000) * 1000,
-                     vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size, extra=extra)
+    # extra data (written whole by commit): vm_state_size_large, disk_size, icount 0
+    sn = Snapshot(l1_table_offset=h.l1_table_offset, l1_size=h.l1_size, id_str=new_id, name=name,
+                  date_sec=now_us // 1_000_000, date_nsec=(now_us % 1_000_000) * 1000,
+                  vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size, disk_size=h.size, icount=0)
     check_count(len(change.snapshots) + 1)
     change.snapshots.append(sn)
     change.snapshot_plans.append(lc.L1Plan(meta.l1 & np.uint64(lc.L1E_OFFSET_MASK),
@@ -81,7 +82,7 @@ def create(store, name: str, vm_state_size: int = 0, vm_clock_nsec: int = 0, dat
 
 
 def check_count(n: int) -> None:
-    if n > lc.QCOW_MAX_SNAPSHOTS:
+    if n > MAX_SNAPSHOTS:
         raise QimgError("Too many snapshots")
 
 
@@ -121,15 +122,15 @@ def delete(store, id_or_name: str) -> None:
 def set_backing(store, filename: str | None, fmt: str | None) -> None:
     """Record a new backing file (or none): one write of the header page, after a flush."""
     meta = lc.Qcow2Meta(store)
-    if meta.header.incompatible & lc.INCOMPAT_CORRUPT:
+    if meta.header.incompatible_features & QCOW2_INCOMPAT_CORRUPT:
         raise QimgError("qcow2: Image is corrupt; cannot be opened read/write")
     import copy
 
     h = copy.deepcopy(meta.header)
     h.backing_file = filename or None
-    h.backing_fmt = fmt if filename else None
+    h.backing_format = fmt if filename else None
     h.backing_file_offset = h.backing_file_size = 0
-    if len(h.to_bytes()) > min(meta.cluster_size, lc.HEADER_PAGE):
+    if len(h.repack()) > min(meta.cluster_size, lc.HEADER_PAGE):
         raise QimgError("Could not change the backing file: the name does not fit in the header cluster")
     lc.write_header_only(meta, h)
 
