@@ -58,9 +58,18 @@ def get_secret(ident: str) -> bytes:
 def parse_image_opts(text: str) -> tuple[str, str | None, dict]:
     """``driver=qcow2,file.filename=x,...`` -> (filename, format, remaining options)."""
     opts = parse_opts(text)
+    first = text.replace(",,", "\0").split(",", 1)[0].replace("\0", ",")
+    if first and "=" not in first:
+        # a leading bare value is qemu's implied key "file"
+        opts.pop(first, None)
+        opts["file"] = first
     fmt = opts.pop("driver", None)
-    filename = opts.pop("file.filename", None) or opts.pop("file", None) or opts.pop("filename", None)
+    node = opts.pop("file", None)
+    filename = opts.pop("file.filename", None) or opts.pop("filename", None)
     opts.pop("file.driver", None)
+    if filename is None and node is not None:
+        # file=NAME names another block node, and qemu-img defines none
+        raise QimgError(f"Could not open '{text}': Cannot find device='{node}' nor node-name='{node}'")
     if filename is None:
         raise QimgError(f"Could not open '{text}': A block device must be specified for \"file\"")
     return filename, fmt, opts

@@ -10,6 +10,9 @@ from .errors import QimgError, UsageError
 #: sizing up a backing file, open encrypted images so without their keys; every other open of an
 #: encrypted image unlocks it at once, so a missing or wrong key fails there, as in qemu-img
 NO_IO = "_no_io"
+#: open option: how the user named the image (the whole --image-opts string): qemu-img's
+#: "Could not open '...'" errors quote that
+DISPLAY_NAME = "_display_name"
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,11 @@ def image_spec(filename: str, fmt: str | None, image_opts: bool) -> tuple[str, s
             from ..errors import QimgError
 
             raise QimgError("--image-opts and --format are mutually exclusive")
+        from ..options import DISPLAY_NAME
+
         name, fmt, options = parse_image_opts(filename)
         _share_backing_files(options)
+        options[DISPLAY_NAME] = filename
         return name, fmt, options
     return filename, fmt, {}
 

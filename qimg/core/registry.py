@@ -113,7 +113,24 @@ def probe(head: bytes, filename: str) -> str:
 
 def open_image(filename: str, fmt: str | None = None, writable: bool = False, options: dict | None = None,
                warn=None):
-    """Open one layer (no backing files): probe unless ``fmt`` is given."""
+    """Open one layer (no backing files): probe unless ``fmt`` is given.
+
+    Open errors read "Could not open 'NAME': ...", NAME as the user gave it (DISPLAY_NAME: the
+    whole --image-opts string, as qemu-img quotes it)."""
+    from ..options import DISPLAY_NAME
+
+    shown = (options or {}).get(DISPLAY_NAME)
+    try:
+        return _open_image(filename, fmt, writable, options, warn)
+    except QimgError as e:
+        prefix = f"Could not open '{filename}': "
+        msg = str(e)
+        if not shown or shown == filename or not msg.startswith(prefix):
+            raise
+        raise type(e)(f"Could not open '{shown}': " + msg[len(prefix):], e.exit_code) from None
+
+
+def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | None, warn):
     from ..io import lock
     from ..io.store import FileStore
     from ..options import NO_IO
