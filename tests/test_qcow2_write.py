@@ -96,6 +96,30 @@ def test_create_refusals_match_qemu(tmp_path, oracle, monkeypatch, opts):
     assert r.out == q.out  # the "Formatting" line only for errors found after option parsing
 
 
+def test_backing_name_longer_than_1023_bytes_refused(tmp_path, oracle, monkeypatch):
+    """create and rebase -u refuse a backing name the header cannot hold, with qemu-img's words;
+    create leaves no file behind."""
+    monkeypatch.chdir(tmp_path)
+    ok, long = "b" * 1023, "b" * 1024
+    for name, rc in ((ok, 0), (long, 1)):
+        args = ["create", "-f", "qcow2", "-u", "-b", name, "-F", "qcow2"]
+        q = oracle(*args, "q.qcow2", "1M", check=False)
+        r = run_qimg(*args, "q.qcow2", "1M")
+        assert q.rc == r.rc == rc
+        assert r.err.replace("qimg:", "qemu-img:") == q.err and r.out == q.out
+        assert os.path.exists("q.qcow2") == (rc == 0)
+        if rc:
+            assert q.err.endswith("with format 'qcow2': Invalid argument\n")
+        else:
+            os.unlink("q.qcow2")
+    oracle("create", "-q", "-f", "qcow2", "x.qcow2", "1M")
+    before = open("x.qcow2", "rb").read()
+    q = oracle("rebase", "-u", "-b", long, "-F", "raw", "x.qcow2", check=False)
+    r = run_qimg("rebase", "-u", "-b", long, "-F", "raw", "x.qcow2")
+    assert q.rc == r.rc == 1 and r.err.replace("qimg:", "qemu-img:") == q.err
+    assert open("x.qcow2", "rb").read() == before
+
+
 def test_create_size_limit(tmp_path, oracle, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = run_qimg("create", "-f", "qcow2", "-o", "cluster_size=512", "x.qcow2", "129G")

@@ -15,6 +15,7 @@ from ...options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT, OptSpec, par
 from .header import (
     COMPRESSION_TYPE_ZLIB,
     COMPRESSION_TYPE_ZSTD,
+    MAX_BACKING_NAME,
     MAX_L1_SIZE_BYTES,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -147,6 +148,9 @@ def parse_spec(size: int, options: dict, backing_file=None, backing_fmt=None, ch
         raise QimgError("data-file-raw requires data-file")
     if spec.data_file_raw and backing_file:
         raise QimgError("Backing file and data-file-raw cannot be used at the same time")
+    if backing_file and len(backing_file.encode()) > MAX_BACKING_NAME:
+        raise QimgError(f"Could not assign backing file '{backing_file}' with format '{backing_fmt or ''}': "
+                        "Invalid argument")
     if check_encryption:
         enc_format = o.get("encrypt.format")
         if "encryption" in o and parse_bool("encryption", o["encryption"]):

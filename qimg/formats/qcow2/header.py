@@ -350,7 +350,7 @@ class Header:
         exts.extend((t, d) for t, d in self.extensions if t != QCOW2_EXT_MAGIC_BACKING_FORMAT
                     and (self.version >= 3 or t != QCOW2_EXT_MAGIC_FEATURE_TABLE))
         if self.backing_file and len(self.backing_file.encode()) > MAX_BACKING_NAME:
-            raise QimgError("Backing file name too long")
+            raise QimgError("Invalid argument")  # (qemu-img: EINVAL, a name longer than 1023 bytes)
         out = self._page(exts)
         if len(out) > self.cluster_size:
             raise QimgError("Cannot fit the header, its extensions and the backing file name into one cluster")
