@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from tests.conftest import decompress_to, qemu, run_qimg, sha256_file, write_pattern
+from tests.conftest import decompress_to, qemu, qemu_create_pbkdf, run_qimg, sha256_file, write_pattern
 
 SECRET = "--object", "secret,id=s0,data=abc"
 SIZE = 3 << 20
@@ -156,13 +156,7 @@ def test_qimg_created_roundtrip_with_qemu(combo, tmp_path, oracle):
 
 def test_qemu_created_image(tmp_path, oracle):
     img = tmp_path / "q.luks"
-    for _attempt in range(12):  # qemu's PBKDF benchmark fails now and then here: "Unable to get accurate CPU usage"
-        r = oracle("create", *SECRET, "-q", "-f", "luks", "-o", "key-secret=s0,iter-time=10", img, "2M", check=False)
-        if r.rc == 0:
-            break
-        assert "Unable to get accurate CPU usage" in r.err
-    else:
-        pytest.skip("qemu-img could not benchmark PBKDF2 here")
+    qemu_create_pbkdf(*SECRET, "-q", "-f", "luks", "-o", "key-secret=s0,iter-time=10", img, "2M")
     src = write_pattern(tmp_path / "src.raw", 2 << 20, [(0, 100000), (1 << 20, 4096)])
     oracle("convert", *SECRET, "-n", "-f", "raw", "--target-image-opts", src, _opts(img))
     for extra in ([], ["--output=json"]):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import qemu, run_qimg, sha256_file, write_pattern
+from tests.conftest import qemu, qemu_create_pbkdf, run_qimg, sha256_file, write_pattern
 
 KEY = "secret,id=s0,data=x"
 WRONG = "secret,id=s0,data=not-the-key"
@@ -50,13 +50,7 @@ def _qemu_create(path, opts, size=SIZE, cache=True):
     key = (opts, str(size))
     if key not in _TEMPLATES or not cache:
         tpl = _TEMPLATES["dir"] / f"t{len(_TEMPLATES)}.qcow2" if cache else path
-        for _attempt in range(15):  # qemu's PBKDF benchmark sometimes fails: "Unable to get accurate CPU usage"
-            r = qemu("create", "-q", "-f", "qcow2", "--object", KEY, "-o", opts, tpl, size, check=False)
-            if r.rc == 0:
-                break
-            assert "Unable to get accurate CPU usage" in r.err, r.err
-        else:
-            pytest.skip("qemu-img could not benchmark PBKDF2 here")
+        qemu_create_pbkdf("-q", "-f", "qcow2", "--object", KEY, "-o", opts, tpl, size)
         if not cache:
             return
         _TEMPLATES[key] = tpl

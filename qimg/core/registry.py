@@ -75,20 +75,25 @@ def protocol_for(filename: str) -> str | None:
     return None
 
 
-#: formats with a fixed magic (from their specs): a driver module whose magic is absent is not
-#: even imported while probing, so ``info`` on a raw or qcow2 file loads one or two modules.
-#: Formats not listed here (vmdk descriptors, parallels bundles, dmg) are always asked.
+#: what each format's probe needs at the least (its magic, from the specs): a driver module whose
+#: hint fails is not even imported while probing, so ``info`` on a raw or qcow2 file loads one or
+#: two modules.  Formats not listed here are always asked.
 _MAGIC_HINTS = {
-    "qcow2": lambda h: h[:4] == b"QFI\xfb",
-    "qcow": lambda h: h[:4] == b"QFI\xfb",
-    "qed": lambda h: h[:4] == b"QED\0",
-    "vdi": lambda h: h[64:68] == b"\x7f\x10\xda\xbe",
-    "vpc": lambda h: h[:8] == b"conectix",
-    "vhdx": lambda h: h[:8] == b"vhdxfile",
-    "bochs": lambda h: h[:22] == b"Bochs Virtual HD Image",
-    "cloop": lambda h: h[:9] == b"#!/bin/sh",
-    "luks": lambda h: h[:6] == b"LUKS\xba\xbe",
-    "cow": lambda h: h[:4] in (b"OOOM", b"MOOO"),  # big-endian v2/v3, host-endian (x86) v1
+    "qcow2": lambda h, f: h[:4] == b"QFI\xfb",
+    "qcow": lambda h, f: h[:4] == b"QFI\xfb",
+    "qed": lambda h, f: h[:4] == b"QED\0",
+    "vdi": lambda h, f: h[64:68] == b"\x7f\x10\xda\xbe",
+    "vpc": lambda h, f: h[:8] == b"conectix",
+    "vhdx": lambda h, f: h[:8] == b"vhdxfile",
+    "bochs": lambda h, f: h[:22] == b"Bochs Virtual HD Image",
+    "cloop": lambda h, f: h[:9] == b"#!/bin/sh",
+    "luks": lambda h, f: h[:6] == b"LUKS\xba\xbe",
+    "cow": lambda h, f: h[:4] in (b"OOOM", b"MOOO"),  # big-endian v2/v3, host-endian (x86) v1
+    # sparse/COWD headers, or a text descriptor (whose first statement is version=N)
+    "vmdk": lambda h, f: h[:4] in (b"KDMV", b"COWD") or b"version=" in h,
+    # the header magics, or a bundle's DiskDescriptor.xml
+    "parallels": lambda h, f: h[:4] == b"With" or b"<Parallels_disk_image" in h,
+    "dmg": lambda h, f: f.endswith(".dmg"),  # qemu probes dmg by name only
 }
 
 
@@ -99,7 +104,7 @@ def probe(head: bytes, filename: str) -> str:
         if name == "raw":
             continue
         hint = _MAGIC_HINTS.get(name)
-        if hint is not None and not hint(head):
+        if hint is not None and not hint(head, filename):
             continue
         try:
             cls = get_driver(name)
