@@ -21,6 +21,16 @@ class QimgError(Exception):
         return str(self)
 
 
+#: separates the reports in one error message: each is printed as its own ``qimg: ...`` line, as
+#: qemu-img does when it reports a failure and then the operation that failed
+REPORT_SEP = "\x1e"
+
+
+def reports(*messages: str) -> str:
+    """One error message made of several reports (see REPORT_SEP)."""
+    return REPORT_SEP.join(messages)
+
+
 class UsageError(QimgError):
     """Bad command line: qemu-img adds a hint to run --help."""
 

@@ -215,3 +215,38 @@ def test_extended_l2_small_clusters(tmp_path):
     p = _make(tmp_path, opts="cluster_size=4k")
     _poke(p, 72, ">Q", 1 << 4)
     _one_line_error(run_qimg("info", p), "Unsupported subcluster size: 128")
+
+
+@pytest.mark.parametrize("damage", ["misaligned", "too large"])
+def test_unusable_snapshot_entry_opens_like_qemu(tmp_path, oracle, damage):
+    """A snapshot table entry whose L1 table cannot be used does not stop the image from opening
+    (info, check, reading the active layer), as in qemu-img; using that snapshot fails with qemu-img's
+    messages, and check reports it and repairs what it can the same way."""
+    import shutil
+    import subprocess
+
+    base = tmp_path / "base.qcow2"
+    oracle("create", "-q", "-f", "qcow2", base, "4M")
+    subprocess.run(["qemu-io", "-c", "write -P 5 0 64k", str(base)], check=True, capture_output=True)
+    oracle("snapshot", "-c", "snap1", base)
+    with open(base, "rb") as f:
+        table = struct.unpack_from(">Q", f.read(104), 64)[0]
+        f.seek(table)
+        l1_off, l1_size = struct.unpack(">QI", f.read(12))
+    if damage == "misaligned":
+        _poke(base, table, ">Q", l1_off + 8)
+    else:
+        _poke(base, table + 8, ">I", 0x10000000)
+    commands = [["info"], ["check"], ["snapshot", "-l"], ["map", "--output=json"], ["snapshot", "-a", "snap1"],
+                ["snapshot", "-d", "snap1"], ["check", "-r", "all"], ["convert", "-O", "raw", "-l", "snap1"],
+                ["convert", "-O", "raw"]]
+    for cmd in commands:
+        got = []
+        for tool in ("qemu", "qimg"):
+            img = tmp_path / f"{tool}.qcow2"
+            shutil.copy(base, img)
+            args = [*cmd, img] + ([tmp_path / f"{tool}.raw"] if cmd[0] == "convert" else [])
+            r = oracle(*args, check=False) if tool == "qemu" else run_qimg(*args)
+            text = (r.out + r.err).replace("qemu-img: ", "qimg: ").replace(str(img), "IMG")
+            got.append((r.rc, text, img.read_bytes() == base.read_bytes()))
+        assert got[1] == got[0], cmd

@@ -161,12 +161,15 @@ def _usage_message(e) -> str:
 
 
 def _err(message: str) -> None:
-    # like qemu's error_report: the prefix goes on the first line only (a message that needs
-    # a second prefixed line, e.g. "qimg: warning: ...", carries it itself)
-    lines = message.splitlines() or [""]
-    sys.stderr.write(f"{PROG}: {lines[0]}\n")
-    for line in lines[1:]:
-        sys.stderr.write(f"{line}\n")
+    # like qemu's error_report: the prefix goes on the first line of each report only (errors.reports
+    # joins several; a message that needs a second prefixed line otherwise carries it itself)
+    from ..errors import REPORT_SEP
+
+    for report in message.split(REPORT_SEP):
+        lines = report.splitlines() or [""]
+        sys.stderr.write(f"{PROG}: {lines[0]}\n")
+        for line in lines[1:]:
+            sys.stderr.write(f"{line}\n")
 
 
 def _usage_fail(message: str) -> int:

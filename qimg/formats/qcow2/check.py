@@ -192,8 +192,11 @@ def _run_check(store, repair, emit, messages) -> CheckResult:
         if leaks_fixed == 0 and corr_fixed == 0:
             return res
         _repair_in_place(meta, state, fix_leaks, fix_errors, emit)
+    for m in state["deferred"]:
+        emit(m)
+    # "Double checking the fixed image now": what that pass finds is reported too, as by qemu-img
     meta2 = lc.Qcow2Meta(store)
-    res2, _ = _check_once(meta2, False, lambda m: None)
+    res2, _ = _check_once(meta2, False, emit)
     res2.leaks_fixed = leaks_fixed
     res2.corruptions_fixed = corr_fixed
     return res2
@@ -335,6 +338,8 @@ def _check_once(meta: lc.Qcow2Meta, fix_errors: bool, emit, fix_leaks: bool = Fa
                 res.check_errors += 1
     diff = np.nonzero((ondisk != computed) & comparable)[0]
     fixable = 0
+    # like qemu, OFLAG_COPIED is judged by the refcounts as this pass leaves them (repaired ones included)
+    after = ondisk
     for i in diff.tolist():
         r1, r2 = int(ondisk[i]), int(computed[i])
         if r1 == 0 and r2 > 0:
@@ -346,18 +351,27 @@ def _check_once(meta: lc.Qcow2Meta, fix_errors: bool, emit, fix_leaks: bool = Fa
             emit(f"{'Repairing' if fix_errors else 'ERROR'} cluster {i} refcount={r1} reference={r2}")
             res.corruptions += 1
             fixable += 1
+            if fix_errors:
+                after = after.copy() if after is ondisk else after
+                after[i] = r2
         else:
             emit(f"Leaked cluster {i} refcount={r1} reference={r2}")
             res.leaks += 1
+            if fix_leaks:
+                after = after.copy() if after is ondisk else after
+                after[i] = r2
     nz = np.nonzero(((ondisk > 0) | (computed > 0)) & comparable)[0] if n else []
     res.image_end_offset = (int(nz[-1]) + 1) * cs if len(nz) else cs
     copied_fixable = 0
+    deferred: list[str] = []
     if rebuild and (fix_errors or fix_leaks):
         pass  # qemu rebuilds (or gives up) before looking at OFLAG_COPIED
     elif not res.check_errors:
-        copied_fixable = _check_copied(meta, ondisk, res, fix_leaks or fix_errors, emit)
+        # (when repairing, qemu reports these after the refcount repairs: held back until then)
+        copied_emit = deferred.append if (fix_leaks or fix_errors) else emit
+        copied_fixable = _check_copied(meta, after, res, fix_leaks or fix_errors, copied_emit)
     state = {"computed": computed, "ondisk": ondisk, "rebuild": rebuild, "fixable_corruptions": fixable,
-             "copied_fixable": copied_fixable}
+             "copied_fixable": copied_fixable, "deferred": deferred}
     return res, state
 
 

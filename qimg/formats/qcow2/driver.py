@@ -186,6 +186,9 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
     def load_snapshot(self, spec: dict) -> None:
         """Show the guest view of an internal snapshot ({"id"|"name"|"id_or_name": ...}), read-only."""
         sn = find_snapshot(self.snapshot_list, spec)
+        err = sn.l1_error(self.cs)
+        if err:
+            raise QimgError(err)
         self.snapshot_view = sn
         self.l1 = read_table(self.store, sn.l1_table_offset, sn.l1_size, f"L1 table of snapshot '{sn.name}'",
                              self.file_size)

@@ -256,7 +256,11 @@ class Change:
 def current_plan(meta: Qcow2Meta) -> Change:
     """A Change describing the image as it is (ops edit it, then commit)."""
     h = copy.deepcopy(meta.header)
-    snaps = [copy.copy(s) for s in meta.snapshots]   # (read_snapshots bounded their L1 sizes)
+    snaps = [copy.copy(s) for s in meta.snapshots]
+    for s in snaps:
+        err = s.l1_error(meta.cluster_size)
+        if err:
+            raise QimgError(err)  # (qemu-img: every rewrite of the snapshot table validates its tables)
     plans = [L1Plan(meta.read_table(s.l1_table_offset, s.l1_size) & np.uint64(L1E_OFFSET_MASK),
                     location=s.l1_table_offset) for s in snaps]
     active = L1Plan(meta.l1 & np.uint64(L1E_OFFSET_MASK))

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ...errors import QimgError
+from ...errors import QimgError, reports
 from . import lifecycle as lc
 from .header import MAX_SNAPSHOTS, QCOW2_INCOMPAT_CORRUPT
 from .snapshot import Snapshot
@@ -92,6 +92,9 @@ def apply(store, id_or_name: str) -> None:
     i = find_snapshot(meta.snapshots, id_or_name)
     if i < 0:
         raise QimgError(f"Could not apply snapshot '{id_or_name}': Failed to load snapshot: No such file or directory")
+    err, errno_text = meta.snapshots[i].l1_problem(meta.cluster_size)
+    if err:
+        raise QimgError(reports(err, f"Could not apply snapshot '{id_or_name}': Failed to load snapshot: {errno_text}"))
     refs = refuse_if_corrupt(meta)
     change = lc.current_plan(meta)
     sn = meta.snapshots[i]
@@ -112,6 +115,9 @@ def delete(store, id_or_name: str) -> None:
     i = next((k for k, s in enumerate(meta.snapshots) if s.name == id_or_name), -1)
     if i < 0:
         raise QimgError(f"Could not delete snapshot '{id_or_name}': snapshot not found")
+    err = meta.snapshots[i].l1_error(meta.cluster_size)
+    if err:
+        raise QimgError(f"Could not delete snapshot '{id_or_name}': {err}")
     refs = refuse_if_corrupt(meta)
     change = lc.current_plan(meta)
     del change.snapshots[i]
