@@ -207,18 +207,13 @@ def held_elsewhere(fd: int, byte: int) -> bool:
 
 def _apply(fd: int, old_perm: int, old_unshare: int, perm: int, unshare: int) -> None:
     """Move the bytes locked on ``fd`` from one (held, unshared) pair to another, in qemu's order."""
-    for b in bits(ALL):
-        if perm & (1 << b) and not old_perm & (1 << b):
-            _set(fd, PERM_BASE + b, True)
-    for b in bits(ALL):
-        if unshare & (1 << b) and not old_unshare & (1 << b):
-            _set(fd, SHARED_BASE + b, True)
-    for b in bits(ALL):
-        if old_perm & (1 << b) and not perm & (1 << b):
-            _set(fd, PERM_BASE + b, False)
-    for b in bits(ALL):
-        if old_unshare & (1 << b) and not unshare & (1 << b):
-            _set(fd, SHARED_BASE + b, False)
+    # new held bytes, new unshared bytes, then the held and unshared bytes given up
+    steps = ((perm, old_perm, PERM_BASE, True), (unshare, old_unshare, SHARED_BASE, True),
+             (old_perm, perm, PERM_BASE, False), (old_unshare, unshare, SHARED_BASE, False))
+    for want, have, base, take in steps:
+        for b in bits(ALL):
+            if want & (1 << b) and not have & (1 << b):
+                _set(fd, base + b, take)
 
 
 def _check_masks(their_perm: int, their_unshare: int, perm: int, unshare: int, filename: str) -> None:
