@@ -349,7 +349,8 @@ def test_no_convert_onto_own_source(images, oracle):
     img, raw = images["img"], images["raw"]
     before = sha256_file(img), sha256_file(raw)
     for args in (["convert", "-O", "qcow2", img, img], ["convert", "-f", "raw", "-O", "raw", raw, raw],
-                 ["dd", "-O", "qcow2", f"if={img}", f"of={img}"]):
+                 ["dd", "-O", "qcow2", f"if={img}", f"of={img}"], ["convert", "-n", "-O", "qcow2", img, img],
+                 ["convert", "-n", "-f", "raw", "-O", "raw", raw, raw]):
         r = same(oracle, *args)
         name = args[-1].removeprefix("of=")
         assert r.rc == 1 and r.err.endswith(f"Failed to get \"write\" lock\n{IN_USE.format(name)}\n")

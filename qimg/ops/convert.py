@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..core import registry
 from ..core.chain import Chain
 from ..engine.copy import ChainSource, ConcatSource, CopyOptions, copy_range
-from ..errors import QimgError
+from ..errors import OpenError, QimgError
 
 
 @dataclass
@@ -105,7 +105,19 @@ def _copy_opts(req: ConvertRequest, target_is_zero: bool) -> CopyOptions:
 
 
 def _write_into(req, src, total, progress):
-    tgt = registry.open_image(req.target, req.out_fmt, writable=True, options=req.target_options)
+    from ..io import lock
+
+    # qemu-img's target open conflicts with its own sources' locks (convert -n a a is refused); qimg's
+    # opens of one file share their locks, so that conflict is looked for here
+    try:
+        guard = lock.check_free(req.target, *lock.image_perms(req.out_fmt, True, False, False))
+    except QimgError as e:
+        raise OpenError(f"Could not open '{req.target}': {e}", e.exit_code) from None
+    try:
+        tgt = registry.open_image(req.target, req.out_fmt, writable=True, options=req.target_options)
+    finally:
+        if guard is not None:
+            guard.release()
     try:
         if tgt.virtual_size < total:
             raise QimgError("Target image is too small" if False else
