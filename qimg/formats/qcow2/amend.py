@@ -16,6 +16,7 @@ import numpy as np
 from ...errors import QimgError
 from ...options import parse_bool
 from . import lifecycle as lc
+from .create import COMPAT_VERSIONS
 from .header import (
     QCOW2_AUTOCLEAR_BITMAPS,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
@@ -89,12 +90,9 @@ def amend(store, options: dict, force: bool = False) -> None:
     version = h.version
     if "compat" in options:
         v = options["compat"]
-        if v in ("0.10", "v2"):
-            version = 2
-        elif v in ("1.1", "v3"):
-            version = 3
-        else:
+        if v not in COMPAT_VERSIONS:
             raise QimgError(f"Invalid compatibility level: '{v}'")
+        version = COMPAT_VERSIONS[v]
     lazy = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
     if "lazy_refcounts" in options:
         lazy = parse_bool("lazy_refcounts", options["lazy_refcounts"])

@@ -53,6 +53,9 @@ CREATE_OPTS = (
 
 _ENCRYPT_KEYS = ("encryption", "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
                  "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time")
+#: the compat option's spellings and the header versions they stand for
+COMPAT_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+
 _V3_MSG = "only supported with compatibility level 1.1 and above (use version=v3 or greater)"
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 DEFAULT_CLUSTER_SIZE = 65536
@@ -105,12 +108,9 @@ def parse_spec(size: int, options: dict, backing_file=None, backing_fmt=None, ch
         _number("encrypt.iter-time", o["encrypt.iter-time"])
     compat = o.get("compat")
     if compat is not None:
-        if compat in ("0.10", "v2"):
-            spec.version = 2
-        elif compat in ("1.1", "v3"):
-            spec.version = 3
-        else:
+        if compat not in COMPAT_VERSIONS:
             raise QimgError(f"Parameter 'version' does not accept value '{compat}'")
+        spec.version = COMPAT_VERSIONS[compat]
     prealloc = o.get("preallocation", "off")
     if prealloc not in PREALLOC_MODES:
         raise QimgError(f"Parameter 'preallocation' does not accept value '{prealloc}'")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ...errors import QimgError
 from ...options import parse_bool, parse_opt_size
+from .create import COMPAT_VERSIONS
 
 L1E_SIZE = 8
 MAX_L1_SIZE = 32 << 20
@@ -104,12 +105,9 @@ def measure(options: dict, size: int, src=None) -> dict:
     compat = o.get("compat")
     version = 3
     if compat is not None:
-        if compat in ("0.10", "v2"):
-            version = 2
-        elif compat in ("1.1", "v3"):
-            version = 3
-        else:
+        if compat not in COMPAT_VERSIONS:
             raise QimgError(f"Invalid compatibility level: '{compat}'")
+        version = COMPAT_VERSIONS[compat]
     rb = 16
     if "refcount_bits" in o:
         try:

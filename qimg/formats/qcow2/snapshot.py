@@ -139,19 +139,28 @@ def table_bytes(snaps: list[Snapshot], version: int = 3) -> bytes:
     return b"".join(s.pack(version) for s in snaps)
 
 
-def find_snapshot(snaps: list[Snapshot], spec: dict) -> Snapshot:
-    """Look a snapshot up as convert -l/-s does: by id, name, both, or id-or-name."""
+def snapshot_index(snaps: list[Snapshot], spec: dict) -> int:
+    """Where a snapshot is in the table (-1: nowhere), looked up as qemu-img does: by id, name, both,
+    or id-or-name (an id match first, then a name match)."""
     sid, name = spec.get("id"), spec.get("name")
     if "id_or_name" in spec:
         key = spec["id_or_name"]
-        for s in snaps:
+        for i, s in enumerate(snaps):
             if s.id_str == key:
-                return s
-        for s in snaps:
+                return i
+        for i, s in enumerate(snaps):
             if s.name == key:
-                return s
-    else:
-        for s in snaps:
-            if (sid is None or s.id_str == sid) and (name is None or s.name == name):
-                return s
-    raise QimgError("Can't find snapshot")  # qemu-img's wording (no name)
+                return i
+        return -1
+    for i, s in enumerate(snaps):
+        if (sid is None or s.id_str == sid) and (name is None or s.name == name):
+            return i
+    return -1
+
+
+def find_snapshot(snaps: list[Snapshot], spec: dict) -> Snapshot:
+    """The snapshot convert -l/-s asks for (``snapshot_index``), or qemu-img's error."""
+    i = snapshot_index(snaps, spec)
+    if i < 0:
+        raise QimgError("Can't find snapshot")  # qemu-img's wording (no name)
+    return snaps[i]

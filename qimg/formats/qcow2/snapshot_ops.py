@@ -19,7 +19,7 @@ import numpy as np
 from ...errors import QimgError, reports
 from . import lifecycle as lc
 from .header import MAX_SNAPSHOTS, QCOW2_INCOMPAT_CORRUPT
-from .snapshot import Snapshot
+from .snapshot import Snapshot, snapshot_index
 
 
 def open_meta(store, writable: bool = True) -> lc.Qcow2Meta:
@@ -39,16 +39,6 @@ def refuse_if_corrupt(meta: lc.Qcow2Meta) -> np.ndarray:
     if res.corruptions or res.check_errors:
         raise QimgError("qcow2 image is corrupt: run 'qemu-img check -r all' on it first")
     return state["computed"]
-
-
-def find_snapshot(snaps, id_or_name: str) -> int:
-    for i, s in enumerate(snaps):
-        if s.id_str == id_or_name:
-            return i
-    for i, s in enumerate(snaps):
-        if s.name == id_or_name:
-            return i
-    return -1
 
 
 def list_snapshots(store) -> list[dict]:
@@ -89,7 +79,7 @@ def check_count(n: int) -> None:
 def apply(store, id_or_name: str) -> None:
     """Revert the active state to a snapshot (the snapshot stays)."""
     meta = lc.Qcow2Meta(store)
-    i = find_snapshot(meta.snapshots, id_or_name)
+    i = snapshot_index(meta.snapshots, {"id_or_name": id_or_name})
     if i < 0:
         raise QimgError(f"Could not apply snapshot '{id_or_name}': Failed to load snapshot: No such file or directory")
     err, errno_text = meta.snapshots[i].l1_problem(meta.cluster_size)
