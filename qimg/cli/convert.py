@@ -46,7 +46,7 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
     c.check_src_cache(src_cache)
     opts = merge_opts(list(options))
     if "help" in opts or "?" in opts:
-        c.echo(options_help(out_fmt))
+        c.echo(options_help(out_fmt, filenames[-1] if len(filenames) >= 2 else None))
         return
     if copy_offload and compress:
         raise QimgError("Cannot enable copy offloading when -c is used")

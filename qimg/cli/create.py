@@ -28,7 +28,7 @@ def command(objects, quiet, fmt, backing_file, backing_fmt, unsafe, options, fil
     c.load_objects(objects)
     opts = merge_opts(list(options))
     if "help" in opts or "?" in opts:
-        c.echo(options_help(fmt))
+        c.echo(options_help(fmt, filename))
         return
     if filename is None:
         raise UsageError("Expecting image file name")

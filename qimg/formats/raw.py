@@ -12,7 +12,7 @@ import os
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import QimgError
-from ..options import SIZE_OPT, OptSpec
+from ..options import SIZE_OPT
 from ..units import round_up
 
 SECTOR = 512
@@ -25,10 +25,7 @@ class RawDriver(Driver):
     """A plain file: guest offset == host offset."""
 
     format_name = "raw"
-    create_opts = (
-        SIZE_OPT,
-        OptSpec("preallocation", "string", "Preallocation mode (allowed values: off, falloc, full)"),
-    )
+    create_opts = (SIZE_OPT,)  # (preallocation belongs to the host file: ops.create.FILE_PROTOCOL_OPTS)
 
     def _open(self, options: dict) -> None:
         self.offset = int(options.get("offset", 0))

@@ -122,7 +122,6 @@ class VdiDriver(Driver):
         SIZE_OPT,
         OptSpec("static", "bool", "VDI static (pre-allocated) image"),
     )
-    protocol_create_opts = ("preallocation", "nocow", "extent_size_hint")
 
     @classmethod
     def probe(cls, head: bytes, filename: str) -> int:

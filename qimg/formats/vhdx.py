@@ -333,7 +333,6 @@ class VhdxDriver(Driver):
                 "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when "
                 "using 'qemu-img convert' with subformat=dynamic."),
     )
-    protocol_create_opts = ("preallocation", "nocow", "extent_size_hint")
 
     @classmethod
     def probe(cls, head: bytes, filename: str) -> int:

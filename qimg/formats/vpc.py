@@ -145,7 +145,6 @@ class VpcDriver(Driver):
                 "Force disk size calculation to use the actual size specified, rather than using the "
                 "nearest CHS-based calculation"),
     )
-    protocol_create_opts = ("preallocation", "nocow", "extent_size_hint")
 
     @classmethod
     def probe(cls, head: bytes, filename: str) -> int:

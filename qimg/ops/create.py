@@ -5,21 +5,38 @@ from __future__ import annotations
 from ..core import registry
 from ..core.driver import CreateOptions, Opener
 from ..errors import QimgError
-from ..options import NO_IO, OptSpec, parse_opt_size
+from ..options import NO_IO, SIZE_OPT, OptSpec, parse_bool, parse_opt_size
 from ..units import INT64_MAX
 
 _KIND_LABEL = {"size": "<size>", "bool": "<bool (on/off)>", "number": "<num>", "string": "<str>"}
 
 
-def options_help(fmt: str) -> str:
-    """``-o help``: the creation options of a format, as qemu-img lists them."""
+#: the creation options of the host file under any image (qemu's "file" protocol), in the order
+#: qemu-img's "Formatting" line shows them after the format's own
+FILE_PROTOCOL_OPTS = (
+    OptSpec("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),
+    OptSpec("preallocation", "string", "Preallocation mode (allowed values: off, falloc, full)"),
+    OptSpec("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+    SIZE_OPT,
+)
+
+
+def options_help(fmt: str, filename: str | None = None) -> str:
+    """``-o help``: the creation options of a format, as qemu-img lists them.  Given the target file
+    name, qemu-img lists the host file's options too, merged, and leaves out the footnote."""
     cls = registry.get_driver(fmt)
-    lines = [f"Supported {fmt} options:"]
-    for spec in sorted(_public_opts(cls), key=lambda s: s.name):
+    specs = {s.name: s for s in _public_opts(cls)}
+    if filename is not None and registry.protocol_for(filename) is None:
+        for spec in FILE_PROTOCOL_OPTS:
+            specs.setdefault(spec.name, spec)
+    lines = ["Supported options:" if filename is not None else f"Supported {fmt} options:"]
+    for name in sorted(specs):
+        spec = specs[name]
         lines.append("  %-22s - %s" % (f"{spec.name}={_KIND_LABEL.get(spec.kind, '<str>')}", spec.help))
-    lines.append("")
-    lines.append("The protocol level may support further options.")
-    lines.append("Specify the target filename to include those options.")
+    if filename is None:
+        lines.append("")
+        lines.append("The protocol level may support further options.")
+        lines.append("Specify the target filename to include those options.")
     return "\n".join(lines) + "\n"
 
 
@@ -30,10 +47,26 @@ def _public_opts(cls) -> list[OptSpec]:
 def validate_options(cls, filename: str, options: dict) -> None:
     """Refuse options the format does not know (qemu-img: "Invalid parameter 'x'")."""
     # the file protocol's own options are accepted with any format, as qemu-img does
-    known = {s.name for s in cls.create_opts} | set(getattr(cls, "protocol_create_opts", ()))
+    known = {s.name for s in cls.create_opts} | {s.name for s in FILE_PROTOCOL_OPTS}
     for key in options:
         if key not in known:
             raise QimgError(f"{filename}: Invalid parameter '{key}'")
+
+
+def _protocol_pairs(cls, opts: CreateOptions) -> list[tuple[str, str]]:
+    """The host file's options given, as the "Formatting" line shows them after the format's own."""
+    own = {s.name for s in cls.create_opts}
+    out = []
+    for spec in FILE_PROTOCOL_OPTS:
+        if spec.name in own or spec.name not in opts.options:
+            continue
+        value = opts.options[spec.name]
+        if spec.kind == "bool":
+            value = "on" if parse_bool(spec.name, value) else "off"
+        elif spec.kind == "size":
+            value = str(parse_opt_size(spec.name, value))
+        out.append((spec.name, value))
+    return out
 
 
 def format_line(cls, filename: str, opts: CreateOptions) -> str:
@@ -45,6 +78,10 @@ def format_line(cls, filename: str, opts: CreateOptions) -> str:
         for spec in cls.create_opts:
             if spec.name in opts.options and spec.name != "size":
                 pairs.append((spec.name, str(opts.options[spec.name])))
+    protocol = _protocol_pairs(cls, opts)
+    if protocol:
+        given = {k for k, _ in protocol}
+        pairs = [(k, v) for k, v in pairs if k not in given] + protocol
     text = " ".join(f"{k}={v}" for k, v in pairs)
     return f"Formatting '{filename}', fmt={cls.format_name} {text}".rstrip() + "\n"
 

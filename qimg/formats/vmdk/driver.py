@@ -51,7 +51,6 @@ class VmdkDriver(Driver):
         OptSpec("zeroed_grain", "bool", "Enable efficient zero writes using the zeroed-grain GTE feature"),
     )
     #: the file protocol's options: accepted, not listed by -o help (as in qemu-img)
-    protocol_create_opts = ("preallocation", "nocow", "extent_size_hint")
 
     # ----- probing and opening -----
     @classmethod
