@@ -30,6 +30,24 @@ SIZE_OPT = OptSpec("size", "size", "Virtual disk size")
 BACKING_FILE_OPT = OptSpec("backing_file", "string", "File name of a base image")
 BACKING_FMT_OPT = OptSpec("backing_fmt", "string", "Image format of the base image")
 
+#: the creation options of the host file under any image (qemu's "file" protocol), in the order
+#: qemu-img's "Formatting" line shows them after the format's own
+FILE_PROTOCOL_OPTS = (
+    OptSpec("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),
+    OptSpec("preallocation", "string", "Preallocation mode (allowed values: off, falloc, full)"),
+    OptSpec("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+    SIZE_OPT,
+)
+
+
+def option_text(spec: OptSpec, value: str) -> str:
+    """An option's value as qemu-img prints it in a "Formatting" line (sizes in bytes, on/off)."""
+    if spec.kind == "bool":
+        return "on" if parse_bool(spec.name, value) else "off"
+    if spec.kind == "size":
+        return str(parse_opt_size(spec.name, value))
+    return str(value)
+
 
 def parse_opts(text: str) -> dict[str, str]:
     """Split "a=1,b=x,,y" into a dict; ",," escapes a comma, a lone key means "on"."""

@@ -38,3 +38,23 @@ def test_host_file_options_in_the_formatting_line(oracle, tmp_path, monkeypatch,
     assert got.rc == want.rc
     assert got.out.replace("m.img", "q.img") == want.out
     assert got.err.replace("qimg:", "qemu-img:").replace("m.img", "q.img") == want.err
+
+
+@pytest.mark.parametrize("cmd", [
+    "info -f file r.raw", "info --output=json -f file r.raw", "map -f file --output=json r.raw",
+    "check -f file r.raw", "info --image-opts driver=file,filename=r.raw", "create -f file n.img 1M",
+    "create -f file -o preallocation=full,nocow=on,extent_size_hint=1M n.img 1M", "create -f file -o help",
+    "create -f file -o help n.img", "measure -f file -O qcow2 r.raw", "compare -f file -F raw r.raw r.raw",
+])
+def test_file_protocol_as_a_format(oracle, tmp_path, monkeypatch, cmd):
+    """qemu's host-file driver can be named as the format (-f file, driver=file): it reads as raw,
+    shows as "file" and creates with the host file's options."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    qemu("create", "-q", "-f", "raw", "r.raw", "1M")
+    args = shlex.split(cmd)
+    want = qemu(*args, check=False)
+    (tmp_path / "n.img").unlink(missing_ok=True)
+    got = run_qimg(*args)
+    assert (got.rc, got.out, got.err.replace("qimg:", "qemu-img:")) == (want.rc, want.out, want.err)

@@ -24,6 +24,8 @@ FORMATS: dict[str, str] = {
     "luks": "qimg.formats.luks:LuksDriver",
     "cow": "qimg.formats.cow:CowDriver",
     "raw": "qimg.formats.raw:RawDriver",
+    # qemu's protocol driver for host files, usable as a format (-f file, --image-opts driver=file)
+    "file": "qimg.formats.raw:FileDriver",
 }
 
 #: filename prefixes handled by protocol drivers (no host file behind them)
@@ -94,6 +96,7 @@ _MAGIC_HINTS = {
     # the header magics, or a bundle's DiskDescriptor.xml
     "parallels": lambda h, f: h[:4] == b"With" or b"<Parallels_disk_image" in h,
     "dmg": lambda h, f: f.endswith(".dmg"),  # qemu probes dmg by name only
+    "file": lambda h, f: False,  # never probed: asked for by name only
 }
 
 

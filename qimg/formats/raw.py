@@ -12,7 +12,7 @@ import os
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent
 from ..errors import QimgError
-from ..options import SIZE_OPT
+from ..options import FILE_PROTOCOL_OPTS, SIZE_OPT, option_text
 from ..units import round_up
 
 SECTOR = 512
@@ -174,3 +174,25 @@ def _preallocate(store, start: int, end: int, prealloc: str) -> None:
             n = min(len(chunk), end - pos)
             store.pwrite(pos, chunk[:n])
             pos += n
+
+
+class FileDriver(RawDriver):
+    """qemu's ``file`` protocol driver named as the format (``-f file``, ``--image-opts
+    driver=file,filename=...``): the host file itself, which reads and writes as raw does; its
+    creation options are the host file's own (nocow, preallocation, extent_size_hint)."""
+
+    format_name = "file"
+    create_opts = FILE_PROTOCOL_OPTS
+
+    @classmethod
+    def probe(cls, head: bytes, filename: str) -> int:
+        return 0
+
+    @classmethod
+    def format_line_options(cls, opts: CreateOptions) -> list[tuple[str, str]]:
+        out = [("size", str(opts.size or 0))]
+        for spec in FILE_PROTOCOL_OPTS:
+            if spec.name in opts.options and spec.name != "size":
+                out.append((spec.name, option_text(spec, opts.options[spec.name])))
+        return out
+

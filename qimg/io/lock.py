@@ -127,7 +127,7 @@ def image_perms(fmt: str, writable: bool, no_io: bool, force_share: bool, option
     """(held, unshared) for an image file opened by a format driver (``fmt``)."""
     options = options or {}
     perm = 0 if no_io else CONSISTENT_READ
-    if fmt in ("raw", "luks"):
+    if fmt in ("raw", "luks", "file"):
         # raw (and luks) pass their user's permissions through; qemu-img's users share everything but
         # convert's sources
         if writable:

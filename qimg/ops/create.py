@@ -5,20 +5,10 @@ from __future__ import annotations
 from ..core import registry
 from ..core.driver import CreateOptions, Opener
 from ..errors import QimgError
-from ..options import NO_IO, SIZE_OPT, OptSpec, parse_bool, parse_opt_size
+from ..options import FILE_PROTOCOL_OPTS, NO_IO, OptSpec, option_text, parse_opt_size
 from ..units import INT64_MAX
 
 _KIND_LABEL = {"size": "<size>", "bool": "<bool (on/off)>", "number": "<num>", "string": "<str>"}
-
-
-#: the creation options of the host file under any image (qemu's "file" protocol), in the order
-#: qemu-img's "Formatting" line shows them after the format's own
-FILE_PROTOCOL_OPTS = (
-    OptSpec("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),
-    OptSpec("preallocation", "string", "Preallocation mode (allowed values: off, falloc, full)"),
-    OptSpec("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
-    SIZE_OPT,
-)
 
 
 def options_help(fmt: str, filename: str | None = None) -> str:
@@ -60,12 +50,7 @@ def _protocol_pairs(cls, opts: CreateOptions) -> list[tuple[str, str]]:
     for spec in FILE_PROTOCOL_OPTS:
         if spec.name in own or spec.name not in opts.options:
             continue
-        value = opts.options[spec.name]
-        if spec.kind == "bool":
-            value = "on" if parse_bool(spec.name, value) else "off"
-        elif spec.kind == "size":
-            value = str(parse_opt_size(spec.name, value))
-        out.append((spec.name, value))
+        out.append((spec.name, option_text(spec, opts.options[spec.name])))
     return out
 
 
