@@ -17,6 +17,17 @@ from tests.conftest import qemu, run_qimg, sha256_file, write_pattern
 MiB = 1 << 20
 
 
+def _accepts(sock) -> bool:
+    if not sock.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
 def _start_nbd(tmp_path, image, fmt="raw", export="exp", name="nbd.sock"):
     if shutil.which("qemu-nbd") is None:
         pytest.skip("qemu-nbd not installed")
@@ -26,7 +37,7 @@ def _start_nbd(tmp_path, image, fmt="raw", export="exp", name="nbd.sock"):
         args += ["-x", export]
     proc = subprocess.Popen(args + [str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
-    while not sock.exists():
+    while not _accepts(sock):  # the socket file appears at bind(), before qemu-nbd listens
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait(5)

@@ -208,7 +208,12 @@ def test_data_file_missing(tmp_path, monkeypatch):
     _write_data(p, 0, b"\x01" * 4096)
     (tmp_path / "gone.dat").unlink()
     assert run_qimg("info", p).rc == 0  # metadata only, as qemu-img
-    _one_line_error(run_qimg("convert", "-O", "raw", p, tmp_path / "o.raw"), "gone.dat")
+    # everything else fails at open, as qemu-img (not only when data is read)
+    want = f"qimg: Could not open '{p}': Could not open 'gone.dat': No such file or directory\n"
+    for cmd in (["convert", "-O", "raw", p, tmp_path / "o.raw"], ["check", p], ["map", p], ["snapshot", "-l", p]):
+        r = run_qimg(*cmd)
+        assert (r.rc, r.err) == (1, want)
+    assert run_qimg("compare", p, p).rc == 2
 
 
 def test_extended_l2_small_clusters(tmp_path):
@@ -249,4 +254,35 @@ def test_unusable_snapshot_entry_opens_like_qemu(tmp_path, oracle, damage):
             r = oracle(*args, check=False) if tool == "qemu" else run_qimg(*args)
             text = (r.out + r.err).replace("qemu-img: ", "qimg: ").replace(str(img), "IMG")
             got.append((r.rc, text, img.read_bytes() == base.read_bytes()))
+        assert got[1] == got[0], cmd
+
+
+@pytest.mark.parametrize("field", ["backing name", "backing format", "data file"])
+def test_names_end_at_nul_as_in_qemu(tmp_path, oracle, field):
+    """Names in the header are C strings to qemu: a NUL ends them.  info and the open error agree."""
+    import shutil
+
+    base = tmp_path / "base.qcow2"
+    oracle("create", "-q", "-f", "qcow2", base, "1M")
+    img = tmp_path / "o.qcow2"
+    if field == "data file":
+        oracle("create", "-q", "-f", "qcow2", "-o", "data_file=data.bin", img, "1M")
+        needle = b"data.bin"
+    else:
+        oracle("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img)
+        needle = b"base.qcow2" if field == "backing name" else b"qcow2\0"
+    data = bytearray(img.read_bytes())
+    at = data.find(needle, 72 if field != "backing format" else 104)
+    data[at + 2] = 0
+    img.write_bytes(bytes(data))
+    for cmd in (["info"], ["info", "--output=json"], ["check"], ["map", "--output=json"]):
+        got = []
+        for tool in ("qemu", "qimg"):
+            copy = tmp_path / f"{tool}.qcow2"
+            shutil.copy(img, copy)
+            r = oracle(*cmd, copy, check=False) if tool == "qemu" else run_qimg(*cmd, copy)
+            text = (r.out + r.err).replace("qemu-img: ", "qimg: ").replace(str(copy), "IMG")
+            if cmd[0] == "info":
+                text = "\n".join(ln for ln in text.splitlines() if "disk size" not in ln and "actual-size" not in ln)
+            got.append((r.rc, text))
         assert got[1] == got[0], cmd

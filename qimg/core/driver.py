@@ -15,6 +15,11 @@ from ..errors import QimgError, Unsupported
 from .extent import Extent
 
 
+def c_string(raw: bytes) -> str:
+    """A name field read as qemu reads it: a C string, so it ends at the first NUL; UTF-8, errors replaced."""
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 @dataclass
 class BackingRef:
     """A backing file as recorded in an image: name as written, and format if recorded."""

@@ -188,7 +188,7 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
     except QimgError as e:
         store.close()
         msg = str(e)
-        if isinstance(e, OpenError) and msg.startswith("Could not open"):
+        if isinstance(e, OpenError) and msg.startswith(f"Could not open '{filename}'"):
             raise
         raise type(e)(f"Could not open '{filename}': {msg}", e.exit_code) from None
     except BaseException:
@@ -206,7 +206,8 @@ def bundle_descriptor(filename: str) -> str:
 
 
 def resolve_backing(overlay_filename: str, backing_name: str) -> str:
-    """A backing name as qemu resolves it: relative to the overlay's directory."""
+    """A backing name as qemu resolves it: relative to the overlay's directory (a C string: NUL ends it)."""
+    backing_name = backing_name.split("\0", 1)[0]
     if protocol_for(backing_name) or os.path.isabs(backing_name):
         return backing_name
     base = os.path.dirname(overlay_filename)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..core.driver import BackingRef, CreateOptions, Driver
+from ..core.driver import BackingRef, CreateOptions, Driver, c_string
 from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT
@@ -50,10 +50,6 @@ MIN_SECTOR_SIZE, MAX_SECTOR_SIZE = 512, 1 << 16
 MAX_ALIGNMENT = 1 << 20
 MAX_VIRTUAL_SIZE = (1 << 63) - 1
 MAX_STATUS_SECTORS = 1 << 16        # sectors inspected per block_status call
-
-
-def _name(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 class CowDriver(Driver):
@@ -126,7 +122,7 @@ class CowDriver(Driver):
         # sectors beyond the bitmap (the v1/v2 rounding) never live in this file
         self.bitmap_sectors = bitmap_len * 8
         self.virtual_size = round_up(size, SECTOR)
-        name = _name(name)
+        name = c_string(name)
         if name:
             self.backing = BackingRef(name, None)
         self._below = BackingReader(self)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..core.driver import CreateOptions, Driver
+from ..core.driver import CreateOptions, Driver, c_string
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import BACKING_FILE_OPT, NO_IO, SIZE_OPT, OptSpec, parse_bool
@@ -231,7 +231,7 @@ class QcowDriver(Driver):
                 raise CorruptImage("backing file name lies outside the file")
             from ..core.driver import BackingRef
 
-            name = self.store.pread(backing_off, backing_len).decode("utf-8", "replace")
+            name = c_string(self.store.pread(backing_off, backing_len))
             self.backing = BackingRef(name, None)
         self._l1 = None  # loaded on first use: info needs no table (and no numpy)
         self._l2_cache: dict[int, object] = {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 
 from ..core.check import CheckResult, check_then_recheck
-from ..core.driver import BackingRef, CreateOptions, Driver
+from ..core.driver import BackingRef, CreateOptions, Driver, c_string
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT, OptSpec, parse_opt_size
@@ -117,7 +117,7 @@ class QedDriver(Driver):
             if bk_off + bk_len > hs * cs or bk_off < HEADER.size and bk_len:
                 raise CorruptImage("QED backing filename offset is invalid")
             check_limit("backing file name length", bk_len, MAX_BACKING_NAME, "QED header")
-            name = self.store.pread_full(bk_off, bk_len).decode("utf-8", "replace")
+            name = c_string(self.store.pread_full(bk_off, bk_len))
             fmt = "raw" if features & QED_F_BACKING_FORMAT_NO_PROBE else None
             self.backing = BackingRef(name, fmt)
         self._l1 = None  # loaded on first use: info needs no table (and no numpy)

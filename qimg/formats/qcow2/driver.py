@@ -157,14 +157,15 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             if not name:
                 raise OpenError("'data-file' is required for this image")
             path = self._data_file_path(name)
-            try:
-                self.data_store = FileStore(path, self.writable)
-            except QimgError as e:
-                if self.writable:
-                    raise OpenError(str(e)) from None
-                # like qemu-img, metadata (info) still works; data access reports the error
+            if (options or {}).get(NO_IO):
+                # as qemu-img info: metadata only, the data file is neither opened nor locked
                 self.data_store = None
-                self._data_error = str(e)
+                self._data_error = "qcow2: the external data file was not opened (metadata only)"
+            else:
+                try:
+                    self.data_store = FileStore(path, self.writable)
+                except QimgError as e:
+                    raise OpenError(str(e)) from None
             self.data_filename = path
         self._meta_prealloc = None
         self._init_writer()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from ...core.driver import c_string
 from ...errors import CorruptImage, OpenError, QimgError, check_limit
 
 QCOW_MAGIC = 0x514649FB
@@ -163,7 +164,7 @@ class Header:
         self.extensions = [(t, d) for t, d in self.extensions if t != etype]
         self.extensions.append((etype, data))
         if etype == QCOW2_EXT_MAGIC_DATA_FILE:
-            self.data_file = data.decode("utf-8", "replace")
+            self.data_file = c_string(data)
 
     # ------------------------------------------------------------------ parse
     @classmethod
@@ -240,7 +241,7 @@ class Header:
             raw = store.pread(backing_file_offset, backing_file_size)
             if len(raw) < backing_file_size:
                 raise CorruptImage("Could not read backing file name: file is truncated")
-            h.backing_file = raw.decode("utf-8", "replace")
+            h.backing_file = c_string(raw)
         if unknown:
             raise OpenError("Unsupported qcow2 feature(s): " + h._feature_names(unknown))
         if h.crypt_method not in (QCOW_CRYPT_NONE, QCOW_CRYPT_AES, QCOW_CRYPT_LUKS):
@@ -289,17 +290,17 @@ class Header:
             data = bytes(area[pos:pos + elen])
             pos += (elen + 7) & ~7
             if etype == QCOW2_EXT_MAGIC_BACKING_FORMAT:
-                self.backing_format = data.decode("utf-8", "replace")
+                self.backing_format = c_string(data)
                 continue
             self.extensions.append((etype, data))
             if etype == QCOW2_EXT_MAGIC_FEATURE_TABLE:
                 n = elen // 48
                 for i in range(n):
                     t, b = data[i * 48], data[i * 48 + 1]
-                    name = data[i * 48 + 2:i * 48 + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
+                    name = c_string(data[i * 48 + 2:i * 48 + 48])
                     self.feature_table.append((t, b, name))
             elif etype == QCOW2_EXT_MAGIC_DATA_FILE:
-                self.data_file = data.decode("utf-8", "replace")
+                self.data_file = c_string(data)
             elif etype == QCOW2_EXT_MAGIC_CRYPTO_HEADER:
                 if elen < 16:
                     raise CorruptImage("Invalid encryption header extension length")
@@ -413,7 +414,7 @@ def read_bitmap_directory(store, h: Header, file_size: int) -> list[BitmapInfo]:
         p = pos + 24 + xsize
         if p + nsize > dsize:
             raise CorruptImage("Bitmap directory entry is truncated")
-        name = raw[p:p + nsize].decode("utf-8", "replace")
+        name = c_string(raw[p:p + nsize])
         out.append(BitmapInfo(name, flags, gbits, toff, tsize))
         pos = (p + nsize + 7) & ~7
     return out

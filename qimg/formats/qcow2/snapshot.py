@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ...core.driver import c_string
 from ...errors import CorruptImage, QimgError, check_limit
 from .header import MAX_L1_SIZE_BYTES, MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES, MAX_SNAPSHOTS
 
@@ -118,9 +119,9 @@ def read_snapshots(store, offset: int, count: int, cluster_size: int, file_size:
         need(extra_len + id_len + name_len)
         extra = bytes(buf[pos:pos + extra_len])
         pos += extra_len
-        id_str = buf[pos:pos + id_len].decode("utf-8", "replace")
+        id_str = c_string(buf[pos:pos + id_len])
         pos += id_len
-        name = buf[pos:pos + name_len].decode("utf-8", "replace")
+        name = c_string(buf[pos:pos + name_len])
         pos += name_len
         sn = Snapshot(l1_off, l1_size, id_str, name, dsec, dnsec, vmclock, vmsize, None, -1, extra,
                       ((pos + 7) & ~7) - start)

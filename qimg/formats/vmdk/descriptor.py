@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ...core.driver import c_string
 from ...errors import CorruptImage, check_limit
 
 #: descriptor text read at most (qemu reads the first MiB of a descriptor file)
@@ -95,7 +96,7 @@ def _hex32(value: str | None, default: int) -> int:
 
 def parse(raw: bytes, extents_required: bool) -> Descriptor:
     """Parse descriptor text; ``extents_required`` for stand-alone descriptor files."""
-    text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    text = c_string(raw)
     d = Descriptor(text)
     ver = _value(text, "version")
     if ver is not None and ver.strip().isdigit():
