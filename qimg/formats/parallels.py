@@ -296,7 +296,7 @@ class ParallelsDriver(Driver):
                 fixed_l = leaks
             else:
                 messages.append(f"ERROR space leaked at the end of the image {leak_bytes}")
-        total = (self.virtual_size + cs - 1) // cs
+        total = self.bat_entries  # qemu-img counts the BAT's entries, whatever the virtual size
         return CheckResult(corruptions=corruptions - fixed_c, leaks=leaks - fixed_l, corruptions_fixed=fixed_c,
                            leaks_fixed=fixed_l, allocated_clusters=allocated - (len(bad) if repair == "all" else 0),
                            total_clusters=total, fragmented_clusters=fragmented, image_end_offset=high,
