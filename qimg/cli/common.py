@@ -107,6 +107,13 @@ def warn(message: str) -> None:
     sys.stderr.write(f"WARNING: {message}\n")
 
 
+def warn_report(message: str) -> None:
+    """A warning as qemu's warn_report prints it: ``qimg: warning: ...``."""
+    from . import PROG
+
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
 def echo(text: str, quiet: bool = False) -> None:
     if not quiet:
         sys.stdout.write(text)

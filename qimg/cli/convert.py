@@ -13,6 +13,7 @@ from . import common as c
 @click.option("--target-image-opts", "target_image_opts", is_flag=True)
 @click.option("--target-is-zero", "target_is_zero", is_flag=True)
 @click.option("--bitmaps", "bitmaps", is_flag=True)
+@click.option("--skip-broken-bitmaps", "skip_broken_bitmaps", is_flag=True)
 @c.force_share_opt
 @click.option("-C", "copy_offload", is_flag=True)
 @click.option("-c", "compress", is_flag=True)
@@ -32,7 +33,8 @@ from . import common as c
 @click.option("-W", "out_of_order", is_flag=True)
 @click.option("--salvage", "salvage", is_flag=True)
 @click.argument("filenames", nargs=-1)
-def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, force_share, copy_offload,
+def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, skip_broken_bitmaps, force_share,
+            copy_offload,
             compress, progress, quiet, no_create, fmt, cache, src_cache, out_fmt, backing, backing_fmt, options,
             snapshot_param, sparse, rate, coroutines, out_of_order, salvage, filenames):
     from ..engine.progress import Progress
@@ -103,7 +105,7 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, for
         sources=sources, target=target, out_fmt=out_fmt, options=opts, compress=compress, backing=backing,
         backing_fmt=backing_fmt, min_sparse=min_sparse, no_create=no_create, target_is_zero=target_is_zero,
         workers=workers, out_of_order=out_of_order, snapshot=snapshot, target_options=target_options,
-        salvage=salvage, copy_offload=copy_offload)
+        salvage=salvage, copy_offload=copy_offload, bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps)
     prog = Progress(0, enabled=progress and not quiet)
-    convert(req, progress=prog)
+    convert(req, progress=prog, warn=c.warn_report)
 

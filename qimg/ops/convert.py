@@ -33,6 +33,8 @@ class ConvertRequest:
     target_options: dict = field(default_factory=dict)
     salvage: bool = False
     copy_offload: bool = False  # -C
+    bitmaps: bool = False       # --bitmaps
+    skip_broken_bitmaps: bool = False
 
 
 def convert(req: ConvertRequest, progress=None, warn=None) -> None:
@@ -69,13 +71,36 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> None:
                 raise QimgError("Compression not supported for this file format")
             if not req.no_create:
                 _check_compress_options(req.options)
+        bitmaps = _source_bitmaps(req, chains, warn)
         if req.no_create:
-            _write_into(req, src, total, progress)
+            _write_into(req, src, total, progress, bitmaps)
         else:
-            _create_and_write(req, src, total, progress)
+            _create_and_write(req, src, total, progress, bitmaps)
     finally:
         for ch in chains:
             ch.close()
+
+
+def _source_bitmaps(req: ConvertRequest, chains: list, warn) -> list | None:
+    """--bitmaps: the persistent bitmaps of the (single) source, refused as qemu-img refuses them."""
+    if req.skip_broken_bitmaps and not req.bitmaps:
+        raise QimgError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if not req.bitmaps:
+        return None
+    if len(chains) > 1:
+        raise QimgError("Copying bitmaps only possible with single source")
+    top = chains[0].top
+    if not hasattr(top, "bitmaps_for_copy"):
+        raise QimgError("Source lacks bitmap support")
+    return top.bitmaps_for_copy(req.skip_broken_bitmaps, warn)
+
+
+def _prepare_bitmaps(req: ConvertRequest, tgt, bitmaps: list | None) -> None:
+    if bitmaps is None:
+        return
+    if not hasattr(tgt, "prepare_bitmaps"):
+        raise QimgError(f"Format driver '{req.out_fmt}' does not support bitmaps")
+    tgt.prepare_bitmaps(req.out_fmt, bitmaps)
 
 
 def _check_compress_options(options: dict) -> None:
@@ -104,7 +129,7 @@ def _copy_opts(req: ConvertRequest, target_is_zero: bool) -> CopyOptions:
     )
 
 
-def _write_into(req, src, total, progress):
+def _write_into(req, src, total, progress, bitmaps=None):
     from ..io import lock
 
     # qemu-img's target open conflicts with its own sources' locks (convert -n a a is refused); qimg's
@@ -122,8 +147,11 @@ def _write_into(req, src, total, progress):
         if tgt.virtual_size < total:
             raise QimgError("Target image is too small" if False else
                             f"Could not write to '{req.target}': target image is smaller than the source")
+        _prepare_bitmaps(req, tgt, bitmaps)
         opts = _copy_opts(req, req.target_is_zero)
         copy_range(_maybe_base(req, src), tgt, 0, total, opts, progress, cluster_size=tgt.cluster_size)
+        if bitmaps:
+            tgt.add_bitmaps(bitmaps)
         if progress is not None:
             progress.finish()
     finally:
@@ -136,7 +164,7 @@ def _maybe_base(req, src):
     return src
 
 
-def _create_and_write(req, src, total, progress):
+def _create_and_write(req, src, total, progress, bitmaps=None):
 
     target = req.target
     existed = os.path.lexists(target)
@@ -157,11 +185,14 @@ def _create_and_write(req, src, total, progress):
         secrets = {k: v for k, v in req.options.items() if k.endswith("key-secret")}
         tgt = registry.open_image(tmp, req.out_fmt, writable=True, options=secrets)
         try:
+            _prepare_bitmaps(req, tgt, bitmaps)
             zero_init = tgt.has_zero_init and not req.backing
             copy_range(_maybe_base(req, src), tgt, 0, total, _copy_opts(req, zero_init), progress,
                        cluster_size=tgt.cluster_size)
             if hasattr(tgt, "finalize"):
                 tgt.finalize()
+            if bitmaps:
+                tgt.add_bitmaps(bitmaps)
         finally:
             tgt.close()
         if tmp != target:

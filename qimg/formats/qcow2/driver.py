@@ -126,6 +126,10 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         self.l2_span_bits = self.cluster_bits + self.l2_bits
         self.unit_bits = self.cluster_bits - 5 if self.extended else self.cluster_bits
         self.virtual_size = h.size
+        if h.version >= 3 and h.bitmaps_ext and h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
+            from .bitmaps import bitmaps_of, check_constraints
+
+            check_constraints(bitmaps_of(store, h, self.file_size), h.size, self.cs)
         if h.l1_table_offset >= self.file_size and h.l1_size:
             raise CorruptImage(f"L1 table at offset {h.l1_table_offset:#x} lies outside the image file "
                                f"(size {self.file_size})")
@@ -205,6 +209,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         try:
             if self.writable and self.store is not None:
                 self.finalize()
+                self._store_bitmaps()
         finally:
             if getattr(self, "data_store", None) is not None and self.data_store is not self.store:
                 self.data_store.close()

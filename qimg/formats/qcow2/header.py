@@ -90,6 +90,9 @@ class BitmapInfo:
     granularity_bits: int
     table_offset: int = 0
     table_size: int = 0
+    btype: int = 1
+    extra: bytes = b""
+    entry_pos: int = 0      # where the entry starts in the directory
 
 
 @dataclass
@@ -409,12 +412,12 @@ def read_bitmap_directory(store, h: Header, file_size: int) -> list[BitmapInfo]:
     for _ in range(nb):
         if pos + 24 > dsize:
             raise CorruptImage("Bitmap directory is truncated")
-        toff, tsize, flags, _btype, gbits, nsize, xsize = struct.unpack_from(">QIIBBHI", raw, pos)
+        toff, tsize, flags, btype, gbits, nsize, xsize = struct.unpack_from(">QIIBBHI", raw, pos)
         check_limit("qcow2 bitmap extra data size", xsize, 1 << 16)
         p = pos + 24 + xsize
         if p + nsize > dsize:
             raise CorruptImage("Bitmap directory entry is truncated")
         name = c_string(raw[p:p + nsize])
-        out.append(BitmapInfo(name, flags, gbits, toff, tsize))
+        out.append(BitmapInfo(name, flags, gbits, toff, tsize, btype, bytes(raw[pos + 24:pos + 24 + xsize]), pos))
         pos = (p + nsize + 7) & ~7
     return out

@@ -22,11 +22,13 @@ old image used become free (refcount 0), never leaked.
 from __future__ import annotations
 
 import copy
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ...errors import CorruptImage, QimgError, check_limit
+from .bitmaps import BME_OFFSET_MASK, pack_directory, set_extension
 from .header import (
     MAX_L1_SIZE_BYTES,
     MAX_REFTABLE_SIZE_BYTES,
@@ -145,13 +147,13 @@ class Qcow2Meta:
         last = (coff + nsec * np.uint64(512) - np.uint64(1)) >> np.uint64(self.cluster_bits)
         return std.astype(np.int64), first.astype(np.int64), last.astype(np.int64)
 
-    def static_refs(self) -> list[tuple[int, int]]:
+    def static_refs(self, bitmaps: bool = True) -> list[tuple[int, int]]:
         """Byte ranges referenced by the header's extensions (crypto header, bitmaps) besides cluster 0."""
         h = self.header
         out = []
         if h.crypto_header:
             out.append(h.crypto_header)
-        if h.bitmaps_ext and h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
+        if bitmaps and h.bitmaps_ext and h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
             _nb, dir_size, dir_off = h.bitmaps_ext
             out.append((dir_off, dir_size))
             for bm in read_bitmap_directory(self.store, h, self.file_size):
@@ -193,22 +195,32 @@ def encode_refblock(vals: np.ndarray, order: int, cluster_size: int) -> bytes:
 class RefCollector:
     """Collects referenced cluster indices; counts them with one bincount."""
 
-    def __init__(self, cluster_bits: int):
+    def __init__(self, cluster_bits: int, limit: int | None = None):
         self.bits = cluster_bits
         self.parts: list[np.ndarray] = []
+        # clusters at or past ``limit`` (the end of the file) cannot hold data: references to them are
+        # corruption that check reports, and counting them would size the refcounts for a hostile offset
+        self.limit = limit
 
     def add_range(self, offset: int, length: int) -> None:
         if length <= 0:
             return
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
-        self.parts.append(np.arange(first, last + 1, dtype=np.int64))
+        if self.limit is not None:
+            last = min(last, self.limit - 1)
+        if last >= first:
+            self.parts.append(np.arange(first, last + 1, dtype=np.int64))
 
     def add_indices(self, idx: np.ndarray) -> None:
         if len(idx):
-            self.parts.append(np.asarray(idx, np.int64))
+            idx = np.asarray(idx, np.int64)
+            self.parts.append(idx if self.limit is None else idx[idx < self.limit])
 
     def add_spans(self, first: np.ndarray, last: np.ndarray) -> None:
+        if self.limit is not None and len(first):
+            keep = first < self.limit
+            first, last = first[keep], np.minimum(last[keep], self.limit - 1)
         if not len(first):
             return
         self.parts.append(first)
@@ -251,6 +263,7 @@ class Change:
     extra_refs: list = field(default_factory=list)    # (offset, length) of new data clusters
     zero_fill: list = field(default_factory=list)     # (offset, length) to zero before the switch
     truncate_file: bool = False
+    bitmaps: list | None = None                       # bitmaps.BitmapPlan list: a new bitmap directory
 
 
 def current_plan(meta: Qcow2Meta) -> Change:
@@ -357,10 +370,14 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     bits = meta.cluster_bits
     h = change.header
     # 1. references of the new image, except the tables written afresh
-    rc = RefCollector(bits)
+    rc = RefCollector(bits, limit=-(-store.size() // cs))
     rc.add_range(0, cs)
-    for off, length in meta.static_refs():
+    for off, length in meta.static_refs(bitmaps=change.bitmaps is None):
         rc.add_range(off, length)
+    for bp in change.bitmaps or ():
+        for i, e in enumerate(bp.table):
+            if e & BME_OFFSET_MASK and i not in bp.fresh:
+                rc.add_range(e & BME_OFFSET_MASK, cs)
     for off, length in change.extra_refs:
         rc.add_range(off, length)
     plans = [change.active] + list(change.snapshot_plans)
@@ -422,6 +439,8 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     snap_bytes = b"".join(s.pack(3) for s in change.snapshots)
     check_limit("qcow2 snapshot table size", len(snap_bytes), MAX_SNAPSHOT_TABLE_BYTES)
     snap_off = take(-(-len(snap_bytes) // cs)) if change.snapshots else 0
+    if change.bitmaps is not None:
+        _write_bitmaps(store, h, change.bitmaps, take, cs)
     # 4. the refcount structure, sized for everything above plus itself
     final = np.zeros(len(alloc.used), np.int64)
     final[:len(ref)] = ref
@@ -465,7 +484,7 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
         ents = p.entries.copy()
         if pi == 0:
             l2idx = (ents >> np.uint64(bits)).astype(np.int64)
-            nz = ents != 0
+            nz = (ents != 0) & (l2idx < len(final))   # (an L2 table past the end of the file has no refcount)
             one = np.zeros(len(ents), bool)
             one[nz] = final[l2idx[nz]] == 1
             ents[one] |= np.uint64(QCOW_OFLAG_COPIED)
@@ -504,6 +523,29 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     return {"refcounts": final, "image_end": image_end}
 
 
+def _write_bitmaps(store, h: Header, plans: list, take, cs: int) -> None:
+    """Fresh bitmap clusters, the tables and a new directory, to new clusters; the header is pointed
+    at the directory (the switch itself is the caller's header write)."""
+    for bp in plans:
+        table = list(bp.table)
+        for i in sorted(bp.fresh):
+            data = bp.fresh[i]()
+            if not data.strip(b"\0"):
+                table[i] = 0      # an all-zero cluster needs no data cluster
+                continue
+            table[i] = take(1)
+            store.pwrite(table[i], data.ljust(cs, b"\0"))
+        n = len(table)
+        bp.info.table_size = n
+        bp.info.table_offset = take(max(1, -(-n * 8 // cs)))
+        store.pwrite(bp.info.table_offset, struct.pack(f">{n}Q", *table).ljust(-(-max(n, 1) * 8 // cs) * cs, b"\0"))
+    directory = pack_directory(plans)
+    doff = take(-(-len(directory) // cs)) if plans else 0
+    if plans:
+        store.pwrite(doff, directory.ljust(-(-len(directory) // cs) * cs, b"\0"))
+    set_extension(h, plans, doff, len(directory))
+
+
 def _grow(arr: np.ndarray, n: int) -> np.ndarray:
     if n <= len(arr):
         return arr
@@ -523,7 +565,7 @@ def _write_zeros(store, off: int, length: int) -> None:
 def compute_refs(meta: Qcow2Meta) -> np.ndarray:
     """Reference counts of the image as it is (quietly; check.py reports the details)."""
     ch = current_plan(meta)
-    rc = RefCollector(meta.cluster_bits)
+    rc = RefCollector(meta.cluster_bits, limit=meta.file_clusters)
     rc.add_range(0, meta.cluster_size)
     for off, length in meta.static_refs():
         rc.add_range(off, length)

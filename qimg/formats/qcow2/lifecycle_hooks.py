@@ -18,6 +18,7 @@ class Qcow2LifecycleMixin:
     def open(cls, store, filename, writable=False, opener=None, options=None):
         drv = super().open(store, filename, writable, opener, options)
         drv._lifecycle_options = dict(options or {})
+        drv._bitmap_writes = None
         if writable and drv._is_dirty():
             # lazy refcounts left the stored refcounts stale: rebuild them before any write
             try:
@@ -25,7 +26,48 @@ class Qcow2LifecycleMixin:
             except BaseException:
                 drv.close()
                 raise
+        if writable and drv.h.bitmaps_ext:
+            from .bitmaps import tracker_for
+
+            drv._bitmap_writes = tracker_for(drv)
         return drv
+
+    def _track(self, offset: int, length: int) -> None:
+        """Note a guest write for the enabled persistent bitmaps (qemu-img keeps them up to date)."""
+        if getattr(self, "_bitmap_writes", None) is not None:
+            self._bitmap_writes.add(self, offset, length)
+
+    def _store_bitmaps(self) -> None:
+        if getattr(self, "_bitmap_writes", None) is not None and self._bitmap_writes.ranges:
+            from .bitmaps import store_dirty
+
+            self._lifecycle(lambda st: store_dirty(st, self._bitmap_writes))
+
+    # ----- convert --bitmaps -----
+    def bitmaps_for_copy(self, skip_broken: bool, warn) -> list:
+        """The persistent bitmaps convert --bitmaps copies out of this image."""
+        from .bitmaps import source_bitmaps
+
+        if self.h.version < 3:
+            raise QimgError("Source lacks bitmap support")
+        return source_bitmaps(self, skip_broken, warn)
+
+    def prepare_bitmaps(self, fmt_name: str, source: list) -> None:
+        """Refuse, before any data is written, bitmaps this image cannot take."""
+        from .bitmaps import bitmaps_of
+
+        if self.h.version < 3:
+            raise QimgError(f"Format driver '{fmt_name}' does not support bitmaps")
+        have = {bm.name for bm in bitmaps_of(self.store, self.h, self.store.size())}
+        for bm, _reader in reversed(source):  # (qemu-img: last to first)
+            if bm.name in have:
+                raise QimgError(f"Failed to create bitmap {bm.name}: Bitmap already exists: {bm.name}")
+
+    def add_bitmaps(self, source: list) -> None:
+        from .bitmaps import copy_bitmaps
+
+        if source:
+            self._lifecycle(lambda st: copy_bitmaps(st, source))
 
     def _is_dirty(self) -> bool:
         from .header import QCOW2_INCOMPAT_DIRTY  # (lifecycle imports numpy: not needed here)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ...errors import QimgError
 from . import lifecycle as lc
+from .bitmaps import resized_bitmaps
 from .header import MAX_L1_SIZE_BYTES, QCOW2_AUTOCLEAR_BITMAPS
 from .snapshot_ops import refuse_if_corrupt
 from .tables import QCOW_L2_BITMAP_ALL_ALLOC
@@ -37,6 +38,7 @@ def resize(store, new_size: int, prealloc: str = "off") -> None:
         raise QimgError("Cannot shrink an image with persistent bitmaps")
     change = lc.current_plan(meta)
     apply_size(meta, change, new_size)
+    change.bitmaps = resized_bitmaps(meta, new_size)  # the tables follow the size (qemu-img: on close)
     if prealloc != "off" and new_size > h.size:
         _preallocate(meta, change, h.size, new_size, prealloc)
     lc.commit(meta, change, old_refs=refs)

@@ -188,6 +188,7 @@ class Qcow2Writer:
     # ------------------------------------------------------------------ pwrite
     def pwrite(self, offset: int, data) -> None:
         self._check_writable()
+        self._track(offset, len(memoryview(data).cast("B")))
         self._flush_pending()
         self._pwrite_now(offset, data)
 
@@ -274,6 +275,7 @@ class Qcow2Writer:
         fd = getattr(self.data_store, "fd", -1)
         ok = (self.writable and not self._sync_meta and not self.encrypted and not self.extended
               and not self.h.has_data_file and self.snapshot_view is None and self._pending is None
+              and getattr(self, "_bitmap_writes", None) is None
               and fd is not None and fd >= 0)
         return "locked" if ok else ""
 
@@ -377,6 +379,7 @@ class Qcow2Writer:
     # ------------------------------------------------------------------ zeroes
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         self._check_writable()
+        self._track(offset, min(length, self.virtual_size - offset))
         self._flush_pending()
         self._zero_now(offset, length, may_unmap)
 
@@ -527,6 +530,7 @@ class Qcow2Writer:
 
     def write_prepared(self, offset: int, prepared: list) -> None:
         self._check_writable()
+        self._track(offset, min(len(prepared) * self.cs, self.virtual_size - offset))
         if self.h.has_data_file:
             raise Unsupported("Compression is not supported with an external data file")
         if self.encrypted:
