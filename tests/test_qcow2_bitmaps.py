@@ -191,17 +191,20 @@ def test_convert_bitmaps_into_existing_image(tmp_path, qemu_img):
     assert out[1] == out[0]
 
 
-def _set_flag_in_use(img, index=0):
-    data = bytearray(img.read_bytes())
-    pos = struct.unpack_from(">I", data, 100)[0]
+def _directory_offset(data) -> int:
+    """Where the bitmap directory of a qcow2 v3 image (as bytes) lies."""
+    pos = struct.unpack_from(">I", data, 100)[0]   # header length: the extensions follow
     while True:
         etype, elen = struct.unpack_from(">II", data, pos)
         assert etype, "no bitmaps extension"
         if etype == 0x23852875:
-            _nb, _r, _size, doff = struct.unpack_from(">IIQQ", data, pos + 8)
-            break
+            return struct.unpack_from(">Q", data, pos + 24)[0]
         pos += 8 + (elen + 7) // 8 * 8
-    p = doff
+
+
+def _set_flag_in_use(img, index=0):
+    data = bytearray(img.read_bytes())
+    p = _directory_offset(data)
     for _ in range(index):
         _t, _s, _f, _ty, _g, nsize, xsize = struct.unpack_from(">QIIBBHI", data, p)
         p = (p + 24 + xsize + nsize + 7) // 8 * 8
@@ -244,10 +247,7 @@ def test_bitmap_table_too_small_is_refused_as_qemu(tmp_path, qemu_img):
     img = _image(tmp_path, "a.qcow2", size="64G", bitmaps=(("b0", []),))
     data = bytearray(img.read_bytes())
     # the directory entry's table size (2 clusters for 64 GiB at 64 KiB granularity) set to 1
-    pos = struct.unpack_from(">I", data, 100)[0]
-    while struct.unpack_from(">I", data, pos)[0] != 0x23852875:
-        pos += 8 + (struct.unpack_from(">I", data, pos + 4)[0] + 7) // 8 * 8
-    doff = struct.unpack_from(">Q", data, pos + 24)[0]
+    doff = _directory_offset(data)
     assert struct.unpack_from(">I", data, doff + 8)[0] == 2
     struct.pack_into(">I", data, doff + 8, 1)
     img.write_bytes(bytes(data))
@@ -263,10 +263,7 @@ def test_hostile_bitmap_table_entry(tmp_path, qemu_img):
     img = _image(tmp_path, "a.qcow2", bitmaps=(("b0", []),))
     _qemu_io(img, "write 0 64k")
     data = bytearray(img.read_bytes())
-    pos = struct.unpack_from(">I", data, 100)[0]
-    while struct.unpack_from(">I", data, pos)[0] != 0x23852875:
-        pos += 8 + (struct.unpack_from(">I", data, pos + 4)[0] + 7) // 8 * 8
-    doff = struct.unpack_from(">Q", data, pos + 24)[0]
+    doff = _directory_offset(data)
     table = struct.unpack_from(">Q", data, doff)[0]
     assert struct.unpack_from(">Q", data, table)[0] != 0
     struct.pack_into(">Q", data, table, 0x40000000000)
