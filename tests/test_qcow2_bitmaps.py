@@ -9,10 +9,12 @@ ranges as ``"data": false``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -29,7 +31,9 @@ def _need_nbd():
 
 def dirty_ranges(img, name) -> list[tuple[int, int]]:
     """The dirty ranges of bitmap ``name`` of ``img``, as qemu reads them."""
-    sock = img.parent / f"{img.name}.{name}.sock"
+    # a unix socket path must stay under ~108 bytes: not inside a deep tmp_path
+    sock_dir = tempfile.mkdtemp(prefix="qnbd", dir="/tmp" if os.path.isdir("/tmp") else None)
+    sock = os.path.join(sock_dir, "s")
     proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-B", name, "-k", str(sock), str(img)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -39,7 +43,7 @@ def dirty_ranges(img, name) -> list[tuple[int, int]]:
                 raise AssertionError(f"qemu-nbd failed: {proc.stderr.read().decode()}")
             try:
                 with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(sock))
+                    s.connect(sock)
                 break
             except OSError:
                 assert time.monotonic() < deadline, "qemu-nbd did not start"
@@ -50,6 +54,7 @@ def dirty_ranges(img, name) -> list[tuple[int, int]]:
     finally:
         proc.terminate()
         proc.wait(5)
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def bitmap_info(img, *extra):
