@@ -276,3 +276,87 @@ def test_hostile_bitmap_table_entry(tmp_path, qemu_img):
     r = run_qimg("convert", "--bitmaps", "-O", "qcow2", img, tmp_path / "o.qcow2")
     assert r.rc == 1 and r.err.count("\n") == 1 and "invalid bitmap table entry" in r.err, r.err
     assert not (tmp_path / "o.qcow2").exists()
+
+
+BITMAP_SCRIPT = [
+    ["--add", "IMG", "a"],
+    ["--add", "-g", "512", "--disable", "IMG", "b"],
+    ["--merge", "bm0", "-b", "SRC", "IMG", "a"],        # a 4 KiB-granularity source into 64 KiB
+    ["--add", "--merge", "a", "IMG", "c"],
+    ["--enable", "--clear", "IMG", "b"],
+    ["--add", "--remove", "--add", "-g", "1M", "IMG", "d"],   # in command-line order, repeats included
+    ["--merge", "bm0", "-b", "SRC", "-F", "qcow2", "IMG", "b"],   # and into 512 bytes
+    ["--disable", "IMG", "c"],
+    ["--remove", "IMG", "a"],
+]
+
+
+def test_bitmap_command_matches_qemu(tmp_path, qemu_img):
+    _need_nbd()
+    src = tmp_path / "src.qcow2"
+    qemu("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", src, "8M")
+    qemu("bitmap", "--add", "-g", "4k", src, "bm0")
+    _qemu_io(src, "write 100k 10k", "write 5M 1M")
+    out = []
+    for tool in ("qemu", "qimg"):
+        img = tmp_path / f"{tool}.qcow2"
+        qemu("create", "-q", "-f", "qcow2", img, "8M")
+        _qemu_io(img, "write 0 64k")
+        for step in BITMAP_SCRIPT:
+            args = [str(img) if a == "IMG" else str(src) if a == "SRC" else a for a in step]
+            r = qemu("bitmap", *args) if tool == "qemu" else run_qimg("bitmap", *args)
+            assert r.rc == 0, (step, r.err)
+        assert qemu("check", img).rc == 0
+        names = [b["name"] for b in bitmap_info(img)]
+        out.append((bitmap_info(img), [dirty_ranges(img, n) for n in names]))
+    assert out[1] == out[0]
+    assert [b["name"] for b in out[1][0]] == ["b", "c", "d"] and out[1][1][0] and out[1][1][1]
+
+
+@pytest.mark.parametrize("args", [
+    ["--add", "IMG", "b0"],                        # exists
+    ["--remove", "IMG", "nope"],
+    ["--clear", "IMG", "nope"],
+    ["--add", "-g", "1000", "IMG", "g"],
+    ["--add", "-g", "256", "IMG", "g"],
+    ["--add", "-g", "4G", "IMG", "g"],
+    ["--add", "-g", "abc", "IMG", "g"],
+    ["IMG", "b0"],
+    ["-g", "64k", "--remove", "IMG", "b0"],
+    ["--add", "-b", "IMG", "IMG", "q"],
+    ["--merge", "b0", "-F", "qcow2", "IMG", "q"],
+    ["--add", "IMG"],
+    ["--add", "IMG", "q", "extra"],
+    ["--merge", "nosuch", "IMG", "b0"],
+    ["--merge", "b0", "-b", "SMALL", "IMG", "b0"],   # sizes differ
+    ["--add", "--merge", "b0", "-b", "MISSING", "IMG", "q"],
+    ["--add", "IMG", "N" * 1024],
+    ["--add", "-f", "raw", "RAW", "q"],
+    ["--clear", "-f", "raw", "RAW", "q"],
+    ["--add", "V2", "q"],
+    ["--clear", "INUSE", "b0"],
+    ["--merge", "b0", "INUSE", "b2"],
+    ["--add", "--clear", "IMG", "fresh", "--remove"],  # the last option is an action too
+])
+def test_bitmap_command_errors_match_qemu(tmp_path, qemu_img, args):
+    import re
+
+    small = _image(tmp_path, "small.qcow2", size="4M", bitmaps=(("b0", []),))
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(MiB))
+    v2 = tmp_path / "v2.qcow2"
+    qemu("create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "1M")
+    got = []
+    for tool in ("qemu", "qimg"):
+        img = _image(tmp_path, f"{tool}.qcow2")
+        inuse = _image(tmp_path, f"{tool}-inuse.qcow2")
+        _set_flag_in_use(inuse, 0)
+        subst = {"IMG": img, "SMALL": small, "MISSING": tmp_path / "missing.qcow2", "RAW": raw, "V2": v2,
+                 "INUSE": inuse}
+        argv = [str(subst.get(a, a)) for a in args]
+        r = qemu("bitmap", *argv, check=False) if tool == "qemu" else run_qimg("bitmap", *argv)
+        err = r.err.replace(f"'{img}'", "NODE").replace(f"'{raw}'", "NODE").replace(f"'{v2}'", "NODE")
+        err = err.replace(str(img), "IMG").replace(str(inuse), "INUSE")
+        err = re.sub(r"'?#block\d+'?", "NODE", err.replace("qemu-img: ", "X: ").replace("qimg: ", "X: "))
+        got.append((r.rc, err, bitmap_info(img)))
+    assert got[1] == got[0]

@@ -75,12 +75,39 @@ def main_group(ctx, show_help, show_version, trace):
         raise click.UsageError("Not enough arguments")
 
 
+_BITMAP_ACTIONS = ("--add", "--remove", "--clear", "--enable", "--disable")
+
+
 def _preprocess(argv: list[str]) -> list[str]:
-    """Keep a negative size for resize from being read as an option (qemu-img does the same)."""
+    """Keep a negative size for resize from being read as an option (qemu-img does the same); give
+    bitmap's actions to one repeatable option, so that their command-line order (repeats included)
+    survives parsing: qemu-img runs them in that order."""
     if argv and argv[0] == "resize" and len(argv) >= 3:
         last = argv[-1]
         if last.startswith("-") and len(last) > 1 and (last[1].isdigit() or last[1] == "."):
             return argv[:-1] + ["--", last]
+    if argv and argv[0] == "bitmap":
+        out = [argv[0]]
+        i = 1
+        while i < len(argv):
+            a = argv[i]
+            if a == "--":
+                out.extend(argv[i:])
+                break
+            if a in _BITMAP_ACTIONS:
+                out.append(f"--action={a[2:]}")
+            elif a == "--merge" and i + 1 < len(argv):
+                out.append(f"--action=merge={argv[i + 1]}")
+                i += 1
+            elif a.startswith("--merge="):
+                out.append(f"--action=merge={a[len('--merge='):]}")
+            elif a in ("-b", "-F", "-g", "-f", "--object") and i + 1 < len(argv):
+                out.extend(argv[i:i + 2])
+                i += 1
+            else:
+                out.append(a)
+            i += 1
+        return out
     return argv
 
 

@@ -23,7 +23,13 @@ import threading
 from dataclasses import dataclass, field
 
 from ...errors import CorruptImage, QimgError, check_limit
-from .header import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS, BitmapInfo, read_bitmap_directory
+from .header import (
+    MAX_BITMAPS,
+    QCOW2_AUTOCLEAR_BITMAPS,
+    QCOW2_EXT_MAGIC_BITMAPS,
+    BitmapInfo,
+    read_bitmap_directory,
+)
 
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
@@ -267,36 +273,64 @@ def store_dirty(store, tracker: DirtyTracker) -> None:
 def dirty_plans(meta, ranges: list, names: set) -> list[BitmapPlan]:
     """The image's bitmaps with the bits of the written ``ranges`` set in the bitmaps ``names``,
     whose in-use flag is cleared: they are consistent again."""
-    plans = []
-    cs = meta.cluster_size
-    bits_per_cluster = cs * 8
-    for plan in kept_plans(meta):
-        bm = plan.info
-        if bm.name in names:
-            g = bm.granularity_bits
-            touched: dict[int, list] = {}
-            for a, b in ranges:
-                first, end = a >> g, ((b - 1) >> g) + 1
-                for i in range(first // bits_per_cluster, (end - 1) // bits_per_cluster + 1):
-                    lo = max(first, i * bits_per_cluster) - i * bits_per_cluster
-                    hi = min(end, (i + 1) * bits_per_cluster) - i * bits_per_cluster
-                    touched.setdefault(i, []).append((lo, hi))
-            reader = BitmapReader(meta.store, bm, meta.header.size, cs, meta.file_size)
-            for i, spans in touched.items():
-                if i < len(plan.table):
-                    plan.fresh[i] = _with_bits(reader, i, spans)
-            bm.flags &= ~BME_FLAG_IN_USE
-        plans.append(plan)
+    plans = kept_plans(meta)
+    for plan in plans:
+        if plan.info.name in names:
+            mark_ranges(meta.store, plan, ranges, meta.cluster_size)
+            plan.info.flags &= ~BME_FLAG_IN_USE
     return plans
 
 
-def _with_bits(reader: BitmapReader, i: int, spans: list):
+def plan_cluster(store, plan: BitmapPlan, i: int, cs: int) -> bytes:
+    """Table cluster ``i`` of ``plan`` as the change will leave it."""
+    if i in plan.fresh:
+        return plan.fresh[i]()
+    e = plan.table[i]
+    if e & BME_OFFSET_MASK:
+        return store.pread_full(e & BME_OFFSET_MASK, cs)
+    return (b"\xff" if e & BME_ALL_ONES else b"\0") * cs
+
+
+def mark_ranges(store, plan: BitmapPlan, ranges, cs: int) -> None:
+    """Set the bits of plan's bitmap for the guest byte ranges [a, b)."""
+    g = plan.info.granularity_bits
+    per = cs * 8
+    touched: dict[int, list] = {}
+    for a, b in ranges:
+        first, end = a >> g, ((b - 1) >> g) + 1
+        for i in range(first // per, min((end - 1) // per + 1, len(plan.table))):
+            touched.setdefault(i, []).append((max(first, i * per) - i * per, min(end, (i + 1) * per) - i * per))
+    for i, spans in touched.items():
+        plan.fresh[i] = _with_bits(store, BitmapPlan(None, {0: plan.table[i]}, {0: plan.fresh[i]} if i in plan.fresh
+                                                     else {}), spans, cs)
+
+
+def _with_bits(store, base: BitmapPlan, spans: list, cs: int):
     def payload():
-        buf = bytearray(reader.cluster(i))
+        buf = bytearray(plan_cluster(store, base, 0, cs))
         for lo, hi in spans:
             set_bits(buf, lo, hi)
         return bytes(buf)
     return payload
+
+
+def set_ranges(store, plan: BitmapPlan, size: int, cs: int):
+    """The guest byte ranges whose bits are set in ``plan`` (as (start, end), per table cluster)."""
+    import numpy as np
+
+    g = plan.info.granularity_bits
+    per = cs * 8
+    for i in range(len(plan.table)):
+        data = plan_cluster(store, plan, i, cs)
+        if not data.strip(b"\0"):
+            continue
+        bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little").astype(np.int8)
+        d = np.diff(np.concatenate(([0], bits, [0])))
+        for s0, e0 in zip(np.nonzero(d == 1)[0].tolist(), np.nonzero(d == -1)[0].tolist()):
+            a = (i * per + s0) << g
+            if a >= size:
+                break
+            yield a, min((i * per + e0) << g, size)
 
 
 def copied_plans(meta, source: list[tuple[BitmapInfo, BitmapReader]]) -> list[BitmapPlan]:
@@ -350,3 +384,76 @@ def copy_bitmaps(store, source: list[tuple[BitmapInfo, BitmapReader]]) -> None:
     change = lc.current_plan(meta)
     change.bitmaps = copied_plans(meta, source)
     lc.commit(meta, change)
+
+
+def edit_bitmaps(store, filename: str, name: str, actions: list, granularity: int | None, source_plans) -> None:
+    """qemu-img bitmap: ``actions`` ((kind, argument) pairs) in order on bitmap ``name``.  Like
+    qemu-img, what succeeded before a failing action is kept.  ``source_plans(source_name, plans)``
+    gives the (store, plan, virtual size, cluster size) of a --merge source."""
+    from . import lifecycle as lc
+
+    meta = lc.Qcow2Meta(store)
+    plans = kept_plans(meta)
+    done = 0
+    try:
+        for kind, arg in actions:
+            try:
+                _edit_one(meta, plans, filename, name, kind, arg, granularity, source_plans)
+            except QimgError as e:
+                raise QimgError(f"Operation {kind} on bitmap {name} failed: {e}") from None
+            done += 1
+    finally:
+        if done:
+            change = lc.current_plan(meta)
+            change.bitmaps = plans
+            lc.commit(meta, change)
+
+
+def _edit_one(meta, plans: list, filename: str, name: str, kind: str, arg, granularity, source_plans) -> None:
+    cs = meta.cluster_size
+    size = meta.header.size
+    found = [p for p in plans if p.info.name == name]
+    if kind == "add":
+        if found:
+            raise QimgError(f"Bitmap already exists: {name}")
+        g = granularity if granularity is not None else max(4096, cs)
+        if g < 512 or g & (g - 1) or g > 1 << MAX_GRANULARITY_BITS:
+            raise QimgError("Granularity must be power of 2 and at least 512")
+        cant = f"Can't make bitmap '{name}' persistent in '{filename}': "
+        if meta.header.version < 3:
+            raise QimgError(cant + "Cannot store dirty bitmaps in qcow2 v2 files")
+        if len(name.encode()) > MAX_BITMAP_NAME:
+            raise QimgError(cant + f"Name length exceeds maximum ({MAX_BITMAP_NAME} characters)")
+        gbits = g.bit_length() - 1
+        if bitmap_bytes(size, gbits) > MAX_BITMAP_BYTES:
+            raise QimgError(cant + "Too much space will be occupied by the bitmap. Use larger granularity")
+        if len(plans) >= MAX_BITMAPS:
+            raise QimgError(cant + "Too many persistent bitmaps")
+        n = table_entries(size, gbits, cs)
+        plans.append(BitmapPlan(BitmapInfo(name, BME_FLAG_AUTO, gbits, 0, n), [0] * n))
+        return
+    if not found:
+        raise QimgError(f"Dirty bitmap '{name}' not found")
+    plan = found[0]
+    if kind == "remove":
+        plans.remove(plan)
+        return
+    if plan.info.flags & BME_FLAG_IN_USE:
+        raise QimgError(f"Bitmap '{name}' is inconsistent and cannot be used\n"
+                        "Try block-dirty-bitmap-remove to delete this bitmap from disk")
+    if kind == "clear":
+        plan.table = [0] * len(plan.table)
+        plan.fresh = {}
+    elif kind == "enable":
+        plan.info.flags |= BME_FLAG_AUTO
+    elif kind == "disable":
+        plan.info.flags &= ~BME_FLAG_AUTO
+    elif kind == "merge":
+        src_store, src, src_size, src_cs = source_plans(arg, plans)
+        if src.info.flags & BME_FLAG_IN_USE:
+            raise QimgError(f"Bitmap '{arg}' is inconsistent and cannot be used\n"
+                            "Try block-dirty-bitmap-remove to delete this bitmap from disk")
+        if src_size != size:
+            raise QimgError(f"Bitmaps are of different sizes (destination size is {size}, source size is "
+                            f"{src_size}) and can't be merged")
+        mark_ranges(meta.store, plan, set_ranges(src_store, src, size, src_cs), cs)

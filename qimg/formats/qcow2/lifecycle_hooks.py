@@ -69,6 +69,29 @@ class Qcow2LifecycleMixin:
         if source:
             self._lifecycle(lambda st: copy_bitmaps(st, source))
 
+    def edit_bitmap(self, name: str, actions: list, granularity: int | None, merge_source=None) -> None:
+        """qemu-img bitmap on this image; ``merge_source`` is an open image whose bitmaps --merge reads
+        (None: this image's own)."""
+        from .bitmaps import edit_bitmaps, kept_plans
+
+        def source_plans(src_name, own_plans):
+            if merge_source is None:
+                found = [p for p in own_plans if p.info.name == src_name]
+                store, size, cs = self.store, self.virtual_size, self.cs
+            else:
+                from . import lifecycle as lc
+
+                if not hasattr(merge_source, "edit_bitmap"):
+                    raise QimgError(f"Dirty bitmap '{src_name}' not found")
+                meta = lc.Qcow2Meta(merge_source.store)
+                found = [p for p in kept_plans(meta) if p.info.name == src_name]
+                store, size, cs = merge_source.store, meta.header.size, meta.cluster_size
+            if not found:
+                raise QimgError(f"Dirty bitmap '{src_name}' not found")
+            return store, found[0], size, cs
+
+        self._lifecycle(lambda st: edit_bitmaps(st, self.filename, name, actions, granularity, source_plans))
+
     def _is_dirty(self) -> bool:
         from .header import QCOW2_INCOMPAT_DIRTY  # (lifecycle imports numpy: not needed here)
 
