@@ -360,3 +360,18 @@ def test_bitmap_command_errors_match_qemu(tmp_path, qemu_img, args):
         err = re.sub(r"'?#block\d+'?", "NODE", err.replace("qemu-img: ", "X: ").replace("qimg: ", "X: "))
         got.append((r.rc, err, bitmap_info(img)))
     assert got[1] == got[0]
+
+
+@pytest.mark.parametrize("extra,snap", [([], "s1"), (["--disable"], "s1"), ([], "nosuch")])
+def test_snapshot_apply_refused_with_bitmaps(tmp_path, qemu_img, extra, snap):
+    got = []
+    for tool in ("qemu", "qimg"):
+        img = tmp_path / f"{tool}.qcow2"
+        qemu("create", "-q", "-f", "qcow2", img, "4M")
+        qemu("snapshot", "-c", "s1", img)
+        qemu("bitmap", "--add", *extra, img, "bm")
+        r = qemu("snapshot", "-a", snap, img, check=False) if tool == "qemu" else run_qimg("snapshot", "-a", snap, img)
+        got.append((r.rc, r.err.replace("qemu-img: ", "").replace("qimg: ", ""), bitmap_info(img),
+                    qemu("check", img).rc))
+    assert got[1] == got[0]
+    assert got[1][1] == f"Could not apply snapshot '{snap}': Device has active dirty bitmaps\n"

@@ -18,6 +18,7 @@ import numpy as np
 
 from ...errors import QimgError, reports
 from . import lifecycle as lc
+from .bitmaps import bitmaps_of
 from .header import MAX_SNAPSHOTS, QCOW2_INCOMPAT_CORRUPT
 from .snapshot import Snapshot, snapshot_index
 
@@ -79,6 +80,9 @@ def check_count(n: int) -> None:
 def apply(store, id_or_name: str) -> None:
     """Revert the active state to a snapshot (the snapshot stays)."""
     meta = lc.Qcow2Meta(store)
+    if bitmaps_of(store, meta.header, meta.file_size):
+        # (qemu-img: reverting would leave every bitmap, enabled or not, describing other data)
+        raise QimgError(f"Could not apply snapshot '{id_or_name}': Device has active dirty bitmaps")
     i = snapshot_index(meta.snapshots, {"id_or_name": id_or_name})
     if i < 0:
         raise QimgError(f"Could not apply snapshot '{id_or_name}': Failed to load snapshot: No such file or directory")
