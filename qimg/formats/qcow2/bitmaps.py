@@ -1,5 +1,5 @@
-"""Persistent dirty bitmaps: checked at open, kept up to date by writes, resized with the image and
-carried over by ``convert --bitmaps``.
+"""Persistent dirty bitmaps: checked at open, kept up to date by writes, resized with the image,
+carried over by ``convert --bitmaps`` and edited by ``bitmap``.
 
 References:
   qcow2 specification (qemu docs/interop/qcow2.txt), "Bitmaps": the bitmaps extension, bitmap
@@ -10,7 +10,8 @@ References:
   Observed qemu-img 7.2: writes set the bits of the chunks they touch in every enabled ("auto")
   bitmap; while an image is written its enabled bitmaps carry the in-use flag, so an interrupted
   writer leaves them marked inconsistent; convert --bitmaps copies every consistent bitmap with its
-  granularity and enabled state.
+  granularity and enabled state; bitmap runs its actions in command-line order and keeps what
+  succeeded before a failing one; merging sets every bit whose range overlaps a set source bit.
 
 Every rewrite of bitmap tables and data goes through ``lifecycle.commit`` (new clusters, then one
 header write), like every other metadata change.
