@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from ...errors import CorruptImage, QimgError, check_limit
 from .header import (
+    BITMAP_ENTRY,
     MAX_BITMAPS,
     QCOW2_AUTOCLEAR_BITMAPS,
     QCOW2_EXT_MAGIC_BITMAPS,
@@ -44,7 +45,6 @@ MIN_GRANULARITY_BITS = 9               # 512 bytes
 MAX_GRANULARITY_BITS = 31              # 2 GiB
 MAX_BITMAP_BYTES = 1 << 29             # the data of one bitmap (qemu's limit too)
 MAX_BITMAP_NAME = 1023
-ENTRY = struct.Struct(">QIIBBHI")      # table offset, table size, flags, type, granularity bits, name size, extra
 
 
 def bitmap_bytes(size: int, gbits: int) -> int:
@@ -137,7 +137,7 @@ def pack_directory(plans: list[BitmapPlan]) -> bytes:
     for p in plans:
         bm = p.info
         name = bm.name.encode()
-        out += ENTRY.pack(bm.table_offset, bm.table_size, bm.flags, bm.btype, bm.granularity_bits, len(name),
+        out += BITMAP_ENTRY.pack(bm.table_offset, bm.table_size, bm.flags, bm.btype, bm.granularity_bits, len(name),
                           len(bm.extra)) + bm.extra + name
         out += bytes(-len(out) % 8)
     return bytes(out)
@@ -335,13 +335,11 @@ def set_ranges(store, plan: BitmapPlan, size: int, cs: int):
 
 
 def copied_plans(meta, source: list[tuple[BitmapInfo, BitmapReader]]) -> list[BitmapPlan]:
-    """The target's bitmaps plus new ones with the data of ``source`` (convert --bitmaps)."""
+    """The target's bitmaps plus new ones with the data of ``source`` (convert --bitmaps; names were
+    checked against the target's by ``prepare_bitmaps`` before the copy)."""
     plans = kept_plans(meta)
-    have = {p.info.name for p in plans}
     cs = meta.cluster_size
     for bm, reader in source:
-        if bm.name in have:
-            raise QimgError(f"Failed to create bitmap {bm.name}: Bitmap already exists: {bm.name}")
         n = table_entries(meta.header.size, bm.granularity_bits, cs)
         info = BitmapInfo(bm.name, bm.flags & BME_FLAG_AUTO, bm.granularity_bits, 0, n)
         plans.append(BitmapPlan(info, [0] * n, {i: _source_cluster(reader, i, cs) for i in range(n)}))

@@ -77,6 +77,9 @@ FEATURE_NAMES = (
     (2, 1, "raw external data"),
 )
 
+#: a bitmap directory entry: table offset, table size, flags, type, granularity bits, name size, extra size
+BITMAP_ENTRY = struct.Struct(">QIIBBHI")
+
 _V2 = struct.Struct(">IIQIIQIIQQIIQ")
 _V3 = struct.Struct(">QQQII")
 
@@ -412,7 +415,7 @@ def read_bitmap_directory(store, h: Header, file_size: int) -> list[BitmapInfo]:
     for _ in range(nb):
         if pos + 24 > dsize:
             raise CorruptImage("Bitmap directory is truncated")
-        toff, tsize, flags, btype, gbits, nsize, xsize = struct.unpack_from(">QIIBBHI", raw, pos)
+        toff, tsize, flags, btype, gbits, nsize, xsize = BITMAP_ENTRY.unpack_from(raw, pos)
         check_limit("qcow2 bitmap extra data size", xsize, 1 << 16)
         p = pos + 24 + xsize
         if p + nsize > dsize:

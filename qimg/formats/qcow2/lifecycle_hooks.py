@@ -78,14 +78,14 @@ class Qcow2LifecycleMixin:
             if merge_source is None:
                 found = [p for p in own_plans if p.info.name == src_name]
                 store, size, cs = self.store, self.virtual_size, self.cs
-            else:
+            elif hasattr(merge_source, "edit_bitmap"):  # a qcow2 image: the only format with bitmaps
                 from . import lifecycle as lc
 
-                if not hasattr(merge_source, "edit_bitmap"):
-                    raise QimgError(f"Dirty bitmap '{src_name}' not found")
                 meta = lc.Qcow2Meta(merge_source.store)
                 found = [p for p in kept_plans(meta) if p.info.name == src_name]
                 store, size, cs = merge_source.store, meta.header.size, meta.cluster_size
+            else:
+                found = []
             if not found:
                 raise QimgError(f"Dirty bitmap '{src_name}' not found")
             return store, found[0], size, cs
