@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from .conftest import qemu, run_qimg
+from tests.conftest import qemu, run_qimg
 
 
 def both(tmp_path, *args, name="img.raw"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import decompress_to, guest_sha256, qemu, qemu_create_pbkdf, qemu_img_path, run_qimg
+from tests.conftest import decompress_to, guest_sha256, qemu, qemu_create_pbkdf, qemu_img_path, run_qimg
 
 MiB = 1 << 20
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from .conftest import qemu, qemu_create_pbkdf, qemu_img_path, run_qimg
+from tests.conftest import qemu, qemu_create_pbkdf, qemu_img_path, run_qimg
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tests.conftest import qemu, run_qimg, write_pattern
-from tests.test_map import needs_qcow2, same
+from tests.ops.test_map import needs_qcow2, same
 
 MiB = 1 << 20
 RAW = ("-f", "raw", "-F", "raw")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from .conftest import qemu, run_qimg
+from tests.conftest import qemu, run_qimg
 
 SECRET = ["--object", "secret,id=s,data=abc"]
 IMAGES = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import guest_sha256, qemu, run_qimg, run_qimg_subprocess, sha256_file, write_pattern
+from tests.conftest import guest_sha256, qemu, run_qimg, run_qimg_subprocess, sha256_file, write_pattern
 
 MiB = 1 << 20
 
@@ -236,7 +236,7 @@ def test_copy_offload_refuses_what_qemu_img_refuses(tmp_path, args, message):
 
 
 def test_fixture_samples_match_their_manifest(tmp_path):
-    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    fixtures = Path(__file__).resolve().parents[2] / "fixtures"
     manifest = (fixtures / "MANIFEST.txt").read_text()
     guest = re.search(r"^guest sha256 \(both\): ([0-9a-f]{64})$", manifest, re.M).group(1)
     out = tmp_path / "s.raw"

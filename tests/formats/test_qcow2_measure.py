@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from .conftest import qemu_img_path, run_qimg
+from tests.conftest import qemu_img_path, run_qimg
 
 MiB = 1 << 20
 

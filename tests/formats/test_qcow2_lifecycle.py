@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from .conftest import qemu, run_qimg, sha256_file
+from tests.conftest import qemu, run_qimg, sha256_file
 
 
 def _refcount_entry_offset(path, cluster):
@@ -156,7 +156,7 @@ def _corpus(shared_images, tmp_path, name):
     src = shared_images / "qcow2" / name
     if not src.exists():
         pytest.skip(f"{name} not in the corpus")
-    from .conftest import decompress_to
+    from tests.conftest import decompress_to
 
     out = decompress_to(src, tmp_path)
     out.chmod(0o644)

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from .conftest import run_qimg
+from tests.conftest import run_qimg
 
 MiB = 1 << 20
 
@@ -266,7 +266,7 @@ def test_names_end_at_nul_as_in_qemu(tmp_path, oracle, field):
     oracle("create", "-q", "-f", "qcow2", base, "1M")
     img = tmp_path / "o.qcow2"
     if field == "data file":
-        oracle("create", "-q", "-f", "qcow2", "-o", "data_file=data.bin", img, "1M")
+        oracle("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.bin'}", img, "1M")  # never in the cwd
         needle = b"data.bin"
     else:
         oracle("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img)
@@ -295,7 +295,7 @@ def test_repair_with_reference_far_past_eof(tmp_path, oracle, table):
     to take minutes and GiBs).  Exit status and the damage left over are qemu-img's."""
     import shutil
 
-    from .conftest import run_qimg_subprocess
+    from tests.conftest import run_qimg_subprocess
 
     src = tmp_path / "src.qcow2"
     oracle("create", "-q", "-f", "qcow2", src, "1M")

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from .conftest import decompress_to, oracle_raw, qemu, run_qimg, sha256_file, write_pattern
+from tests.conftest import decompress_to, oracle_raw, qemu, run_qimg, sha256_file, write_pattern
 
 MiB = 1 << 20
 GRAIN = 65536

@@ -10,7 +10,7 @@ from qimg.core import registry
 from qimg.errors import OpenError
 from qimg.formats.raw import RawDriver
 
-from .conftest import run_qimg_subprocess
+from tests.conftest import run_qimg_subprocess
 
 
 class ProbeOnlyDriver(RawDriver):
@@ -139,7 +139,7 @@ def test_help_and_probing_work_without_site_hooks(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *site.getsitepackages()]))
     p = tmp_path / "x.raw"
     p.write_bytes(bytes(4096))

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from .conftest import qemu, run_qimg
+from tests.conftest import qemu, run_qimg
 
 MiB = 1 << 20
 

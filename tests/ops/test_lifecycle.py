@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from .conftest import qemu, run_qimg, sha256_file
+from tests.conftest import qemu, run_qimg, sha256_file
 
 
 def qemu_io(path, *cmds, fmt="qcow2"):

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from .conftest import qemu, sha256_file
+from tests.conftest import qemu, sha256_file
 
 
 class _Crash(Exception):

@@ -18,7 +18,7 @@ from qimg.core.driver import BackingRef, Driver
 from qimg.core.extent import Extent
 from qimg.errors import BackingChainError, QimgError
 
-from .conftest import guest_sha256
+from tests.conftest import guest_sha256
 
 HDR = 4096
 MAGIC = b"FAKEOVL\n"

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tests.conftest import guest_sha256, qemu, run_qimg, sha256_file, write_pattern
-from tests.test_map import needs_qcow2
+from tests.ops.test_map import needs_qcow2
 
 MiB = 1 << 20
 

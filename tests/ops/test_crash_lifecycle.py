@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .conftest import ROOT, qemu, sha256_file
+from tests.conftest import ROOT, qemu, sha256_file
 
 TRIALS = 8
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import qemu, write_pattern
+from tests.conftest import qemu, write_pattern
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import json, runpy, sys

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import qemu, run_qimg
+from tests.conftest import qemu, run_qimg
 
 FORMATS = ["raw", "qcow2", "qcow", "qed", "vdi", "vmdk", "vpc", "vhdx", "luks", "parallels"]
 

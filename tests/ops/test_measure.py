@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import qemu, run_qimg, write_pattern
-from tests.test_map import needs_qcow2, same
+from tests.ops.test_map import needs_qcow2, same
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from .conftest import guest_sha256, run_qimg, run_qimg_subprocess
+from tests.conftest import guest_sha256, run_qimg, run_qimg_subprocess
 
 UNKNOWN_EXT = 0x7E57DA7A
 UNKNOWN_DATA = b"kept as it is"   # 13 bytes: padded to 16 in the file
