@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import decompress_to, guest_sha256, run_qimg, sha256_file, write_pattern
-from tests.test_vdi import assert_info_same, one_line_error, open_driver, qemu_info, qemu_map, qimg_map, random_reads
+from tests.formats.test_vdi import assert_info_same, one_line_error, open_driver, qemu_info, qemu_map, qimg_map, random_reads
 
 MiB = 1 << 20
 GiB = 1 << 30
