@@ -592,6 +592,7 @@ class NbdDriver(RawDriver):
     """The raw view of an NBD export (qemu-img shows such images as format raw)."""
 
     format_name = "raw"
+    provides_store = True
 
     @classmethod
     def open_store(cls, filename: str, writable: bool = False, options: dict | None = None) -> NbdStore:
