@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.conftest import decompress_to, guest_sha256, run_qimg
-from tests.test_qcow1 import make_src, qemu_map, qimg_map
+from tests.formats.test_qcow1 import make_src, qemu_map, qimg_map
 
 SINGLE = ["parallels-v1.bz2", "parallels-v2.bz2", "fake.parallels.bz2", "parallels-with-bitmap.bz2"]
 GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.conftest import guest_sha256, qemu, run_qimg, sha256_file, write_pattern
-from tests.test_qcow1 import make_src, qemu_map, qimg_map
+from tests.formats.test_qcow1 import make_src, qemu_map, qimg_map
 
 
 def qemu_io(img, *cmds):
