@@ -123,7 +123,9 @@ class VmdkDriver(Driver):
         self.parent_cid = self.desc.parent_cid if self.desc else dsc.CID_NONE
         self.create_type = (self.desc.create_type if self.desc else None) or "monolithicSparse"
         if fresh_stream:
-            self.stream_writer = sparse.StreamWriter(self.store, hdr, hdr.overhead)
+            from .stream import StreamWriter
+
+            self.stream_writer = StreamWriter(self.store, hdr, hdr.overhead)
             self.store.truncate(hdr.overhead * SECTOR)
         self.extents.append(ext)
 
