@@ -10,11 +10,16 @@ class QimgError(Exception):
     """Base class: a one-line message and an exit code."""
 
     exit_code = 1
+    #: lines reported before the error itself, as they are (a check's per-cluster findings): the
+    #: layer that fails hands them up with the error and only ``cli.run`` writes them out
+    diagnostics: tuple = ()
 
-    def __init__(self, message: str, exit_code: int | None = None):
+    def __init__(self, message: str, exit_code: int | None = None, diagnostics=()):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        if diagnostics:
+            self.diagnostics = tuple(diagnostics)
 
     @property
     def message(self) -> str:

@@ -145,6 +145,8 @@ def run(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
+        for line in e.diagnostics:
+            sys.stderr.write(line + "\n")
         _err(str(e))
         if getattr(e, "hint", False):
             sys.stderr.write(f"Try '{PROG} --help' for more information\n")

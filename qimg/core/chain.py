@@ -22,9 +22,7 @@ class Chain:
     def _check_backing(self, depth: int) -> None:
         """Before layer ``depth`` first reads through to its backing file, let it refuse one that has
         changed under it (``check_backing``: a VMDK whose parent's CID moved on)."""
-        hook = getattr(self.layers[depth], "check_backing", None)
-        if hook is not None:
-            hook(self.layers[depth + 1], self.filenames[depth + 1])
+        self.layers[depth].check_backing(self.layers[depth + 1], self.filenames[depth + 1])
         self._backing_checked.add(depth)
 
     @classmethod

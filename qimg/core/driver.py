@@ -54,13 +54,15 @@ class Opener:
             return name
         return os.path.join(self.base_dir, name)
 
-    def open_file(self, name: str, writable: bool | None = None, create: bool = False):
+    def open_file(self, name: str, writable: bool | None = None, create: bool = False, metadata: bool = False):
+        """A store over the sibling ``name``; ``metadata``: it has metadata of its own (a sparse VMDK
+        extent) and is locked as an image, else as a data file."""
         from ..io.store import FileStore
         from .registry import get_driver, protocol_for
 
         w = self.writable if writable is None else writable
         proto = protocol_for(name)
-        if proto is not None and hasattr(get_driver(proto), "open_store"):
+        if proto is not None and get_driver(proto).provides_store:
             # nbd and the like: "creating" means using the existing export
             return get_driver(proto).open_store(name, w, {})
         if create:
@@ -70,8 +72,6 @@ class Opener:
             from ..io import lock
 
             if lock.sibling_locking():
-                # an extent with its own metadata (sparse vmdk) is locked as an image, others as data files
-                metadata = store.pread(0, 4) in (b"KDMV", b"COWD")
                 store.lock(*lock.sibling_perms(w, metadata))
         except BaseException:
             store.close()
@@ -85,12 +85,34 @@ class Opener:
 
 
 class Driver:
-    """Base class for format drivers."""
+    """Base class for format drivers: the whole contract a format may implement, on one page.
+
+    Capabilities are class attributes; every optional hook has a default that either does the
+    generic thing or raises ``Unsupported`` with qemu-img's message (and exit code).  ops/ and
+    engine/ call these directly: a format implements a hook by overriding it, nothing is looked
+    up by name."""
 
     format_name = ""
     #: qemu-img's wording for create: "Formatting 'x', fmt=NAME ..." uses format_name
     create_opts: tuple = ()
     supports_backing = False
+
+    # ----- capabilities (declared, never probed for) -----
+    #: ``convert -c`` can write this format (``write_compressed``/``prepare_compressed``)
+    supports_compression = False
+    #: the image file is the guest's bytes (raw, luks, file): locks pass the user's permissions
+    #: through instead of being taken as a format image (see io.lock.image_perms)
+    lock_passthrough = False
+    #: a protocol driver (nbd) whose ``open_store`` gives a byte store any format may sit on;
+    #: protocols without one (vvfat) open through ``open_protocol``
+    provides_store = False
+    #: whether the copy engine's worker threads may write this image themselves, in any order:
+    #: "" no (writes go through ``pwrite`` in guest order from one thread); "free" yes, with no
+    #: metadata to protect (raw); "locked" yes, with ``direct_map`` and every other call made under
+    #: the engine's lock (a freshly created image whose metadata only matters once it is complete)
+    direct_writes = ""
+    #: the name ``info`` shows when it is not the one opened (vvfat's "fat:..." directory)
+    display_filename: str | None = None
 
     def __init__(self, store, filename: str, writable: bool = False, opener: Opener | None = None):
         self.store = store
@@ -116,8 +138,55 @@ class Driver:
         pass
 
     @classmethod
+    def open_store(cls, filename: str, writable: bool = False, options: dict | None = None):
+        """A protocol's byte store (``provides_store``), for the registry to open a format on."""
+        raise Unsupported(f"Driver '{cls.format_name}' does not provide a store")
+
+    @classmethod
+    def open_protocol(cls, filename: str, writable: bool = False, options: dict | None = None):
+        """A protocol driver opened by its filename alone (``fat:dir``)."""
+        raise Unsupported(f"Driver '{cls.format_name}' is not a protocol")
+
+    @classmethod
     def create(cls, filename: str, opts: CreateOptions, opener: Opener) -> None:
         raise Unsupported(f"Format driver '{cls.format_name}' does not support image creation")
+
+    @classmethod
+    def can_create(cls) -> bool:
+        """Whether the format overrides ``create`` (qemu-img: "does not support image creation")."""
+        return cls.create.__func__ is not Driver.create.__func__
+
+    @classmethod
+    def format_line_options(cls, opts: CreateOptions) -> list[tuple[str, str]]:
+        """The key=value pairs of create's "Formatting 'x', fmt=NAME ..." line (default: size,
+        then the given options in ``create_opts`` order)."""
+        pairs = [("size", str(opts.size))]
+        for spec in cls.create_opts:
+            if spec.name in opts.options and spec.name != "size":
+                pairs.append((spec.name, str(opts.options[spec.name])))
+        return pairs
+
+    @classmethod
+    def creates_single_file(cls, options: dict) -> bool:
+        """False when create with these options writes files beside the image (extents, data file):
+        convert then creates under the target's own name instead of a temporary one."""
+        return True
+
+    @classmethod
+    def created_files(cls, filename: str, options: dict) -> list[str]:
+        """Every file create writes for ``filename`` with these options (removed if convert fails)."""
+        return [filename]
+
+    @classmethod
+    def measure(cls, options: dict, size: int, src=None) -> dict:
+        """qemu-img measure: {"required", "fully-allocated"[, "bitmaps"]} for ``size`` bytes or ``src``
+        (an engine source with ``extents``)."""
+        raise Unsupported(f"Block driver '{cls.format_name}' does not support size measurement")
+
+    @classmethod
+    def amend_help(cls) -> str:
+        """``amend -o help``: the options this format can change."""
+        raise Unsupported(f"Format driver '{cls.format_name}' does not support option amendment")
 
     # ----- the read side -----
     @property
@@ -154,6 +223,15 @@ class Driver:
                 sub[:] = bytes(n)
             pos += n
 
+    def plain_host_file(self, start: int, end: int):
+        """(fd, host offset of ``start``) when guest bytes [start, end) lie as they are in one host
+        file (the copy engine may then copy them in the kernel); None otherwise."""
+        return None
+
+    def check_backing(self, parent, parent_filename: str) -> None:
+        """Before this layer first reads through to ``parent``, refuse a backing file that changed
+        under it (a VMDK whose parent's CID moved on).  Default: any parent will do."""
+
     def info_specific(self) -> dict | None:
         """qemu's ImageInfoSpecific as a dict ({"type": ..., "data": {...}}) or None."""
         return None
@@ -189,11 +267,15 @@ class Driver:
     def write_compressed(self, offset: int, data) -> None:
         raise Unsupported("Compression not supported for this file format")
 
-    #: whether the copy engine's worker threads may write this image themselves, in any order:
-    #: "" no (writes go through ``pwrite`` in guest order from one thread); "free" yes, with no
-    #: metadata to protect (raw); "locked" yes, with ``direct_map`` and every other call made under
-    #: the engine's lock (a freshly created image whose metadata only matters once it is complete)
-    direct_writes = ""
+    def prepare_compressed(self, offset: int, data):
+        """The thread-safe half of a compressed write (compressing ``data`` in a worker thread), whose
+        result the engine hands to ``write_prepared`` from its writer thread; None: the engine calls
+        ``write_compressed`` with the bytes instead."""
+        return None
+
+    def write_prepared(self, offset: int, prepared) -> None:
+        """Write what ``prepare_compressed`` returned, in guest order."""
+        raise Unsupported("Compression not supported for this file format")
 
     def direct_map(self, offset: int, length: int):
         """Where guest bytes [offset, offset + length) are to be written: [(store, host offset, n), ...]
@@ -215,6 +297,7 @@ class Driver:
         """Called by convert once all data is written, before close."""
         self.write_metadata()
 
+    # ----- lifecycle hooks (qemu-img's commands beyond copying) -----
     def truncate(self, size: int, shrink: bool = False, prealloc: str = "off") -> None:
         raise Unsupported("Image format driver does not support resize")
 
@@ -225,13 +308,62 @@ class Driver:
         raise Unsupported(f"Format driver '{self.format_name}' does not support emptying the image")
 
     def check(self, repair: str | None = None):
+        """A ``core.check.CheckResult``; qemu-img exits 63 for a format without checks."""
         from ..errors import CheckUnsupported
 
         raise CheckUnsupported("This image format does not support checks")
 
+    def amend(self, options: dict, force: bool = False) -> None:
+        """``qemu-img amend -o``: change format options in place."""
+        raise Unsupported(f"Format driver '{self.format_name}' does not support option amendment")
+
+    # ----- internal snapshots -----
     def snapshots(self) -> list:
+        """The internal snapshots (format objects); empty for formats without any."""
         return []
 
+    def snapshot_infos(self) -> list[dict]:
+        """qemu's SnapshotInfo dicts (id, name, vm-state-size, date-sec/-nsec, vm-clock-sec/-nsec, icount)."""
+        return [s if isinstance(s, dict) else s.info() for s in self.snapshots()]
+
+    def snapshot_create(self, name: str) -> None:
+        raise Unsupported(f"Could not create snapshot '{name}': -95 (Operation not supported)")
+
+    def snapshot_apply(self, name: str) -> None:
+        raise Unsupported(f"Could not apply snapshot '{name}': Block driver does not support snapshots")
+
+    def snapshot_delete(self, name: str) -> None:
+        raise Unsupported(f"Could not delete snapshot '{name}': snapshot not found")
+
+    def load_snapshot(self, snapshot: dict) -> None:
+        """Show the image as it was at an internal snapshot (``-l``), read-only."""
+        raise Unsupported(f"Block format '{self.format_name}' used by device '' "
+                          "does not support temporarily loading internal snapshots")
+
+    # ----- persistent dirty bitmaps -----
+    def bitmaps_for_copy(self, skip_broken: bool, warn) -> list:
+        """The persistent bitmaps ``convert --bitmaps`` copies out of this image."""
+        raise Unsupported("Source lacks bitmap support")
+
+    def prepare_bitmaps(self, fmt_name: str, source: list) -> None:
+        """Refuse, before any data is written, bitmaps this image cannot take."""
+        raise Unsupported(f"Format driver '{fmt_name}' does not support bitmaps")
+
+    def add_bitmaps(self, bitmaps: list) -> None:
+        """Write the bitmaps ``bitmaps_for_copy`` returned (after the data)."""
+        raise Unsupported(f"Format driver '{self.format_name}' does not support bitmaps")
+
+    def edit_bitmap(self, name: str, actions: list, granularity: int | None, source=None) -> None:
+        """``qemu-img bitmap``: run ``actions`` ((kind, argument), ...) on bitmap ``name``; a format
+        without persistent bitmaps fails the first action with qemu-img's message."""
+        kind, _arg = actions[0]
+        if kind == "add":
+            msg = f"Can't store persistent bitmaps to '{self.filename}': Operation not supported"
+        else:
+            msg = f"Dirty bitmap '{name}' not found"
+        raise Unsupported(f"Operation {kind} on bitmap {name} failed: {msg}")
+
+    # ----- closing -----
     def close(self) -> None:
         if self.store is not None:
             try:

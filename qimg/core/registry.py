@@ -148,7 +148,7 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
     proto_cls = None
     if proto is not None:
         cls = get_driver(proto)
-        if not hasattr(cls, "open_store"):
+        if not cls.provides_store:
             try:
                 return cls.open_protocol(filename, writable=writable, options=options or {})
             except QimgError as e:
@@ -181,7 +181,7 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
         no_io = bool((options or {}).get(NO_IO))
         if locking and hasattr(store, "lock"):
             # taken once the format is known (qemu probes before it locks), before the driver reads on
-            store.lock(*lock.image_perms(fmt, writable, no_io, force_share, options))
+            store.lock(*lock.image_perms(cls.lock_passthrough, writable, no_io, force_share, options))
         opener = Opener(bundle_descriptor(filename), writable, open_image=lambda f, t, w: open_image(f, t, w))
         with lock.opening(no_io, force_share, locking):
             return cls.open(store, filename, writable=writable, opener=opener, options=options or {})

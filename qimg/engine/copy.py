@@ -77,10 +77,10 @@ class ChainSource(Source):
         self.chain.readinto(offset, buf)
 
     def plain_file(self, start, end):
-        layers = getattr(self.chain, "layers", None)
+        layers = self.chain.layers
         if not layers or len(layers) != 1:
             return None
-        return _raw_file(layers[0], start, end)
+        return layers[0].plain_host_file(start, end)
 
 
 class ConcatSource(Source):
@@ -118,22 +118,6 @@ class ConcatSource(Source):
             return None
         base, src, s, e = parts[0]
         return src.plain_file(s - base, e - base)
-
-
-def _raw_file(layer, start: int, end: int):
-    """(fd, host offset) for a raw layer over a regular file whose bytes cover [start, end)."""
-    from ..formats.raw import RawDriver
-
-    if type(layer) is not RawDriver:
-        # drivers whose range is one plain host file (e.g. a flat VMDK extent) may say so
-        hook = getattr(layer, "plain_host_file", None)
-        return hook(start, end) if hook is not None else None
-    store = getattr(layer, "store", None)
-    fd = getattr(store, "fd", -1)
-    if fd is None or fd < 0 or getattr(store, "is_block", True):
-        return None
-    host = start + getattr(layer, "offset", 0)
-    return fd, host
 
 
 class _BufferPool:
@@ -227,7 +211,7 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
         cluster_size = cluster_size or 65536
         chunk = max(cluster_size, chunk // cluster_size * cluster_size)
     workers = max(1, opts.workers)
-    prepare = getattr(dst, "prepare_compressed", None) if opts.compress else None
+    prepare = dst.prepare_compressed if opts.compress else None
     # -C: data is copied as it is (no zero scan), in the kernel where both ends are plain files
     scan = gran != 0 and not opts.offload
 
@@ -235,7 +219,7 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
         if not opts.target_is_zero:
             dst.write_zeroes(off + dst_offset, n, opts.unmap_zeroes)
 
-    mode = "" if opts.compress else getattr(dst, "direct_writes", "")
+    mode = "" if opts.compress else dst.direct_writes
     if mode:
         _run_direct(src, dst, start, end, opts, progress, chunk, workers, dst_offset, scan,
                     locked=mode == "locked")

@@ -66,6 +66,7 @@ class LuksDriver(Driver):
     """LUKS1: header + key slots + encrypted payload; guest offset 0 is the first payload sector."""
 
     format_name = "luks"
+    lock_passthrough = True  # locked as the guest's bytes, like raw (qemu's luks passes permissions on)
     create_opts = (
         SIZE_OPT,
         OptSpec("key-secret", "string", "ID of the secret that provides the keyslot passphrase"),

@@ -25,6 +25,7 @@ class RawDriver(Driver):
     """A plain file: guest offset == host offset."""
 
     format_name = "raw"
+    lock_passthrough = True  # the guest's bytes: the user's permissions pass through to the file
     create_opts = (SIZE_OPT,)  # (preallocation belongs to the host file: ops.create.FILE_PROTOCOL_OPTS)
 
     def _open(self, options: dict) -> None:
@@ -115,6 +116,13 @@ class RawDriver(Driver):
 
     def direct_map(self, offset: int, length: int):
         return ((self.store, offset + self.offset, length),)
+
+    def plain_host_file(self, start: int, end: int):
+        """A raw image over a regular file holds every guest byte at guest offset + ``offset``."""
+        fd = getattr(self.store, "fd", -1)
+        if fd is None or fd < 0 or getattr(self.store, "is_block", True):
+            return None
+        return fd, start + self.offset
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         host = offset + self.offset

@@ -123,11 +123,12 @@ def open_settings(options: dict | None, writable: bool) -> tuple[bool, bool]:
     return force, locking
 
 
-def image_perms(fmt: str, writable: bool, no_io: bool, force_share: bool, options: dict | None = None):
-    """(held, unshared) for an image file opened by a format driver (``fmt``)."""
+def image_perms(passthrough: bool, writable: bool, no_io: bool, force_share: bool, options: dict | None = None):
+    """(held, unshared) for an image file opened by a format driver; ``passthrough``: the driver's
+    ``lock_passthrough`` (the file is the guest's bytes: raw, luks)."""
     options = options or {}
     perm = 0 if no_io else CONSISTENT_READ
-    if fmt in ("raw", "luks", "file"):
+    if passthrough:
         # raw (and luks) pass their user's permissions through; qemu-img's users share everything but
         # convert's sources
         if writable:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..core import registry
-from ..errors import QimgError
 
 
 def bitmap(filename: str, fmt: str | None, options: dict, name: str, actions: list, granularity: int | None,
@@ -13,22 +12,10 @@ def bitmap(filename: str, fmt: str | None, options: dict, name: str, actions: li
     try:
         src = registry.open_image(source, source_fmt, writable=False, warn=warn) if source else None
         try:
-            if hasattr(drv, "edit_bitmap"):
-                drv.edit_bitmap(name, actions, granularity, src)
-            else:
-                _unsupported(filename, name, actions)
+            drv.edit_bitmap(name, actions, granularity, src)
         finally:
             if src is not None:
                 src.close()
     finally:
         drv.close()
 
-
-def _unsupported(filename: str, name: str, actions: list) -> None:
-    """A format without persistent bitmaps: the first action fails with qemu-img's message."""
-    kind, _arg = actions[0]
-    if kind == "add":
-        msg = f"Can't store persistent bitmaps to '{filename}': Operation not supported"
-    else:
-        msg = f"Dirty bitmap '{name}' not found"
-    raise QimgError(f"Operation {kind} on bitmap {name} failed: {msg}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..errors import CheckUnsupported
-
 
 def check_image(filename: str, fmt: str | None = None, repair: str | None = None, options: dict | None = None,
                 warn=None):
@@ -16,10 +14,7 @@ def check_image(filename: str, fmt: str | None = None, repair: str | None = None
     chain = open_chain(filename, fmt, writable=bool(repair), options=options, warn=warn)
     try:
         drv = chain.top
-        check = getattr(drv, "check", None)
-        if check is None:
-            raise CheckUnsupported("This image format does not support checks")
-        return check(repair), drv.format_name
+        return drv.check(repair), drv.format_name
     finally:
         chain.close()
 
@@ -27,12 +22,9 @@ def check_image(filename: str, fmt: str | None = None, repair: str | None = None
 def result_dict(res, filename: str, fmt: str) -> dict:
     """qemu's ImageCheck: optional members only when non-zero (their order comes from qjson)."""
     out = {"filename": filename, "format": fmt, "check-errors": res.check_errors}
-    for key, attr in (("image-end-offset", "image_end_offset"), ("corruptions", "corruptions"),
-                      ("leaks", "leaks"), ("corruptions-fixed", "corruptions_fixed"),
-                      ("leaks-fixed", "leaks_fixed"), ("total-clusters", "total_clusters"),
-                      ("allocated-clusters", "allocated_clusters"), ("fragmented-clusters", "fragmented_clusters"),
-                      ("compressed-clusters", "compressed_clusters")):
-        v = getattr(res, attr, 0)
+    for key in ("image-end-offset", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed", "total-clusters",
+                "allocated-clusters", "fragmented-clusters", "compressed-clusters"):
+        v = res[key]
         if v:
             out[key] = v
     return out

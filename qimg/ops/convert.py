@@ -67,7 +67,7 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> None:
             raise QimgError("-B makes no sense when skipping image creation")
         if req.compress:
             cls = registry.get_driver(req.out_fmt)
-            if not getattr(cls, "supports_compression", False):
+            if not cls.supports_compression:
                 raise QimgError("Compression not supported for this file format")
             if not req.no_create:
                 _check_compress_options(req.options)
@@ -89,17 +89,12 @@ def _source_bitmaps(req: ConvertRequest, chains: list, warn) -> list | None:
         return None
     if len(chains) > 1:
         raise QimgError("Copying bitmaps only possible with single source")
-    top = chains[0].top
-    if not hasattr(top, "bitmaps_for_copy"):
-        raise QimgError("Source lacks bitmap support")
-    return top.bitmaps_for_copy(req.skip_broken_bitmaps, warn)
+    return chains[0].top.bitmaps_for_copy(req.skip_broken_bitmaps, warn)
 
 
 def _prepare_bitmaps(req: ConvertRequest, tgt, bitmaps: list | None) -> None:
     if bitmaps is None:
         return
-    if not hasattr(tgt, "prepare_bitmaps"):
-        raise QimgError(f"Format driver '{req.out_fmt}' does not support bitmaps")
     tgt.prepare_bitmaps(req.out_fmt, bitmaps)
 
 
@@ -135,7 +130,8 @@ def _write_into(req, src, total, progress, bitmaps=None):
     # qemu-img's target open conflicts with its own sources' locks (convert -n a a is refused); qimg's
     # opens of one file share their locks, so that conflict is looked for here
     try:
-        guard = lock.check_free(req.target, *lock.image_perms(req.out_fmt, True, False, False))
+        passthrough = registry.get_driver(req.out_fmt).lock_passthrough
+        guard = lock.check_free(req.target, *lock.image_perms(passthrough, True, False, False))
     except QimgError as e:
         raise OpenError(f"Could not open '{req.target}': {e}", e.exit_code) from None
     try:
@@ -171,7 +167,7 @@ def _create_and_write(req, src, total, progress, bitmaps=None):
     in_place = existed and not os.path.isfile(target)  # block devices and the like are written in place
     in_place = in_place or registry.protocol_for(target) is not None  # so are nbd exports
     cls = registry.get_driver(req.out_fmt)
-    multi_file = not getattr(cls, "creates_single_file", lambda o: True)(req.options)
+    multi_file = not cls.creates_single_file(req.options)
     tmp = target if in_place or multi_file else _temp_name(target)
     created = []
     old_handlers = _trap_signals()
@@ -189,8 +185,7 @@ def _create_and_write(req, src, total, progress, bitmaps=None):
             zero_init = tgt.has_zero_init and not req.backing
             copy_range(_maybe_base(req, src), tgt, 0, total, _copy_opts(req, zero_init), progress,
                        cluster_size=tgt.cluster_size)
-            if hasattr(tgt, "finalize"):
-                tgt.finalize()
+            tgt.finalize()
             if bitmaps:
                 tgt.add_bitmaps(bitmaps)
         finally:
@@ -249,11 +244,10 @@ def _temp_name(target: str) -> str:
 
 def _remove_created(name, cls, options):
     files = [name]
-    if hasattr(cls, "created_files"):
-        try:
-            files = cls.created_files(name, options)
-        except Exception:
-            pass
+    try:
+        files = cls.created_files(name, options)
+    except Exception:  # noqa: BLE001 - best effort: the temporary name at least goes
+        pass
     for f in files:
         try:
             os.unlink(f)

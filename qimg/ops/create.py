@@ -56,13 +56,7 @@ def _protocol_pairs(cls, opts: CreateOptions) -> list[tuple[str, str]]:
 
 def format_line(cls, filename: str, opts: CreateOptions) -> str:
     """The "Formatting 'x', fmt=..." line."""
-    if hasattr(cls, "format_line_options"):
-        pairs = cls.format_line_options(opts)
-    else:
-        pairs = [("size", str(opts.size))]
-        for spec in cls.create_opts:
-            if spec.name in opts.options and spec.name != "size":
-                pairs.append((spec.name, str(opts.options[spec.name])))
+    pairs = cls.format_line_options(opts)
     protocol = _protocol_pairs(cls, opts)
     if protocol:
         given = {k for k, _ in protocol}

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from ..core import registry
 from ..core.chain import Chain
-from ..core.driver import Driver
 from ..errors import QimgError
 from ..units import round_up
 
@@ -68,7 +67,7 @@ def dd(req: DdRequest, warn=None) -> None:
             if req.out_fmt in _NO_CREATE:
                 raise QimgError(f"Format driver '{req.out_fmt}' does not support image creation") from None
             raise QimgError("Unknown file format") from None
-        if getattr(cls.create, "__func__", None) is Driver.create.__func__:
+        if not cls.can_create():
             raise QimgError(f"Format driver '{req.out_fmt}' does not support image creation")
         size, out_size, beyond = plan(chain.virtual_size, req.bs, req.count, req.skip)
         try:
@@ -90,8 +89,7 @@ def dd(req: DdRequest, warn=None) -> None:
                 opts = CopyOptions(min_sparse=0, target_is_zero=False, workers=max(1, req.workers))
                 copy_range(ChainSource(chain), tgt, start, size, opts, dst_offset=-start,
                            cluster_size=tgt.cluster_size)
-            if hasattr(tgt, "finalize"):
-                tgt.finalize()
+            tgt.finalize()
             tgt.flush()
         finally:
             tgt.close()

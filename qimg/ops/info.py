@@ -13,7 +13,7 @@ def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
     """The ImageInfo of one opened layer, keys as qemu's QAPI names them."""
     info: dict = {
         "virtual-size": driver.virtual_size,
-        "filename": getattr(driver, "display_filename", None) or filename,
+        "filename": driver.display_filename or filename,
         "format": fmt_name or driver.format_name,
     }
     cs = driver.cluster_size
@@ -23,7 +23,7 @@ def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
         actual = driver.allocated_file_size()
     except Exception:
         actual = None
-    if getattr(getattr(driver, "store", None), "allocation_unknown", False):
+    if getattr(driver.store, "allocation_unknown", False):
         actual = None  # e.g. an image on an NBD export: qemu shows "disk size: unavailable"
     if actual is not None:
         info["actual-size"] = actual

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from ..core import registry
 from ..core.chain import Chain
-from ..core.driver import Driver
 from ..errors import QimgError
 from ..options import OptSpec, merge_opts, parse_bool, parse_opt_size
 
@@ -78,12 +77,8 @@ def measure(req: MeasureRequest) -> dict:
 def _load_snapshot(chain: Chain, snapshot: dict) -> None:
     """Show the source as it was at an internal snapshot (formats that have them)."""
     top = chain.top
-    loader = getattr(top, "load_snapshot", None)
-    if loader is None or type(top).snapshots is Driver.snapshots:
-        raise QimgError(f"Failed to load snapshot: Block format '{top.format_name}' used by device '' "
-                        "does not support temporarily loading internal snapshots")
     try:
-        loader(snapshot)
+        top.load_snapshot(snapshot)
     except QimgError as e:
         raise QimgError(f"Failed to load snapshot: {e}") from None
 
@@ -105,12 +100,11 @@ def _measure(req: MeasureRequest, chain: Chain | None) -> dict:
     from ..engine.copy import ChainSource
 
     cls = _driver_class(req.out_fmt)
-    if cls is not None and getattr(cls.create, "__func__", None) is Driver.create.__func__:
+    if cls is not None and not cls.can_create():
         raise QimgError(f"Format driver '{req.out_fmt}' does not support image creation")
-    specs = tuple(getattr(cls, "create_opts", ()) or ()) + FILE_OPTS
+    specs = (tuple(cls.create_opts) if cls is not None else ()) + FILE_OPTS
     opts = check_options(req.options, specs, req.out_fmt)
-    measure_fn = getattr(cls, "measure", None) if cls is not None else None
-    if measure_fn is None:
+    if cls is None:
         raise QimgError(f"Block driver '{req.out_fmt}' does not support size measurement")
     if chain is not None:
         size = chain.virtual_size
@@ -119,7 +113,7 @@ def _measure(req: MeasureRequest, chain: Chain | None) -> dict:
         size = req.size
         src = None
         opts["size"] = str(size)
-    return normalize(measure_fn(opts, size, src))
+    return normalize(cls.measure(opts, size, src))
 
 
 def check_options(parts: list, specs, fmt: str) -> dict:

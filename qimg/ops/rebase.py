@@ -60,9 +60,8 @@ def rebase(filename: str, backing: str | None, backing_fmt: str | None = None, f
 
 
 def _set_backing(drv, backing, new_name, backing_fmt):
-    hook = getattr(drv, "set_backing", None)
     try:
-        hook(new_name, backing_fmt if new_name else None)
+        drv.set_backing(new_name, backing_fmt if new_name else None)
     except QimgError as e:
         if new_name:
             raise QimgError(f"Could not change the backing file to '{backing}': {e}") from None

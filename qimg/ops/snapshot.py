@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..core import registry
-from ..errors import QimgError
 
 
 def _open(filename, fmt, writable, options, warn):
@@ -14,13 +13,7 @@ def list_snapshots(filename: str, fmt: str | None = None, options: dict | None =
     """SnapshotInfo dicts (id, name, vm-state-size, date-sec/-nsec, vm-clock-sec/-nsec, icount)."""
     drv = _open(filename, fmt, False, options, None)
     try:
-        hook = getattr(drv, "snapshot_infos", None)
-        if hook is not None:
-            return hook()
-        out = []
-        for s in drv.snapshots():
-            out.append(s if isinstance(s, dict) else getattr(s, "info", dict)())
-        return out
+        return drv.snapshot_infos()
     finally:
         drv.close()
 
@@ -31,20 +24,11 @@ def snapshot(action: str, name: str, filename: str, fmt: str | None = None, opti
     drv = _open(filename, fmt, True, options, warn)
     try:
         if action == "create":
-            hook = getattr(drv, "snapshot_create", None)
-            if hook is None:
-                raise QimgError(f"Could not create snapshot '{name}': -95 (Operation not supported)")
-            hook(name)
+            drv.snapshot_create(name)
         elif action == "apply":
-            hook = getattr(drv, "snapshot_apply", None)
-            if hook is None:
-                raise QimgError(f"Could not apply snapshot '{name}': Block driver does not support snapshots")
-            hook(name)
+            drv.snapshot_apply(name)
         elif action == "delete":
-            hook = getattr(drv, "snapshot_delete", None)
-            if hook is None:
-                raise QimgError(f"Could not delete snapshot '{name}': snapshot not found")
-            hook(name)
+            drv.snapshot_delete(name)
         drv.flush()
     finally:
         drv.close()

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from qimg.core.driver import Driver
 from qimg.core.extent import Extent
 from qimg.engine.copy import ChainSource, ConcatSource, CopyOptions, Source, copy_range
 
@@ -40,8 +41,8 @@ class BytesSource(Source):
         mv[:] = self.data[offset:offset + len(mv)]
 
 
-class RecordingTarget:
-    """A target that records every call and the thread it came from."""
+class RecordingTarget(Driver):
+    """A target that records every call and the thread it came from (the contract's defaults for the rest)."""
 
     has_zero_init = True
 

@@ -373,7 +373,7 @@ VHDX_LOG_GUID = bytes(range(1, 17))
 
 def _vhdx_with_log(seed: bytes, log_offset: int, log_length: int) -> bytearray:
     """``seed`` with both headers naming a log (GUID, offset, length) and valid checksums."""
-    from qimg.formats.vhdx import crc32c
+    from qimg.formats.vhdx.crc32c import crc32c
 
     d = bytearray(seed)
     for hoff in (0x10000, 0x20000):

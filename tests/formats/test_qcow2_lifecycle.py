@@ -111,6 +111,24 @@ def test_rebuild_broken_refcount_table(img, tmp_path):
     assert sha256_file(before) == sha256_file(after)
 
 
+def test_leaks_repair_that_needs_a_rebuild_fails_like_qemu(img, tmp_path):
+    """-r leaks cannot rebuild refcounts: the findings come first on stderr, then the error, as qemu-img."""
+    with open(img, "r+b") as f:
+        f.seek(48)
+        rt = struct.unpack(">Q", f.read(8))[0]
+        f.seek(rt)
+        f.write(struct.pack(">Q", 0x12345))
+    ref = tmp_path / "ref.qcow2"
+    shutil.copy(img, ref)
+    ours = run_qimg("check", "-r", "leaks", img)
+    theirs = qemu("check", "-r", "leaks", str(ref), check=False)
+    assert (ours.rc, ours.out) == (theirs.rc, theirs.out) == (1, "")
+    mine = ours.err.replace("qimg:", "qemu-img:").splitlines()
+    assert mine[0] == theirs.err.splitlines()[0] == "ERROR refcount table entry 0 has reserved bits set"
+    assert mine[-2:] == theirs.err.splitlines()[-2:] == ["ERROR need to rebuild refcount structures",
+                                                         "qemu-img: Check failed: Input/output error"]
+
+
 @pytest.mark.parametrize("cmd", [["snapshot", "-c", "s"], ["resize", "+1M"], ["amend", "-o", "lazy_refcounts=on"]])
 def test_commands_refuse_corrupt_image(img, cmd):
     _low(img)

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import decompress_to, guest_sha256, run_qimg, sha256_file, write_pattern
-from tests.formats.test_vdi import assert_info_same, one_line_error, open_driver, qemu_info, qemu_map, qimg_map, random_reads
+from tests.formats.test_vdi import (
+    assert_info_same,
+    one_line_error,
+    open_driver,
+    qemu_info,
+    qemu_map,
+    qimg_map,
+    random_reads,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -29,7 +37,7 @@ def pattern(tmp_path):
 
 def layout(path):
     """The parts of a VHDX file that do not depend on random GUIDs: region table, metadata, BAT, size."""
-    from qimg.formats import vhdx as V
+    from qimg.formats.vhdx import layout as V
 
     data = Path(path).read_bytes()
     rt = data[V.VHDX_REGION_TABLE_OFFSET:V.VHDX_REGION_TABLE_OFFSET + V.VHDX_REGION_TABLE_SIZE]
@@ -54,7 +62,7 @@ def layout(path):
 
 
 def test_crc32c_vectors():
-    from qimg.formats.vhdx import crc32c
+    from qimg.formats.vhdx.crc32c import crc32c
 
     assert crc32c(b"123456789") == 0xE3069283
     assert crc32c(bytes(32)) == 0x8A9136AA
@@ -65,7 +73,7 @@ def test_crc32c_vectors():
 def test_crc32c_lanes_agree_with_the_byte_loop(extra):
     """Long inputs (log entries) go through numpy lanes; they must give the byte loop's CRC,
     from any starting value and with zero runs inside."""
-    from qimg.formats.vhdx import CRC_LANES_FROM, _crc_table, crc32c
+    from qimg.formats.vhdx.crc32c import CRC_LANES_FROM, _crc_table, crc32c
 
     def byte_loop(data, crc=0):
         t = _crc_table()
@@ -261,19 +269,20 @@ def test_log_replay(shared_images, expected_images, tmp_path, name, oracle):
 
 
 def _edit(raw, edits):
-    from qimg.formats import vhdx as V
+    from qimg.formats.vhdx import layout as V
+    from qimg.formats.vhdx.crc32c import crc32c
 
     for kind, off, fmt, value in edits:
         if kind == "hdr":
             for base in (V.VHDX_HEADER1_OFFSET, V.VHDX_HEADER2_OFFSET):
                 struct.pack_into(fmt, raw, base + off, value)
                 raw[base + 4:base + 8] = bytes(4)
-                struct.pack_into("<I", raw, base + 4, V.crc32c(bytes(raw[base:base + 4096])))
+                struct.pack_into("<I", raw, base + 4, crc32c(bytes(raw[base:base + 4096])))
         elif kind == "rt":
             for base in (V.VHDX_REGION_TABLE_OFFSET, V.VHDX_REGION_TABLE2_OFFSET):
                 struct.pack_into(fmt, raw, base + off, value)
                 raw[base + 4:base + 8] = bytes(4)
-                struct.pack_into("<I", raw, base + 4, V.crc32c(bytes(raw[base:base + 65536])))
+                struct.pack_into("<I", raw, base + 4, crc32c(bytes(raw[base:base + 65536])))
         else:
             struct.pack_into(fmt, raw, off, value)
 
@@ -349,7 +358,7 @@ def test_check_command_replays_like_qemu(shared_images, tmp_path, oracle):
 
 def _with_log(img, payload_off, payload, zero_off, zero_len, seq=7):
     """Put one log entry (a data and a zero descriptor) into a qemu-made image and point the headers at it."""
-    from qimg.formats import vhdx as V
+    from qimg.formats.vhdx.crc32c import crc32c
 
     raw = bytearray(img.read_bytes())
     guid = bytes(range(1, 17))
@@ -360,7 +369,7 @@ def _with_log(img, payload_off, payload, zero_off, zero_len, seq=7):
     struct.pack_into("<4sI", entry, 4096, b"data", seq >> 32)
     entry[4096 + 8:4096 + 4092] = payload[8:4092]
     struct.pack_into("<I", entry, 4096 + 4092, seq & 0xFFFFFFFF)
-    struct.pack_into("<I", entry, 4, V.crc32c(bytes(entry)))
+    struct.pack_into("<I", entry, 4, crc32c(bytes(entry)))
     raw[MiB:MiB + len(entry)] = entry
     _edit(raw, [("hdr", 48, "16s", guid)])
     img.write_bytes(bytes(raw))

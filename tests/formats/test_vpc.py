@@ -12,7 +12,15 @@ import subprocess
 import pytest
 
 from tests.conftest import decompress_to, guest_sha256, run_qimg, sha256_file, write_pattern
-from tests.formats.test_vdi import assert_info_same, one_line_error, open_driver, qemu_info, qemu_map, qimg_map, random_reads
+from tests.formats.test_vdi import (
+    assert_info_same,
+    one_line_error,
+    open_driver,
+    qemu_info,
+    qemu_map,
+    qimg_map,
+    random_reads,
+)
 
 MiB = 1 << 20
 PATTERN = [(0, 70000), (3 * MiB - 100, MiB + 200), (5 * MiB - 1000, 3000), (19 * MiB, MiB)]

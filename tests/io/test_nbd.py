@@ -76,7 +76,7 @@ def sparse_qcow2(tmp_path, qemu_img):
 
 
 def test_uri_parsing():
-    from qimg.formats.nbd import parse_uri
+    from qimg.io.nbd import parse_uri
 
     assert parse_uri("nbd+unix:///exp?socket=/tmp/s")[1:] == ("/tmp/s", "exp")
     assert parse_uri("nbd://example.org/disk")[1:] == ("example.org:10809", "disk")
@@ -241,7 +241,7 @@ HOSTILE = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_server(tmp_path, monkeypatch, case):
-    from qimg.formats import nbd
+    from qimg.io import nbd
 
     monkeypatch.setattr(nbd, "IO_TIMEOUT", 0.5)
     sock = tmp_path / "fake.sock"

@@ -14,8 +14,6 @@ the image as it was.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from ...core.check import CheckResult
@@ -174,9 +172,8 @@ def _run_check(store, repair, emit, messages) -> CheckResult:
         raise QimgError("Cannot repair an image opened read-only")
     if state["rebuild"] and not fix_errors:
         emit("ERROR need to rebuild refcount structures")
-        for m in messages:   # the diagnostics go out before the error that ends the command
-            sys.stderr.write(m + "\n")
-        raise QimgError("Check failed: Input/output error")
+        # the diagnostics go out before the error that ends the command
+        raise QimgError("Check failed: Input/output error", diagnostics=messages)
     leaks_fixed = res.leaks if fix_leaks else 0
     corr_fixed = state["copied_fixable"]
     if fix_errors:

@@ -78,7 +78,7 @@ class Qcow2LifecycleMixin:
             if merge_source is None:
                 found = [p for p in own_plans if p.info.name == src_name]
                 store, size, cs = self.store, self.virtual_size, self.cs
-            elif hasattr(merge_source, "edit_bitmap"):  # a qcow2 image: the only format with bitmaps
+            elif merge_source.format_name == "qcow2":  # the only format with persistent bitmaps
                 from . import lifecycle as lc
 
                 meta = lc.Qcow2Meta(merge_source.store)

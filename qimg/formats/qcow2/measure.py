@@ -64,19 +64,13 @@ def _luks_payload(options: dict, cluster_size: int) -> int:
 
 
 def _source_layer(src):
-    """The top driver of a measured source, when the caller gave one we can see."""
-    for attr in ("chain", "source"):
-        inner = getattr(src, attr, None)
-        if inner is not None and getattr(inner, "layers", None):
-            return inner.layers[0]
-    if getattr(src, "layers", None):
-        return src.layers[0]
-    return getattr(src, "top", None) or getattr(src, "driver", None)
+    """The top driver of a measured source (an engine ``ChainSource``)."""
+    return src.chain.top
 
 
 def bitmaps_size(layer, cluster_size: int) -> int:
     """Room for the persistent bitmaps of a qcow2 source in an image of ``cluster_size``."""
-    info = layer.info_specific() if hasattr(layer, "info_specific") else None
+    info = layer.info_specific()
     bitmaps = (info or {}).get("data", {}).get("bitmaps") or []
     total = 0
     size = layer.virtual_size
@@ -133,9 +127,7 @@ def measure(options: dict, size: int, src=None) -> dict:
         raise QimgError("The image size is too large (try using a larger cluster size)")
     required = 0
     if src is not None:
-        ssize = getattr(src, "virtual_size", None)
-        if ssize is None:
-            ssize = size
+        ssize = src.virtual_size
         vsize = _round_up(ssize, cs)
         if has_backing:
             required = vsize
@@ -147,7 +139,7 @@ def measure(options: dict, size: int, src=None) -> dict:
     out = {"required": full - vsize + required, "fully-allocated": full}
     if src is not None and version >= 3:
         layer = _source_layer(src)
-        if layer is not None and getattr(layer, "format_name", "") == "qcow2" and layer.h.version >= 3:
+        if layer.format_name == "qcow2" and layer.h.version >= 3:
             out["bitmaps"] = bitmaps_size(layer, cs)
     return out
 

@@ -25,6 +25,8 @@ VMDK3_MAGIC = b"COWD"
 VMDK4_MAGIC = b"KDMV"
 SESPARSE_MAGIC = b"\xbe\xba\xfe\xca\0\0\0\0"
 MAX_VIRTUAL_SIZE = 1 << 62
+#: extent types stored as hosted sparse files (a KDMV or COWD header of their own)
+_SPARSE_TYPES = ("SPARSE", "VMFSSPARSE")
 #: grain directory bytes held for all extents of one descriptor
 MAX_TABLE_BYTES = 256 << 20
 
@@ -96,7 +98,7 @@ class VmdkDriver(Driver):
     def check_backing(self, parent, parent_name: str) -> None:
         """Like qemu-img, read through to the parent only while its CID is still the parentCID this
         overlay recorded: a parent written since then no longer holds what the overlay was made over."""
-        cid = getattr(parent, "cid", None)
+        cid = parent.cid if isinstance(parent, VmdkDriver) else None
         if cid is not None and cid != self.parent_cid:
             raise QimgError(f"Invalid argument: the parent '{parent_name}' has changed (its CID is {cid:08x}, "
                             f"'{self.filename}' was made over CID {self.parent_cid:08x})")
@@ -121,7 +123,9 @@ class VmdkDriver(Driver):
         self.parent_cid = self.desc.parent_cid if self.desc else dsc.CID_NONE
         self.create_type = (self.desc.create_type if self.desc else None) or "monolithicSparse"
         if fresh_stream:
-            self.stream_writer = sparse.StreamWriter(self.store, hdr, hdr.overhead)
+            from .stream import StreamWriter
+
+            self.stream_writer = StreamWriter(self.store, hdr, hdr.overhead)
             self.store.truncate(hdr.overhead * SECTOR)
         self.extents.append(ext)
 
@@ -182,7 +186,8 @@ class VmdkDriver(Driver):
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) or stat.S_ISCHR(st.st_mode):
             raise CorruptImage(f"extent '{path}' is not a regular file or block device")
         try:
-            store = self.opener.open_file(line.filename, self.writable)
+            # a hosted sparse extent has metadata of its own: it is locked as an image
+            store = self.opener.open_file(line.filename, self.writable, metadata=line.type in _SPARSE_TYPES)
         except QimgError as e:
             msg = str(e)
             raise QimgError(msg if msg.startswith("Could not open") else f"Could not open '{path}': {msg}") from None
@@ -354,8 +359,6 @@ class VmdkDriver(Driver):
                 raise QimgError(f"Could not write at offset {off}: beyond the end of the image")
             i, ext, start = self._find(off)
             n = min(total - pos, start + ext.size - off)
-            if not hasattr(ext, "pwrite"):
-                raise Unsupported(f"Writing to {ext.kind_name or 'this'} extents is not supported")
             ext.pwrite(off - start, view[pos:pos + n], self._base_reader(start))
             pos += n
 
@@ -382,8 +385,6 @@ class VmdkDriver(Driver):
         while pos < end:
             i, ext, start = self._find(pos)
             n = min(end - pos, start + ext.size - pos)
-            if not hasattr(ext, "write_zeroes"):
-                raise Unsupported(f"Writing to {ext.kind_name or 'this'} extents is not supported")
             ext.write_zeroes(pos - start, n, self.backing is not None, self._base_reader(start))
             pos += n
 

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from ...errors import CorruptImage
+from ...errors import CorruptImage, Unsupported
 
 SECTOR = 512
 #: decoded grain kinds
@@ -150,6 +150,13 @@ class GrainExtent:
         if len(out) < gb:
             out += bytes(gb - len(out))
         return out
+
+    def pwrite(self, offset: int, data, base_reader=None) -> None:
+        """Write guest bytes; read-only kinds (COWD, seSparse) refuse."""
+        raise Unsupported(f"Writing to {self.kind_name or 'this'} extents is not supported")
+
+    def write_zeroes(self, offset: int, length: int, has_base: bool, base_reader=None) -> None:
+        raise Unsupported(f"Writing to {self.kind_name or 'this'} extents is not supported")
 
     def iter_allocated(self):
         """(grain index, kind, host offset) arrays over all allocated grain tables (for check)."""

@@ -1,0 +1,135 @@
+"""VHDX on-disk layout: offsets, limits, region and metadata GUIDs, header records, BAT tables.
+
+References: [MS-VHDX] 2.1 (layout), 2.2.2 (header), 2.2.3 (region table), 2.3 (log records),
+2.4 (BAT entry states), 2.6 (metadata table and items).
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+from ...errors import QimgError
+from .crc32c import _checksum_ok, _with_checksum
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+VHDX_FILE_ID_OFFSET = 0
+VHDX_HEADER1_OFFSET = 64 * KiB
+VHDX_HEADER2_OFFSET = 128 * KiB
+VHDX_REGION_TABLE_OFFSET = 192 * KiB
+VHDX_REGION_TABLE2_OFFSET = 256 * KiB
+VHDX_HEADER_SIZE = 4 * KiB
+VHDX_REGION_TABLE_SIZE = 64 * KiB
+VHDX_METADATA_TABLE_MAX_SIZE = 64 * KiB
+VHDX_MAX_ENTRIES = 2047
+VHDX_LOG_SECTOR_SIZE = 4 * KiB
+VHDX_MIN_BLOCK_SIZE = 1 * MiB
+VHDX_MAX_BLOCK_SIZE = 256 * MiB
+VHDX_MAX_IMAGE_SIZE = 64 * TiB
+DEFAULT_LOG_SIZE = 1 * MiB
+#: the log region is read entry by entry; more than 4 GiB is not a valid VHDX log
+VHDX_MAX_LOG_SIZE = 4 * GiB - MiB
+#: one log entry is read whole into memory
+VHDX_MAX_LOG_ENTRY = 256 * MiB
+
+# payload block states (BAT entry bits 0..2)
+PAYLOAD_BLOCK_NOT_PRESENT = 0
+PAYLOAD_BLOCK_UNDEFINED = 1
+PAYLOAD_BLOCK_ZERO = 2
+PAYLOAD_BLOCK_UNMAPPED = 3
+PAYLOAD_BLOCK_FULLY_PRESENT = 6
+PAYLOAD_BLOCK_PARTIALLY_PRESENT = 7
+SB_BLOCK_NOT_PRESENT = 0
+SB_BLOCK_PRESENT = 6
+VHDX_BAT_STATE_BIT_MASK = 0x07
+VHDX_BAT_FILE_OFF_MASK = 0xFFFFFFFFFFF00000
+
+
+def _guid(text: str) -> bytes:
+    return uuid.UUID(text).bytes_le
+
+
+BAT_GUID = _guid("2DC27766-F623-4200-9D64-115E9BFD4A08")
+METADATA_GUID = _guid("8B7CA206-4790-4B9A-B8FE-575F050F886E")
+FILE_PARAMETERS_GUID = _guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
+VIRTUAL_DISK_SIZE_GUID = _guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
+PAGE83_DATA_GUID = _guid("BECA12AB-B2E6-4523-93EF-C309E000C746")
+LOGICAL_SECTOR_SIZE_GUID = _guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
+PHYSICAL_SECTOR_SIZE_GUID = _guid("CDA348C7-445D-4471-9CC9-E9885251C556")
+PARENT_LOCATOR_GUID = _guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+ZERO_GUID = bytes(16)
+
+_HEADER = struct.Struct("<4sIQ16s16s16sHHIQ")
+_REGION_HDR = struct.Struct("<4sIII")
+_REGION_ENTRY = struct.Struct("<16sQII")
+_META_HDR = struct.Struct("<8sHH20s")
+_META_ENTRY = struct.Struct("<16sIIII")
+_LOG_HDR = struct.Struct("<4sIIIQII16sQQ")
+_LOG_DESC = struct.Struct("<4s4s8sQQ")
+
+
+# ----- headers -----
+def _parse_header(buf: bytes) -> dict | None:
+    if len(buf) < VHDX_HEADER_SIZE or buf[:4] != b"head" or not _checksum_ok(buf[:VHDX_HEADER_SIZE]):
+        return None
+    (_sig, _csum, seq, fwg, dwg, log_guid, log_version, version, log_length, log_offset) = _HEADER.unpack_from(buf)
+    if version != 1:
+        return None
+    return dict(seq=seq, file_write_guid=fwg, data_write_guid=dwg, log_guid=log_guid, log_version=log_version,
+                version=version, log_length=log_length, log_offset=log_offset)
+
+
+def _pack_header(h: dict) -> bytes:
+    buf = bytearray(VHDX_HEADER_SIZE)
+    _HEADER.pack_into(buf, 0, b"head", 0, h["seq"], h["file_write_guid"], h["data_write_guid"], h["log_guid"],
+                      h["log_version"], h["version"], h["log_length"], h["log_offset"])
+    return bytes(_with_checksum(buf))
+
+
+
+def _u64_table(raw: bytes):
+    """An ``array('Q')`` of the little-endian u64 entries in ``raw``."""
+    import sys
+    from array import array
+
+    tab = array("Q")
+    if tab.itemsize != 8:  # pragma: no cover - exotic platforms
+        raise QimgError("unsupported platform: 64-bit unsigned array items are not 8 bytes")
+    tab.frombytes(raw)
+    if sys.byteorder != "little":
+        tab.byteswap()
+    return tab
+
+
+def _u64_bytes(tab) -> bytes:
+    """Little-endian bytes of a u64 table (an ``array('Q')`` or a numpy array)."""
+    import sys
+    from array import array
+
+    if not isinstance(tab, array):
+        return tab.astype("<u8").tobytes()
+    if sys.byteorder != "little":
+        tab = array("Q", tab)
+        tab.byteswap()
+    return tab.tobytes()
+
+
+
+def _default_block_size(size: int) -> int:
+    if size > 32 * TiB:
+        return 64 * MiB
+    if size > 100 * GiB:
+        return 32 * MiB
+    if size > 1 * GiB:
+        return 16 * MiB
+    return 8 * MiB
+
+
+
+#: up to this many BAT entries tables are array('Q') and the open-time validation runs without numpy
+#: (keeps ``info`` fast)
+SMALL_BAT_ENTRIES = 1 << 16

@@ -1,0 +1,72 @@
+"""The tree's own rules, checked statically: the driver contract is called, never probed for;
+no import circles among qimg's modules; no module over 600 lines."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+from qimg.core.driver import Driver
+
+ROOT = pathlib.Path(__file__).resolve().parents[2] / "qimg"
+MAX_LINES = 600
+#: modules allowed past MAX_LINES until their split lands
+LONG_MODULES = {
+    "qimg/formats/qcow2/writer.py",
+    "qimg/engine/copy.py",
+    "qimg/formats/qcow.py",
+}
+
+
+def _modules():
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT.parent).as_posix()
+        yield rel, path
+
+
+def _driver_names() -> set[str]:
+    """Every public name of the driver contract: hooks, capabilities and the attributes set in __init__."""
+    names = {n for n in dir(Driver) if not n.startswith("_")}
+    return names | {"store", "filename", "writable", "opener", "virtual_size", "backing"}
+
+
+def _lookups(tree):
+    """(line, attribute name or None) of every getattr/hasattr call; None: a name computed at run time."""
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2):
+            arg = node.args[1]
+            name = arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+            yield node.lineno, name
+
+
+def test_no_driver_hook_is_looked_up_by_name_outside_core():
+    hooks = _driver_names()
+    found = []
+    for rel, path in _modules():
+        if rel.startswith("qimg/core/"):
+            continue
+        for line, name in _lookups(ast.parse(path.read_text(), rel)):
+            if name in hooks:
+                found.append(f"{rel}:{line}: {name}")
+    assert found == []
+
+
+@pytest.mark.parametrize("layer", ["ops", "engine", "cli"])
+def test_upper_layers_look_nothing_up_by_a_computed_name(layer):
+    found = [f"{rel}:{line}" for rel, path in _modules() if rel.startswith(f"qimg/{layer}/")
+             for line, name in _lookups(ast.parse(path.read_text(), rel)) if name is None]
+    assert found == []
+
+
+def test_the_scan_sees_a_hook_lookup():
+    tree = ast.parse("def f(drv):\n    return getattr(drv, 'snapshot_create', None), hasattr(drv, 'x')\n")
+    assert list(_lookups(tree)) == [(2, "snapshot_create"), (2, "x")]
+    assert "snapshot_create" in _driver_names() and "lock_passthrough" in _driver_names()
+
+
+def test_no_module_is_longer_than_the_limit():
+    lengths = {rel: len(path.read_text().splitlines()) for rel, path in _modules()}
+    assert {rel: n for rel, n in lengths.items() if n > MAX_LINES and rel not in LONG_MODULES} == {}
