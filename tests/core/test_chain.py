@@ -17,7 +17,6 @@ from qimg.core.chain import Chain
 from qimg.core.driver import BackingRef, Driver
 from qimg.core.extent import Extent
 from qimg.errors import BackingChainError, QimgError
-
 from tests.conftest import guest_sha256
 
 HDR = 4096

@@ -9,7 +9,6 @@ import pytest
 from qimg.core import registry
 from qimg.errors import OpenError
 from qimg.formats.raw import RawDriver
-
 from tests.conftest import run_qimg_subprocess
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from qimg.errors import QimgError
 from qimg.units import div_round_up, parse_image_size, parse_size, round_up, size_to_str
-
 from tests.conftest import run_qimg
 
 # values observed from `qemu-img create -f raw x SIZE` (qemu-img 7.2)

@@ -16,7 +16,6 @@ import pytest
 from qimg.core import registry
 from qimg.io import lock
 from qimg.io.store import FileStore
-
 from tests.conftest import run_qimg, sha256_file
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OFD locks are Linux-only")
