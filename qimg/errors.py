@@ -1,9 +1,29 @@
 """The error tree.  Every class carries the exit status qemu-img uses for it.
 
-``cli.run`` is the one place that turns these into ``qimg: message`` and a status.
+``cli.run`` is the one place that turns these into ``qimg: message`` and a status; library
+callers catch them (all derive from :class:`QimgError`)::
+
+    QimgError                    exit_code 1 unless noted
+    +-- UsageError               a bad argument combination (the command line adds a --help hint)
+    +-- InvalidArgument          a bad value given to a library call (also a ValueError)
+    +-- OpenError                missing file, bad header, unknown driver or format
+    |   +-- BackingChainError    a backing chain loops or is too deep
+    |   +-- LockError            the image is in use (qimg.io.lock)
+    +-- Unsupported              the format has no such operation
+    |   +-- CheckUnsupported     check on a format without checks (exit_code 63)
+    |   +-- ReadOnlyError        a write to an image opened read-only (also io.UnsupportedOperation)
+    +-- CorruptImage             the image is damaged or hostile
+    |   +-- LimitExceeded        a size or count read from an image exceeds its named limit
+    +-- ClosedImage              an operation on a closed Image (also a ValueError)
+    +-- Interrupted              the user interrupted the command (exit_code 130)
+
+Warnings that qemu-img prints and goes on are issued as :class:`QimgWarning` through the
+:mod:`warnings` module when a library call is given no ``warn`` callback.
 """
 
 from __future__ import annotations
+
+import io
 
 
 class QimgError(Exception):
@@ -23,6 +43,7 @@ class QimgError(Exception):
 
     @property
     def message(self) -> str:
+        """The one-line message (``str(error)``)."""
         return str(self)
 
 
@@ -66,6 +87,22 @@ class CheckUnsupported(Unsupported):
     """``check`` on a format without consistency checks (qemu-img exits 63)."""
 
     exit_code = 63
+
+
+class InvalidArgument(QimgError, ValueError):
+    """A value given to a library call is out of range (a negative offset or length, an unknown mode)."""
+
+
+class ReadOnlyError(Unsupported, io.UnsupportedOperation):
+    """A write to an image opened read-only."""
+
+
+class ClosedImage(QimgError, ValueError):
+    """An operation on an image that was closed."""
+
+
+class QimgWarning(UserWarning):
+    """A warning qemu-img prints and carries on after (probed raw formats, skipped snapshots...)."""
 
 
 class Interrupted(QimgError):

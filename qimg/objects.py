@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from .errors import QimgError, UsageError
 from .options import parse_opts
 
-#: secrets by id, filled from --object secret,id=...,data=...|file=...
-SECRETS: dict[str, bytes] = {}
+#: secrets by id for the code running in this context (a thread, a library call): filled from
+#: ``--object secret,id=...,data=...|file=...`` or a library call's ``secrets=``; never process-wide,
+#: so two threads (or two library calls) never see each other's keys
+_SECRETS: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar("qimg_secrets", default=None)
+
+
+def _current() -> dict[str, bytes]:
+    table = _SECRETS.get()
+    if table is None:
+        table = {}
+        _SECRETS.set(table)
+    return table
+
+
+@contextlib.contextmanager
+def secrets_scope(secrets: dict | None):
+    """Make ``secrets`` (id -> str or bytes) visible to the opens and creates made inside."""
+    if not secrets:
+        yield
+        return
+    table = dict(_SECRETS.get() or {})
+    for ident, value in secrets.items():
+        table[str(ident)] = value.encode() if isinstance(value, str) else bytes(value)
+    token = _SECRETS.set(table)
+    try:
+        yield
+    finally:
+        _SECRETS.reset(token)
 
 
 def add_object(text: str) -> None:
@@ -44,13 +73,13 @@ def add_object(text: str) -> None:
             value = base64.b64decode(value, validate=True)
         except Exception:
             raise QimgError("Unable to decode base64 secret") from None
-    SECRETS[ident] = value
+    _current()[ident] = value
 
 
 def get_secret(ident: str) -> bytes:
     """The secret registered under ``ident``."""
     try:
-        return SECRETS[ident]
+        return (_SECRETS.get() or {})[ident]
     except KeyError:
         raise QimgError(f"No secret with id '{ident}'") from None
 

@@ -80,3 +80,25 @@ def round_up(value: int, align: int) -> int:
 
 def div_round_up(value: int, align: int) -> int:
     return (value + align - 1) // align
+
+
+def cvtnum(name: str, value: int | str, minimum: int = 0, maximum: int = INT64_MAX) -> int:
+    """A size argument checked as qemu-img's cvtnum does (messages name the argument): an int, or a
+    string with an optional k/M/G/T/P/E suffix."""
+    from .errors import InvalidArgument, QimgError
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidArgument(f"Invalid {name} specified: {value!r}")
+    if isinstance(value, int):
+        number: int | None = value
+    else:
+        try:
+            number = parse_size(value)
+        except QimgError:
+            number = maximum + 1  # out of range
+        if number is None:
+            raise QimgError(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for\n"
+                            "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+    if number < minimum or number > maximum:
+        raise QimgError(f"Invalid {name} specified. Must be between {minimum} and {maximum}.")
+    return number

@@ -45,20 +45,7 @@ def cache_opts(f):
     return click.option("-T", "src_cache", default=None)(f)
 
 
-CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
-
-
-def check_cache(mode: str | None, what: str = "cache", exit_code: int = 1) -> None:
-    """-t (what="cache") or -T (what="source cache"): qemu-img's message, no --help hint."""
-    if mode is not None and mode not in CACHE_MODES:
-        from ..errors import QimgError
-
-        raise QimgError(f"Invalid {what} option: {mode}", exit_code)
-
-
-def check_src_cache(mode: str | None, exit_code: int = 1) -> None:
-    """-T: qemu-img names it the source cache option."""
-    check_cache(mode, "source cache", exit_code)
+from ..api.args import CACHE_MODES, check_cache, check_src_cache  # noqa: E402,F401 - the library's checks
 
 
 def load_objects(objects) -> None:
@@ -120,22 +107,10 @@ def echo(text: str, quiet: bool = False) -> None:
 
 
 def cvtnum(name: str, text: str, minimum: int = 0, maximum: int = (1 << 63) - 1) -> int:
-    """A size argument checked as qemu-img's cvtnum does (messages name the argument)."""
-    from ..errors import QimgError
-    from ..units import parse_size
+    """A size argument checked as qemu-img's cvtnum does (the library's check: qimg.units.cvtnum)."""
+    from ..units import cvtnum as _cvtnum
 
-    try:
-        value = parse_size(text)
-    except QimgError:
-        value = maximum + 1  # out of range
-    if value is None:
-        from . import PROG
-
-        raise QimgError(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for\n"
-                        f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-    if value < minimum or value > maximum:
-        raise QimgError(f"Invalid {name} specified. Must be between {minimum} and {maximum}.")
-    return value
+    return _cvtnum(name, text, minimum, maximum)
 
 
 def show_help() -> None:

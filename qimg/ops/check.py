@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from ..errors import UsageError
+
+REPAIR_MODES = ("leaks", "all")
+
+
+def validate_repair(repair: str | None) -> None:
+    """``-r``: "leaks" or "all" (or None: check only)."""
+    if repair is not None and repair not in REPAIR_MODES:
+        raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
+
 
 def check_image(filename: str, fmt: str | None = None, repair: str | None = None, options: dict | None = None,
                 warn=None):

@@ -30,7 +30,16 @@ class MapEntry:
 
     @property
     def end(self) -> int:
+        """The offset just past the entry."""
         return self.start + self.length
+
+    def to_dict(self) -> dict:
+        """One entry of ``qimg map --output=json`` as a dict."""
+        out = {"start": self.start, "length": self.length, "depth": self.depth, "present": self.present,
+               "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return out
 
 
 def mergeable(cur: MapEntry, nxt: MapEntry) -> bool:

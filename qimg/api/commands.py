@@ -1,0 +1,258 @@
+"""The commands that make images: ``convert``, ``create``, ``dd``, and the ones that size and compare them.
+
+Each takes the command's options as keyword arguments named after the command-line options,
+checks them as ``qimg CMD`` does (same refusals, same messages), and returns a result dataclass or
+raises a :class:`~qimg.QimgError`.  Nothing here prints, installs signal handlers or keeps state
+between calls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from ..errors import QimgError, UsageError
+from .args import ProgressCallback, as_opts, check_cache, check_src_cache, engine_progress, snapshot_spec
+from .results import CompareResult, ConvertResult, CreateResult, MeasureResult
+from .sources import Source, call_scope, default_warn, is_url, open_chain, path_of
+
+WarnCallback = Callable[[str], None]
+
+
+def _source_entry(source: Source, fmt: str | None, image_options: dict | None, untrusted: bool) -> Any:
+    """A source for ``ops.convert``: (name, fmt, options) for a host path, an opener for the rest."""
+    from ..io.fileobj import is_file_object
+    from ..io.lock import EXCLUSIVE_READ
+
+    opts = dict(image_options or {})
+    if not untrusted and not is_file_object(source):
+        name = path_of(source)
+        if not is_url(name):
+            # qemu-img convert keeps writers off its sources while it copies (even raw ones), unless -U
+            return (name, fmt, {**opts, EXCLUSIVE_READ: True})
+    return lambda: open_chain(source, fmt, options=opts, untrusted=untrusted)
+
+
+def _per_source(value: Any, count: int, kind: type) -> list:
+    """A per-source argument: one value for every source, or a list with one per source."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise QimgError(f"Expected one {kind.__name__} per source ({count}), got {len(value)}")
+        return list(value)
+    return [value] * count
+
+
+def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str], *,
+            fmt: str | Sequence[str | None] | None = None,
+            out_fmt: str = "raw", compress: bool = False, options: dict[str, Any] | str | list[str] | None = None,
+            backing_file: str | None = None, backing_fmt: str | None = None, sparse_size: int | str | None = None,
+            no_create: bool = False, target_is_zero: bool = False, coroutines: int | str = 8,
+            out_of_order: bool = False, snapshot: str | dict | None = None, copy_offload: bool = False,
+            salvage: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False,
+            cache: str | None = None, src_cache: str | None = None,
+            image_options: dict | Sequence[dict | None] | None = None,
+            target_options: dict | None = None, force_share: bool = False, untrusted: bool = False,
+            secrets: dict[str, str | bytes] | None = None, progress: ProgressCallback | None = None,
+            warn: WarnCallback | None = None, trap_signals: bool = False) -> ConvertResult:
+    """``qimg convert``: copy one image (or several, back to back) into a new image.
+
+    Args:
+        src: the source, or a list of sources concatenated (paths, URLs, file objects).
+        dst: the target file (created, or written in place with ``no_create``).
+        fmt: the sources' format (``-f``), or a list with one per source; probed when None.
+        out_fmt: the target's format (``-O``).
+        compress: write compressed clusters (``-c``; qcow, qcow2, vmdk streamOptimized).
+        options: the target's creation options (``-o``): a dict, or ``"k=v,k2=v2"`` strings.
+        backing_file: the target's backing file (``-B``); only data differing from it is copied.
+        backing_fmt: the backing file's format (``-F``).
+        sparse_size: zero runs at least this long stay holes (``-S``; 0 writes every byte).
+        no_create: write into an existing target (``-n``).
+        target_is_zero: the existing target reads as zeros (``--target-is-zero``, with ``no_create``).
+        coroutines: parallel requests (``-m``, 1..16).
+        out_of_order: allow out-of-order writes (``-W``).
+        snapshot: an internal snapshot of the source to copy (``-l``: id, name or ``snapshot.id=..``).
+        copy_offload: use copy offloading (``-C``).
+        salvage: go on past read errors (``--salvage``).
+        bitmaps: copy the persistent bitmaps (``--bitmaps``); ``skip_broken_bitmaps`` leaves broken ones.
+        cache: the target's cache mode (``-t``); ``src_cache`` the sources' (``-T``).
+        image_options: open options of the sources (as ``--image-opts`` gives them), or one dict per source.
+        target_options: open options of an existing target (``--target-image-opts``; needs ``no_create``).
+        force_share: open the sources without locking out other users (``-U``).
+        untrusted: open the sources with the confined rules for hostile images.
+        secrets: keys of encrypted images by secret id (``--object secret,...``).
+        progress: ``callable(done, total)`` called as bytes are copied.
+        warn: receives the warnings qemu-img prints (default: :mod:`warnings`).
+        trap_signals: turn SIGTERM/SIGHUP into a clean stop (the command line's choice; a library
+            call leaves the process's signal handlers alone).
+
+    Returns:
+        The target, its format and the virtual size copied.  On failure no partial target is left.
+    """
+    from ..ops.convert import ConvertRequest
+    from ..ops.convert import convert as run_convert
+
+    check_cache(cache)
+    check_src_cache(src_cache)
+    opts = as_opts(options)
+    if copy_offload and compress:
+        raise QimgError("Cannot enable copy offloading when -c is used")
+    if copy_offload and sparse_size is not None:
+        raise QimgError("Cannot enable copy offloading when -S is used")
+    if copy_offload and salvage:
+        raise QimgError("Cannot use copy offloading in salvaging mode")
+    sources = list(src) if isinstance(src, (list, tuple)) else [src]
+    if not sources:
+        raise QimgError("Must specify image file name")
+    min_sparse = 4096
+    if sparse_size is not None:
+        from ..units import cvtnum
+
+        value = cvtnum("buffer size for sparse output", sparse_size)
+        if value % 512 or value > (16 << 20):
+            raise QimgError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
+                            "up to 16777216. Select 0 to disable sparse detection (fully allocates output).")
+        min_sparse = value
+    try:
+        workers = int(coroutines)
+    except (TypeError, ValueError):
+        workers = 0
+    if workers < 1 or workers > 16:
+        raise QimgError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    snap = snapshot_spec(snapshot, strict=True)
+    if "backing_file" in opts and backing_file is None:
+        backing_file = opts.pop("backing_file")
+    if "backing_fmt" in opts and backing_fmt is None:
+        backing_fmt = opts.pop("backing_fmt")
+    if target_options is not None and not no_create:
+        raise UsageError("--target-image-opts requires use of -n flag")
+    target = path_of(dst, "target")
+    fmts = _per_source(fmt, len(sources), str)
+    opens = _per_source(image_options, len(sources), dict)
+    with call_scope(secrets, force_share):
+        entries = [_source_entry(s, f, o, untrusted) for s, f, o in zip(sources, fmts, opens)]
+        req = ConvertRequest(
+            sources=entries, target=target, out_fmt=out_fmt, options=opts, compress=compress,
+            backing=backing_file, backing_fmt=backing_fmt, min_sparse=min_sparse, no_create=no_create,
+            target_is_zero=target_is_zero, workers=workers, out_of_order=out_of_order, snapshot=snap,
+            target_options=dict(target_options or {}), salvage=salvage, copy_offload=copy_offload,
+            bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps, trap_signals=trap_signals)
+        total = run_convert(req, progress=engine_progress(progress), warn=warn or default_warn)
+    return ConvertResult(target=target, format=out_fmt, virtual_size=total or 0)
+
+
+def create(dst: str | os.PathLike[str], size: int | str | None = None, *, fmt: str = "raw",
+           options: dict[str, Any] | str | list[str] | None = None, backing_file: str | None = None,
+           backing_fmt: str | None = None, unsafe: bool = False, secrets: dict[str, str | bytes] | None = None,
+           announce: Callable[[str], None] | None = None) -> CreateResult:
+    """``qimg create``: make a new, empty image.
+
+    Args:
+        dst: the file to create.
+        size: the virtual size in bytes, or a string with a suffix (``"10G"``); taken from the
+            backing file when None.
+        fmt: the format (``-f``).
+        options: creation options (``-o``): a dict, or ``"k=v,k2=v2"`` strings.
+        backing_file: the backing file (``-b``); ``backing_fmt`` its format (``-F``).
+        unsafe: do not open the backing file (``-u``).
+        secrets: keys for an encrypted image by secret id.
+        announce: receives the "Formatting ..." line just before the image is written.
+    """
+    from ..ops.create import create_image
+    from ..units import parse_image_size
+
+    name = path_of(dst, "target")
+    if isinstance(size, bool) or (size is not None and not isinstance(size, (int, str))):
+        raise QimgError(f"Invalid image size specified: {size!r}")
+    nbytes = parse_image_size(size) if isinstance(size, str) else size
+    if nbytes is not None and nbytes < 0:
+        from ..units import SIZE_HELP
+
+        raise QimgError(SIZE_HELP)
+    with call_scope(secrets):
+        line = create_image(name, fmt, nbytes, as_opts(options), backing_file, backing_fmt, unsafe,
+                            announce=announce)
+    return CreateResult(filename=name, format=fmt, size=nbytes, formatting=line)
+
+
+def dd(src: Source, dst: str | os.PathLike[str], *, fmt: str | None = None, out_fmt: str = "raw",
+       bs: int | str = 512, count: int | str | None = None, skip: int | str | None = None,
+       image_options: dict | None = None, force_share: bool = False,
+       secrets: dict[str, str | bytes] | None = None, warn: WarnCallback | None = None) -> None:
+    """``qimg dd``: copy ``count`` blocks of ``bs`` bytes, after skipping ``skip`` blocks, into a new image."""
+    from ..ops.dd import DdRequest
+    from ..ops.dd import dd as run_dd
+    from ..units import cvtnum
+
+    bs = cvtnum("bs", bs, 1, (1 << 31) - 1)
+    count = None if count is None else cvtnum("count", count)
+    skip = None if skip is None else cvtnum("skip", skip)
+    from ..options import DISPLAY_NAME
+
+    name = "" if isinstance(src, str) and src == "" else path_of(src)
+    req = DdRequest(input=name, output=path_of(dst, "target"), fmt=fmt, input_options=dict(image_options or {}),
+                    out_fmt=out_fmt, bs=bs, count=count, skip=skip,
+                    display_name=(image_options or {}).get(DISPLAY_NAME) or name)
+    with call_scope(secrets, force_share):
+        run_dd(req, warn=warn or default_warn)
+
+
+def measure(src: Source | None = None, *, size: int | str | None = None, fmt: str | None = None,
+            out_fmt: str = "raw", options: dict[str, Any] | str | list[str] | None = None,
+            snapshot: str | dict | None = None, image_options: dict | None = None, force_share: bool = False,
+            secrets: dict[str, str | bytes] | None = None) -> MeasureResult:
+    """``qimg measure``: the bytes an ``out_fmt`` image of ``src`` (or of ``size`` bytes) needs."""
+    from ..ops.measure import MeasureRequest
+    from ..ops.measure import measure as run_measure
+    from ..units import cvtnum
+
+    nbytes = None if size is None else cvtnum("image size", size)
+    if isinstance(options, dict):
+        opt_strings = [",".join(f"{k}={v}" for k, v in as_opts(options).items())] if options else []
+    elif isinstance(options, str):
+        opt_strings = [options]
+    else:
+        opt_strings = list(options or ())
+    req = MeasureRequest(size=nbytes, out_fmt=out_fmt, options=opt_strings, snapshot=snapshot_spec(snapshot, False),
+                         fmt=fmt, image_opts_used=bool(image_options))
+    if src is not None:
+        req.filename, req.image_opts = path_of(src), dict(image_options or {})
+    with call_scope(secrets, force_share):
+        result = run_measure(req)
+    return MeasureResult(required=result["required"], fully_allocated=result["fully-allocated"],
+                         bitmaps=result.get("bitmaps"))
+
+
+def compare(a: Source, b: Source, *, fmt1: str | None = None, fmt2: str | None = None, strict: bool = False,
+            src_cache: str | None = None, image_options: dict | None = None, image_options2: dict | None = None,
+            force_share: bool = False, secrets: dict[str, str | bytes] | None = None,
+            progress: ProgressCallback | None = None) -> CompareResult:
+    """``qimg compare``: do ``a`` and ``b`` show the same guest content?
+
+    Returns a result whose ``identical`` is True or False (``exit_code`` 0 or 1); images that cannot be
+    opened or read raise :class:`~qimg.QimgError` with compare's own exit codes (2, 3, 4).
+    """
+    from ..ops.compare import OPEN_ERROR, CompareRequest
+    from ..ops.compare import compare as run_compare
+
+    if src_cache is not None:
+        check_src_cache(src_cache, OPEN_ERROR)
+    req = CompareRequest(path_of(a), path_of(b), fmt1, fmt2, dict(image_options or {}),
+                         dict(image_options2 if image_options2 is not None else image_options or {}), strict=strict)
+    lines: list[str] = []
+    with call_scope(secrets, force_share):
+        code = run_compare(req, progress=_StepProgress(progress) if progress is not None else None,
+                           report=lines.append)
+    return CompareResult(identical=code == 0, exit_code=code, messages=tuple(lines))
+
+
+class _StepProgress:
+    """compare's progress steps (length, base) as ``callable(done, total)``."""
+
+    def __init__(self, callback: ProgressCallback):
+        self.callback = callback
+        self.done = 0
+
+    def __call__(self, length: int, base: int) -> None:
+        self.done += length
+        self.callback(min(self.done, base), base)

@@ -1,0 +1,109 @@
+"""The commands that read metadata: ``info``, ``check``, ``map`` and ``snapshot_list``.
+
+None of them imports numpy, tqdm, cryptography or zstandard for the common formats.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, overload
+
+from ..errors import QimgError
+from ..ops.map import MapEntry
+from .args import check_src_cache
+from .results import CheckResult, ImageInfo, SnapshotInfo
+from .sources import Source, call_scope, open_chain, path_of, source_name
+
+
+@overload
+def info(src: Source, *, fmt: str | None = ..., backing_chain: Literal[False] = ...,
+         image_options: dict | None = ..., force_share: bool = ...,
+         secrets: dict[str, str | bytes] | None = ...) -> ImageInfo: ...
+
+
+@overload
+def info(src: Source, *, fmt: str | None = ..., backing_chain: Literal[True],
+         image_options: dict | None = ..., force_share: bool = ...,
+         secrets: dict[str, str | bytes] | None = ...) -> list[ImageInfo]: ...
+
+
+def info(src: Source, *, fmt: str | None = None, backing_chain: bool = False, image_options: dict | None = None,
+         force_share: bool = False, secrets: dict[str, str | bytes] | None = None) -> ImageInfo | list[ImageInfo]:
+    """``qimg info``: what an image is (format, sizes, backing file, snapshots, format details).
+
+    Returns one :class:`~qimg.ImageInfo` whose ``to_dict()`` is ``qimg info --output=json``, or with
+    ``backing_chain=True`` one per layer, the image first (``--backing-chain``).
+    """
+    from ..io.fileobj import is_file_object
+    from ..ops.info import image_info, layer_info
+    from ..options import NO_IO
+
+    with call_scope(secrets, force_share):
+        if not is_file_object(src):
+            infos = image_info(path_of(src), fmt, backing_chain=backing_chain, options=dict(image_options or {}))
+        else:
+            # the top layer lives in the file object; its backing files (if any) open by name
+            chain = open_chain(src, fmt, backing=False, options={**(image_options or {}), NO_IO: True})
+            try:
+                top = chain.top
+                infos = [layer_info(top, chain.filenames[0])]
+                nxt = top.backing
+            finally:
+                chain.close()
+            if backing_chain and nxt is not None and nxt.filename:
+                from ..core.registry import resolve_backing
+
+                infos += image_info(resolve_backing(source_name(src), nxt.filename), nxt.fmt, backing_chain=True)
+    result = [ImageInfo.from_dict(i) for i in infos]
+    return result if backing_chain else result[0]
+
+
+def check(src: Source, *, fmt: str | None = None, repair: str | None = None, src_cache: str | None = None,
+          image_options: dict | None = None, force_share: bool = False,
+          secrets: dict[str, str | bytes] | None = None, warn: Callable[[str], None] | None = None) -> CheckResult:
+    """``qimg check``: the image's consistency, optionally repaired (``repair`` "leaks" or "all").
+
+    The result's ``exit_code`` is check's status (0 clean, 2 corruptions, 3 leaks only, 1 failed) and
+    ``to_dict()`` its ``--output=json``.  A format without checks raises
+    :class:`~qimg.CheckUnsupported` (exit_code 63).
+    """
+    from ..ops.check import check_image, validate_repair
+
+    validate_repair(repair)
+    check_src_cache(src_cache)
+    name = path_of(src)
+    if repair and force_share:
+        raise QimgError(f"Could not open '{name}': force-share=on can only be used with read-only images")
+    with call_scope(secrets, force_share):
+        res, fmt_name = check_image(name, fmt, repair, dict(image_options or {}), warn=warn if repair else None)
+    return CheckResult.from_result(res, name, fmt_name)
+
+
+def map(src: Source, *, fmt: str | None = None, start_offset: int | str = 0, max_length: int | str | None = None,
+        image_options: dict | None = None, force_share: bool = False,
+        secrets: dict[str, str | bytes] | None = None) -> list[MapEntry]:
+    """``qimg map``: the allocation of ``[start_offset, start_offset+max_length)`` as merged entries.
+
+    Each :class:`~qimg.MapEntry` has ``to_dict()``, one line of ``qimg map --output=json``.  For a lazy
+    walk of a huge image use ``qimg.open(src).extents()``.
+    """
+    from ..ops.map import map_entries
+    from ..units import cvtnum
+
+    start = cvtnum("start offset", start_offset)
+    length = None if max_length is None else cvtnum("max length", max_length)
+    with call_scope(secrets, force_share):
+        chain = open_chain(src, fmt, options=dict(image_options or {}))
+        try:
+            return list(map_entries(chain, start, length))
+        finally:
+            chain.close()
+
+
+def snapshot_list(src: Source, *, fmt: str | None = None, image_options: dict | None = None,
+                  force_share: bool = False, secrets: dict[str, str | bytes] | None = None) -> list[SnapshotInfo]:
+    """``qimg snapshot -l``: the internal snapshots of an image (empty for formats without them)."""
+    from ..ops.snapshot import list_snapshots
+
+    with call_scope(secrets, force_share):
+        snaps = list_snapshots(path_of(src), fmt, dict(image_options or {}))
+    return [SnapshotInfo.from_dict(s) for s in snaps]

@@ -1,0 +1,143 @@
+"""What a library call accepts as an image: a path, an ``os.PathLike``, a URL or a binary file object.
+
+Every source becomes a ``Chain`` (the image and its backing files) here, so ``open``, ``convert``,
+``info`` and the rest read the same things the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from typing import IO, Any, Callable, Union
+
+from ..errors import OpenError, QimgError, QimgWarning, Unsupported
+
+#: what ``qimg.open`` and every command accept as an image
+Source = Union[str, "os.PathLike[str]", IO[bytes], Any]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def default_warn(message: str) -> None:
+    """Warnings of a library call with no ``warn`` callback: issued as :class:`~qimg.QimgWarning`."""
+    warnings.warn(message, QimgWarning, stacklevel=3)
+
+
+def source_name(source: Source) -> str:
+    """The name a source shows in results and messages."""
+    from ..io.fileobj import display_name, is_file_object
+
+    if is_file_object(source):
+        return display_name(source)
+    return os.fsdecode(os.fspath(source))
+
+
+def path_of(source: Source, what: str = "image") -> str:
+    """A source that must be a host path (or a URL qimg opens by name): its name as a str."""
+    from ..io.fileobj import is_file_object
+
+    if is_file_object(source):
+        raise Unsupported(f"The {what} must be a file name, not a file object")
+    try:
+        return os.fsdecode(os.fspath(source))
+    except TypeError:
+        raise OpenError(f"Could not open '{source!r}': not a file name, URL or binary file object") from None
+
+
+def is_url(name: str) -> bool:
+    """A URL that the registry's protocols do not handle themselves (http, s3, ... through fsspec)."""
+    from ..core import registry
+
+    return bool(_URL.match(name)) and registry.protocol_for(name) is None
+
+
+@contextlib.contextmanager
+def call_scope(secrets: dict | None = None, force_share: bool = False):
+    """What one library call sets up for its opens: its secrets, and ``force_share`` (qemu-img's -U)."""
+    from ..objects import secrets_scope
+
+    with secrets_scope(secrets), contextlib.ExitStack() as stack:
+        if force_share:
+            from ..io.lock import sharing
+
+            stack.enter_context(sharing(True))
+        yield
+
+
+def open_chain(source: Source, fmt: str | None = None, *, writable: bool = False, backing: bool = True,
+               untrusted: bool = False, options: dict | None = None,
+               warn: Callable[[str], None] | None = None):
+    """The ``Chain`` of any source: a host path or registry protocol (Chain.open), a URL or a file object."""
+    from ..core.chain import Chain
+    from ..io.fileobj import is_file_object
+
+    if untrusted:
+        # the untrusted-mode Policy travels with Chain.open; until this build has it, refuse rather than
+        # open a hostile image with the trusting rules
+        raise Unsupported("untrusted mode is not available in this build")
+    if is_file_object(source):
+        from ..io.fileobj import FileObjStore
+
+        store = FileObjStore(source, writable=writable)
+        return chain_on_store(store, fmt, writable=writable, backing=backing, options=options, warn=warn)
+    name = path_of(source)
+    if is_url(name):
+        return chain_on_store(_url_store(name, writable), fmt, writable=writable, backing=backing,
+                              options=options, warn=warn)
+    return Chain.open(name, fmt, writable=writable, backing=backing, options=dict(options or {}), warn=warn)
+
+
+def _url_store(url: str, writable: bool):
+    """A URL qimg has no store of its own for, through fsspec (http, s3, gcs, ... as installed)."""
+    if writable:
+        raise Unsupported(f"Could not open '{url}': URLs open read-only")
+    try:
+        import fsspec
+    except ImportError:
+        raise OpenError(f"Could not open '{url}': URLs need the fsspec package") from None
+    from ..io.fileobj import FileObjStore
+
+    try:
+        fileobj = fsspec.open(url, "rb").open()
+    except (OSError, ValueError, ImportError) as e:
+        raise OpenError(f"Could not open '{url}': {e}") from None
+    return FileObjStore(fileobj, filename=url, close=True)
+
+
+def chain_on_store(store, fmt: str | None, *, writable: bool = False, backing: bool = True,
+                   options: dict | None = None, warn: Callable[[str], None] | None = None):
+    """A chain whose top layer lives on ``store``; its backing files (if any) open by name."""
+    from ..core import registry
+    from ..core.chain import Chain
+    from ..core.driver import Opener
+
+    name = store.filename
+    try:
+        try:
+            if fmt is None:
+                fmt = registry.probe(store.pread(0, registry.PROBE_BYTES), name)
+                if fmt == "raw" and writable and warn is not None:
+                    warn(f"Image format was not specified for '{name}' and probing guessed raw.")
+            cls = registry.get_driver(fmt)
+            opener = Opener(name, writable, open_image=lambda f, t, w: registry.open_image(f, t, w))
+            top = cls.open(store, name, writable=writable, opener=opener, options=dict(options or {}))
+        except QimgError as e:
+            msg = str(e)
+            if msg.startswith(f"Could not open '{name}'"):
+                raise
+            raise type(e)(f"Could not open '{name}': {msg}", e.exit_code) from None
+    except BaseException:
+        store.close()
+        raise
+    layers, names = [top], [name]
+    try:
+        if backing and top.backing is not None and top.backing.filename:
+            below = Chain.open(registry.resolve_backing(name, top.backing.filename), top.backing.fmt)
+            layers += below.layers
+            names += below.filenames
+    except BaseException:
+        top.close()
+        raise
+    return Chain(layers, names)
