@@ -37,11 +37,10 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, ski
             copy_offload,
             compress, progress, quiet, no_create, fmt, cache, src_cache, out_fmt, backing, backing_fmt, options,
             snapshot_param, sparse, rate, coroutines, out_of_order, salvage, filenames):
+    from ..api.commands import convert
     from ..engine.progress import Progress
-    from ..errors import QimgError, UsageError
-    from ..ops.convert import ConvertRequest, convert
     from ..ops.create import options_help
-    from ..options import merge_opts, parse_opts
+    from ..options import merge_opts
 
     c.load_objects(objects)
     c.check_cache(cache)
@@ -50,62 +49,17 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, ski
     if "help" in opts or "?" in opts:
         c.echo(options_help(out_fmt, filenames[-1] if len(filenames) >= 2 else None))
         return
-    if copy_offload and compress:
-        raise QimgError("Cannot enable copy offloading when -c is used")
-    if copy_offload and sparse is not None:
-        raise QimgError("Cannot enable copy offloading when -S is used")
-    if copy_offload and salvage:
-        raise QimgError("Cannot use copy offloading in salvaging mode")
-    if len(filenames) < 2:
-        raise QimgError("Must specify image file name")
-    min_sparse = 4096
-    if sparse is not None:
-        v = c.cvtnum("buffer size for sparse output", sparse)
-        if v % 512 or v > (16 << 20):
-            raise QimgError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
-                            "up to 16777216. Select 0 to disable sparse detection (fully allocates output).")
-        min_sparse = v
-    try:
-        workers = int(coroutines)
-    except ValueError:
-        workers = 0
-    if workers < 1 or workers > 16:
-        raise QimgError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
-    snapshot = None
-    if snapshot_param is not None:
-        # like qemu-img 7.2 (which no longer takes -s): "snapshot.id=..,snapshot.name=.." or a plain id or name
-        if snapshot_param.startswith("snapshot."):
-            p = parse_opts(snapshot_param)
-            for k in p:
-                if k not in ("snapshot.id", "snapshot.name"):
-                    from . import PROG
-
-                    raise QimgError(f"Invalid parameter '{k}'\n"
-                                    f"{PROG}: Failed in parsing snapshot param '{snapshot_param}'")
-            snapshot = {k[len("snapshot."):]: v for k, v in p.items()}
-        else:
-            snapshot = {"id_or_name": snapshot_param}
-    if "backing_file" in opts and backing is None:
-        backing = opts.pop("backing_file")
-    if "backing_fmt" in opts and backing_fmt is None:
-        backing_fmt = opts.pop("backing_fmt")
-    from ..io.lock import EXCLUSIVE_READ
-
-    # qemu-img convert keeps writers off its sources while it copies (even raw ones), unless -U
-    sources = [(n, f, {**o, EXCLUSIVE_READ: True}) for n, f, o in (c.image_spec(f, fmt, image_opts)
-                                                                  for f in filenames[:-1])]
-    target = filenames[-1]
-    target_options = {}
+    sources = [c.image_spec(f, fmt, image_opts) for f in filenames[:-1]]
+    target, target_options = (filenames[-1] if filenames else ""), None
     if target_image_opts:
-        if not no_create:
-            raise UsageError("--target-image-opts requires use of -n flag")
-        target, tfmt, target_options = c.image_spec(target, None, True)
-        out_fmt = tfmt or out_fmt
-    req = ConvertRequest(
-        sources=sources, target=target, out_fmt=out_fmt, options=opts, compress=compress, backing=backing,
-        backing_fmt=backing_fmt, min_sparse=min_sparse, no_create=no_create, target_is_zero=target_is_zero,
-        workers=workers, out_of_order=out_of_order, snapshot=snapshot, target_options=target_options,
-        salvage=salvage, copy_offload=copy_offload, bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps)
-    prog = Progress(0, enabled=progress and not quiet)
-    convert(req, progress=prog, warn=c.warn_report)
-
+        target_options = {}  # given as image options: the library refuses them without -n
+        if no_create:
+            target, tfmt, target_options = c.image_spec(target, None, True)
+            out_fmt = tfmt or out_fmt
+    convert([s[0] for s in sources], target, fmt=[s[1] for s in sources], out_fmt=out_fmt, compress=compress,
+            options=opts, backing_file=backing, backing_fmt=backing_fmt, sparse_size=sparse, no_create=no_create,
+            target_is_zero=target_is_zero, coroutines=coroutines, out_of_order=out_of_order,
+            snapshot=snapshot_param, copy_offload=copy_offload, salvage=salvage, bitmaps=bitmaps,
+            skip_broken_bitmaps=skip_broken_bitmaps, image_options=[s[2] for s in sources],
+            target_options=target_options, trap_signals=True,
+            progress=Progress(0, enabled=progress and not quiet), warn=c.warn_report)

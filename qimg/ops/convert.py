@@ -35,10 +35,12 @@ class ConvertRequest:
     copy_offload: bool = False  # -C
     bitmaps: bool = False       # --bitmaps
     skip_broken_bitmaps: bool = False
+    trap_signals: bool = False  # the command line's: SIGTERM/SIGHUP stop the copy and remove the partial target
 
 
-def convert(req: ConvertRequest, progress=None, warn=None) -> None:
-    """Run a convert; on failure a target this call created is removed."""
+def convert(req: ConvertRequest, progress=None, warn=None) -> int:
+    """Run a convert; returns the bytes copied (the virtual size).  On failure a target this call
+    created is removed.  A source is (name, fmt, options) or a callable returning an open Chain."""
     if req.target_is_zero and not req.no_create:
         raise QimgError("--target-is-zero requires use of -n flag")
     if req.out_fmt not in registry.FORMATS and registry.protocol_for(req.target) is None:
@@ -49,8 +51,8 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> None:
     try:
         if req.snapshot is not None and len(req.sources) > 1:
             raise QimgError("No support for concatenating multiple snapshot")
-        for name, fmt, opts in req.sources:
-            chains.append(Chain.open(name, fmt, options=dict(opts)))
+        for source in req.sources:
+            chains.append(source() if callable(source) else Chain.open(source[0], source[1], options=dict(source[2])))
         if req.snapshot is not None:
             from .measure import _load_snapshot
 
@@ -76,6 +78,7 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> None:
             _write_into(req, src, total, progress, bitmaps)
         else:
             _create_and_write(req, src, total, progress, bitmaps)
+        return total
     finally:
         for ch in chains:
             ch.close()
@@ -170,7 +173,7 @@ def _create_and_write(req, src, total, progress, bitmaps=None):
     multi_file = not cls.creates_single_file(req.options)
     tmp = target if in_place or multi_file else _temp_name(target)
     created = []
-    old_handlers = _trap_signals()
+    old_handlers = _trap_signals() if req.trap_signals else {}
     guard = None
     try:
         created.append(tmp)
