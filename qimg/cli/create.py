@@ -20,10 +20,10 @@ from . import common as c
 @click.argument("filename", required=False)
 @click.argument("size", required=False)
 def command(objects, quiet, fmt, backing_file, backing_fmt, unsafe, options, filename, size):
+    from ..api.commands import create
     from ..errors import UsageError
-    from ..ops.create import create_image, options_help
+    from ..ops.create import options_help
     from ..options import merge_opts
-    from ..units import parse_image_size
 
     c.load_objects(objects)
     opts = merge_opts(list(options))
@@ -32,6 +32,5 @@ def command(objects, quiet, fmt, backing_file, backing_fmt, unsafe, options, fil
         return
     if filename is None:
         raise UsageError("Expecting image file name")
-    nbytes = parse_image_size(size) if size is not None else None
-    create_image(filename, fmt, nbytes, opts, backing_file, backing_fmt, unsafe,
-                 announce=lambda line: (c.echo(line, quiet), sys.stdout.flush()))
+    create(filename, size, fmt=fmt, options=opts, backing_file=backing_file, backing_fmt=backing_fmt, unsafe=unsafe,
+           announce=lambda line: (c.echo(line, quiet), sys.stdout.flush()))
