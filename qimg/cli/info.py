@@ -17,13 +17,14 @@ from . import common as c
 @click.option("-h", "--help", "help_", is_flag=True)
 @click.argument("filename")
 def command(objects, image_opts, fmt, output, backing_chain, force_share, help_, filename):
-    from ..ops.info import image_info
+    from ..api.query import info
     from .render import info_human, to_json
 
     c.check_output(output)
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
-    infos = image_info(name, fmt, backing_chain=backing_chain, options=opts)
+    infos = [i.to_dict() for i in info(name, fmt=fmt, backing_chain=True, image_options=opts)] if backing_chain \
+        else [info(name, fmt=fmt, image_options=opts).to_dict()]
     if output == "json":
         c.echo(to_json(infos if backing_chain else infos[0]))
     else:
