@@ -28,6 +28,11 @@ def check_src_cache(mode: str | None, exit_code: int = 1) -> None:
     check_cache(mode, "source cache", exit_code)
 
 
+def refuse_shared_write(filename: str) -> None:
+    """force-share (-U) is for read-only opens: a repair or a snapshot change refuses it."""
+    raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+
+
 def as_opts(options: dict[str, Any] | str | list[str] | tuple[str, ...] | None) -> dict[str, str]:
     """``-o`` options from a dict, a ``"k=v,k2=v2"`` string or a list of such strings (merged as -o
     given several times)."""

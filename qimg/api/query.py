@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Callable, Literal, overload
 
-from ..errors import QimgError
 from ..ops.map import MapEntry
-from .args import check_src_cache
+from .args import check_src_cache, refuse_shared_write
 from .results import CheckResult, ImageInfo, SnapshotInfo
 from .sources import Source, call_scope, open_chain, path_of, source_name
 
@@ -72,7 +71,7 @@ def check(src: Source, *, fmt: str | None = None, repair: str | None = None, src
     check_src_cache(src_cache)
     name = path_of(src)
     if repair and force_share:
-        raise QimgError(f"Could not open '{name}': force-share=on can only be used with read-only images")
+        refuse_shared_write(name)
     with call_scope(secrets, force_share):
         res, fmt_name = check_image(name, fmt, repair, dict(image_options or {}), warn=warn if repair else None)
     return CheckResult.from_result(res, name, fmt_name)

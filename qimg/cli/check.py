@@ -19,33 +19,22 @@ from . import common as c
 @click.option("-h", "--help", "help_", is_flag=True)
 @click.argument("filename")
 def command(objects, image_opts, quiet, fmt, output, repair, src_cache, force_share, help_, filename):
-    from ..errors import QimgError, UsageError
-    from ..ops.check import check_image, result_dict
-    from .render import to_json
-
-    if repair is not None and repair not in ("leaks", "all"):
-        raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
-    c.check_output(output)
-    c.check_src_cache(src_cache)
-    if repair and force_share:
-        raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
-    c.load_objects(objects)
-    name, fmt, opts = c.image_spec(filename, fmt, image_opts)
-    res, fmt_name = check_image(name, fmt, repair, opts, warn=c.warn if repair else None)
     import sys
 
-    for msg in getattr(res, "messages", None) or ():
-        sys.stderr.write(msg.rstrip("\n") + "\n")
-    if output == "json":
-        c.echo(to_json(result_dict(res, name, fmt_name)), quiet)
-    else:
-        c.echo(_human(res), quiet)
-    code = res.exit_code
-    if code:
-        raise click.exceptions.Exit(code)
+    from ..api.args import refuse_shared_write
+    from ..api.query import check
+    from ..ops.check import validate_repair
 
-
-def _human(res):
-    from ..ops.check import human
-
-    return human(res)
+    validate_repair(repair)
+    c.check_output(output)
+    c.check_src_cache(src_cache)
+    if repair and force_share:  # the library's check, made before --object and --image-opts are read
+        refuse_shared_write(filename)
+    c.load_objects(objects)
+    name, fmt, opts = c.image_spec(filename, fmt, image_opts)
+    res = check(name, fmt=fmt, repair=repair, image_options=opts, warn=c.warn)
+    for msg in res.messages:
+        sys.stderr.write(msg + "\n")
+    c.echo(res.to_json() if output == "json" else res.human(), quiet)
+    if res.exit_code:
+        raise click.exceptions.Exit(res.exit_code)
