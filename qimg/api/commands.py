@@ -201,7 +201,11 @@ def measure(src: Source | None = None, *, size: int | str | None = None, fmt: st
             out_fmt: str = "raw", options: dict[str, Any] | str | list[str] | None = None,
             snapshot: str | dict | None = None, image_options: dict | None = None, force_share: bool = False,
             secrets: dict[str, str | bytes] | None = None) -> MeasureResult:
-    """``qimg measure``: the bytes an ``out_fmt`` image of ``src`` (or of ``size`` bytes) needs."""
+    """``qimg measure``: the bytes an ``out_fmt`` image of ``src`` (or of ``size`` bytes) needs.
+
+    ``options`` are the target's creation options (``-o``), ``snapshot`` a snapshot of ``src`` (``-l``);
+    ``fmt``, ``snapshot`` and ``image_options`` (even empty) need ``src``.
+    """
     from ..ops.measure import MeasureRequest
     from ..ops.measure import measure as run_measure
     from ..units import cvtnum
@@ -214,7 +218,7 @@ def measure(src: Source | None = None, *, size: int | str | None = None, fmt: st
     else:
         opt_strings = list(options or ())
     req = MeasureRequest(size=nbytes, out_fmt=out_fmt, options=opt_strings, snapshot=snapshot_spec(snapshot, False),
-                         fmt=fmt, image_opts_used=bool(image_options))
+                         fmt=fmt, image_opts_used=image_options is not None)
     if src is not None:
         req.filename, req.image_opts = path_of(src), dict(image_options or {})
     with call_scope(secrets, force_share):
@@ -226,11 +230,12 @@ def measure(src: Source | None = None, *, size: int | str | None = None, fmt: st
 def compare(a: Source, b: Source, *, fmt1: str | None = None, fmt2: str | None = None, strict: bool = False,
             src_cache: str | None = None, image_options: dict | None = None, image_options2: dict | None = None,
             force_share: bool = False, secrets: dict[str, str | bytes] | None = None,
-            progress: ProgressCallback | None = None) -> CompareResult:
+            progress: ProgressCallback | None = None, report: Callable[[str], None] | None = None) -> CompareResult:
     """``qimg compare``: do ``a`` and ``b`` show the same guest content?
 
     Returns a result whose ``identical`` is True or False (``exit_code`` 0 or 1); images that cannot be
-    opened or read raise :class:`~qimg.QimgError` with compare's own exit codes (2, 3, 4).
+    opened or read raise :class:`~qimg.QimgError` with compare's own exit codes (2, 3, 4).  ``fmt1`` and
+    ``fmt2`` are ``-f`` and ``-F``, ``strict`` is ``-s``; ``report`` receives compare's lines as they come.
     """
     from ..ops.compare import OPEN_ERROR, CompareRequest
     from ..ops.compare import compare as run_compare
@@ -240,9 +245,14 @@ def compare(a: Source, b: Source, *, fmt1: str | None = None, fmt2: str | None =
     req = CompareRequest(path_of(a), path_of(b), fmt1, fmt2, dict(image_options or {}),
                          dict(image_options2 if image_options2 is not None else image_options or {}), strict=strict)
     lines: list[str] = []
+
+    def collect(line: str) -> None:
+        lines.append(line)
+        if report is not None:
+            report(line)
+
     with call_scope(secrets, force_share):
-        code = run_compare(req, progress=_StepProgress(progress) if progress is not None else None,
-                           report=lines.append)
+        code = run_compare(req, progress=_StepProgress(progress) if progress is not None else None, report=collect)
     return CompareResult(identical=code == 0, exit_code=code, messages=tuple(lines))
 
 
@@ -255,4 +265,4 @@ class _StepProgress:
 
     def __call__(self, length: int, base: int) -> None:
         self.done += length
-        self.callback(min(self.done, base), base)
+        self.callback(self.done, base)

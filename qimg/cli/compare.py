@@ -51,8 +51,9 @@ class QemuProgress:
 @click.option("-h", "--help", "help_", is_flag=True, callback=c.help_now)
 @click.argument("filenames", nargs=-1)
 def command(objects, image_opts, fmt1, fmt2, src_cache, progress, quiet, strict, force_share, help_, filenames):
+    from ..api.commands import compare
     from ..errors import QimgError, UsageError
-    from ..ops.compare import OPEN_ERROR, CompareRequest, compare
+    from ..ops.compare import OPEN_ERROR
 
     try:
         c.load_objects(objects)
@@ -63,21 +64,29 @@ def command(objects, image_opts, fmt1, fmt2, src_cache, progress, quiet, strict,
     show = progress and not quiet
     prog = QemuProgress(2.0) if show else None
     try:
-        if src_cache is not None and src_cache not in c.CACHE_MODES:
-            raise QimgError(f"Invalid source cache option: {src_cache}", OPEN_ERROR)
+        c.check_src_cache(src_cache, OPEN_ERROR)  # (the library checks it too) before the images' options
         try:
             name1, f1, o1 = c.image_spec(filenames[0], fmt1, image_opts)
             name2, f2, o2 = c.image_spec(filenames[1], fmt2, image_opts)
         except QimgError as e:
             raise QimgError(str(e), OPEN_ERROR) from None
-        req = CompareRequest(name1, name2, f1, f2, o1, o2, strict=strict)
-
-        def report(line: str) -> None:
-            c.echo(line + "\n", quiet)
-
-        code = compare(req, progress=prog, report=report)
+        result = compare(name1, name2, fmt1=f1, fmt2=f2, strict=strict, src_cache=src_cache, image_options=o1,
+                         image_options2=o2, progress=_Steps(prog) if prog is not None else None,
+                         report=lambda line: c.echo(line + "\n", quiet))
     finally:
         if prog is not None:
             prog.end()
-    if code:
-        raise click.exceptions.Exit(code)
+    if result.exit_code:
+        raise click.exceptions.Exit(result.exit_code)
+
+
+class _Steps:
+    """The library's progress(done, total) back into qemu's per-step (length, base) printer."""
+
+    def __init__(self, printer: QemuProgress):
+        self.printer = printer
+        self.last = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.printer(done - self.last, total)
+        self.last = done
