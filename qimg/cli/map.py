@@ -21,8 +21,9 @@ from . import common as c
 @click.option("-h", "--help", "help_", is_flag=True, callback=c.help_now)
 @click.argument("filenames", nargs=-1)
 def command(objects, image_opts, fmt, start_offset, max_length, output, force_share, help_, filenames):
+    from ..api.image import open as open_image
     from ..errors import UsageError
-    from ..ops.map import check_human, map_entries, open_for_map
+    from ..ops.map import check_human
     from .render import map_human_header, map_human_line, map_json_line
 
     start = start_offset or 0
@@ -32,8 +33,8 @@ def command(objects, image_opts, fmt, start_offset, max_length, output, force_sh
     c.check_output(output)
     name, fmt, opts = c.image_spec(filenames[0], fmt, image_opts)
     out = sys.stdout
-    with open_for_map(name, fmt, opts) as chain:
-        entries = map_entries(chain, start, length)
+    with open_image(name, fmt, options=opts) as image:
+        entries = image.extents(start, length)
         head = next(entries)  # errors of the first probe come before any output
         entries = itertools.chain((head,), entries)
         if output == "json":
