@@ -45,33 +45,21 @@ class _MeasureCommand(click.Command):
 @click.argument("filenames", nargs=-1)
 def command(objects, image_opts, fmt, output, force_share, size, out_fmt, options, snapshot_param, help_,
             filenames):
+    from ..api.commands import measure
     from ..errors import QimgError
-    from ..ops.measure import MeasureOptionsError, MeasureRequest, human, measure
-    from ..options import parse_opts
-    from .render import to_json
+    from ..ops.measure import MeasureOptionsError, human
 
-    img_size = size
     if len(filenames) > 1:
         raise QimgError("At most one filename argument is allowed.")
-    snapshot = None
-    if snapshot_param is not None:
-        if snapshot_param.startswith("snapshot."):
-            snapshot = {k.replace("snapshot.", ""): v for k, v in parse_opts(snapshot_param).items()}
-        else:
-            snapshot = {"id_or_name": snapshot_param}
-    req = MeasureRequest(size=img_size, out_fmt=out_fmt, options=list(options), snapshot=snapshot,
-                         fmt=fmt, image_opts_used=image_opts)
+    name, opts = None, ({} if image_opts else None)
     if filenames:
-        name, fmt2, opts = c.image_spec(filenames[0], fmt, image_opts)
-        req.filename, req.fmt, req.image_opts = name, fmt2, opts
+        name, fmt, opts = c.image_spec(filenames[0], fmt, image_opts)
     try:
-        result = measure(req)
+        result = measure(name, size=size, fmt=fmt, out_fmt=out_fmt, options=list(options), snapshot=snapshot_param,
+                         image_options=opts)
     except MeasureOptionsError as e:
         # the option's own message keeps qemu's unprefixed continuation lines
         first, _, rest = e.detail.partition("\n")
         sys.stderr.write(f"{PROG}: {first}\n" + (rest + "\n" if rest else ""))
         raise QimgError(e.summary) from None
-    if output == "json":
-        c.echo(to_json(result))
-    else:
-        c.echo(human(result))
+    c.echo(result.to_json() if output == "json" else human(result.to_dict()))
