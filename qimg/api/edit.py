@@ -10,11 +10,29 @@ import os
 from typing import Any, Callable
 
 from ..errors import QimgError, UsageError
-from .args import ProgressCallback, as_opts, check_cache, check_src_cache, engine_progress
+from .args import ProgressCallback, as_opts, check_cache, check_src_cache, engine_progress, refuse_shared_write
 from .sources import call_scope, default_warn, path_of
 
 WarnCallback = Callable[[str], None]
 Path = str | os.PathLike[str]
+
+
+def check_commit_args(cache: str | None, rate: int | str | None) -> None:
+    """commit's own checks: the cache mode (``-t``) and the rate limit (``-r``)."""
+    check_cache(cache)
+    if rate is not None:
+        from ..units import parse_size
+
+        if isinstance(rate, bool) or (parse_size(rate) if isinstance(rate, str) else rate) is None:
+            raise QimgError("Invalid rate limit specified")
+
+
+def check_rebase_args(backing_file: str | None, unsafe: bool, cache: str | None, src_cache: str | None) -> None:
+    """rebase's own checks: cache modes, and a backing file unless ``unsafe``."""
+    check_cache(cache)
+    check_src_cache(src_cache)
+    if backing_file is None and not unsafe:
+        raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
 
 
 def commit(src: Path, *, fmt: str | None = None, base: str | None = None, drop: bool = False,
@@ -32,12 +50,7 @@ def commit(src: Path, *, fmt: str | None = None, base: str | None = None, drop: 
     """
     from ..ops.commit import commit as run_commit
 
-    check_cache(cache)
-    if rate is not None:
-        from ..units import parse_size
-
-        if isinstance(rate, bool) or (parse_size(rate) if isinstance(rate, str) else rate) is None:
-            raise QimgError("Invalid rate limit specified")
+    check_commit_args(cache, rate)
     with call_scope(secrets):
         run_commit(path_of(src), fmt, base=base, drop=drop, options=dict(image_options or {}),
                    progress=engine_progress(progress), warn=warn or default_warn)
@@ -56,10 +69,7 @@ def rebase(src: Path, backing_file: str | None, *, fmt: str | None = None, backi
     """
     from ..ops.rebase import rebase as run_rebase
 
-    check_cache(cache)
-    check_src_cache(src_cache)
-    if backing_file is None and not unsafe:
-        raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    check_rebase_args(backing_file, unsafe, cache, src_cache)
     with call_scope(secrets, force_share):
         run_rebase(path_of(src), backing_file, backing_fmt, fmt, unsafe=unsafe, options=dict(image_options or {}),
                    progress=engine_progress(progress), warn=warn or default_warn)
@@ -86,16 +96,21 @@ def resize(src: Path, size: int | str, *, fmt: str | None = None, shrink: bool =
                           warn=warn or default_warn)
 
 
+def amend_check_args(cache: str | None, options: dict) -> None:
+    """amend's own checks: the cache mode (``-t``) and at least one option (``-o``)."""
+    check_cache(cache)
+    if not options:
+        raise UsageError("Must specify options (-o)")
+
+
 def amend(src: Path, options: dict[str, Any] | str | list[str], *, fmt: str | None = None, force: bool = False,
           cache: str | None = None, image_options: dict | None = None,
           secrets: dict[str, str | bytes] | None = None, warn: WarnCallback | None = None) -> None:
     """``qimg amend``: change format options of an existing image (``-o``, e.g. ``{"compat": "1.1"}``)."""
     from ..ops.amend import amend as run_amend
 
-    check_cache(cache)
     opts = as_opts(options)
-    if not opts:
-        raise UsageError("Must specify options (-o)")
+    amend_check_args(cache, opts)
     with call_scope(secrets):
         run_amend(path_of(src), opts, fmt, force=force, open_options=dict(image_options or {}),
                   warn=warn or default_warn)
@@ -107,7 +122,7 @@ def _snapshot(action: str, src: Path, name: str, fmt: str | None, image_options:
 
     filename = path_of(src)
     if force_share:
-        raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+        refuse_shared_write(filename)
     with call_scope(secrets):
         snapshot(action, name, filename, fmt, dict(image_options or {}), warn=warn or default_warn)
 

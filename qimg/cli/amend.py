@@ -19,15 +19,14 @@ from . import common as c
 @click.option("-h", "--help", "help_", is_flag=True)
 @click.argument("filename", required=False)
 def command(objects, image_opts, progress, quiet, fmt, cache, force, options, help_, filename):
+    from ..api.edit import amend, amend_check_args
     from ..errors import UsageError
-    from ..ops.amend import amend, amend_help
+    from ..ops.amend import amend_help
     from ..options import merge_opts
 
-    c.check_cache(cache)
-    if not options:
-        raise UsageError("Must specify options (-o)")
     opts = merge_opts(list(options))
-    if "help" in opts or "?" in opts:
+    if options and ("help" in opts or "?" in opts):
+        c.check_cache(cache)
         if filename is None and fmt is None:
             raise UsageError("Expecting one image file name")
         if fmt is None:
@@ -38,8 +37,9 @@ def command(objects, image_opts, progress, quiet, fmt, cache, force, options, he
             drv.close()
         c.echo(amend_help(fmt))
         return
+    amend_check_args(cache, opts)  # the library's own checks, made before the name and --object are read
     if filename is None:
         raise UsageError("Expecting one image file name")
     c.load_objects(objects)
     name, fmt, open_opts = c.image_spec(filename, fmt, image_opts)
-    amend(name, opts, fmt, force=force, open_options=open_opts, warn=c.warn)
+    amend(name, opts, fmt=fmt, force=force, cache=cache, image_options=open_opts, warn=c.warn)

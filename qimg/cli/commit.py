@@ -20,18 +20,13 @@ from . import common as c
 @click.option("-h", "--help", "help_", is_flag=True)
 @click.argument("filename")
 def command(objects, image_opts, quiet, fmt, cache, base, rate, drop, progress, help_, filename):
+    from ..api.edit import check_commit_args, commit
     from ..engine.progress import Progress
-    from ..errors import QimgError
-    from ..ops.commit import commit
 
-    c.check_cache(cache)
-    if rate is not None:
-        from ..units import parse_size
-
-        if parse_size(rate) is None:
-            raise QimgError("Invalid rate limit specified")
+    check_commit_args(cache, rate)  # before --object and --image-opts are read, as qemu-img
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
     prog = Progress(0, enabled=progress and not quiet)
-    commit(name, fmt, base=base, drop=drop, options=opts, progress=prog, warn=c.warn)
+    commit(name, fmt=fmt, base=base, drop=drop, cache=cache, rate=rate, image_options=opts, progress=prog,
+           warn=c.warn)
     c.echo("Image committed.\n", quiet)

@@ -23,16 +23,13 @@ from . import common as c
 @click.argument("filename")
 def command(objects, image_opts, force_share, quiet, fmt, cache, src_cache, progress, unsafe, backing, backing_fmt,
             help_, filename):
+    from ..api.edit import check_rebase_args, rebase
     from ..engine.progress import Progress
-    from ..errors import UsageError
-    from ..ops.rebase import rebase
 
-    c.check_cache(cache)
-    c.check_src_cache(src_cache)
-    if backing is None and not unsafe:
-        raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    check_rebase_args(backing, unsafe, cache, src_cache)  # before --object and --image-opts are read
     # -U shares the backing files only: the image itself is opened read-write (qemu-img ignores -U for it)
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
     prog = Progress(0, enabled=progress and not quiet)
-    rebase(name, backing, backing_fmt, fmt, unsafe=unsafe, options=opts, progress=prog, warn=c.warn)
+    rebase(name, backing, fmt=fmt, backing_fmt=backing_fmt, unsafe=unsafe, cache=cache, src_cache=src_cache,
+           image_options=opts, progress=prog, warn=c.warn)

@@ -17,9 +17,8 @@ from . import common as c
 @click.option("-h", "--help", "help_", is_flag=True)
 @click.argument("args", nargs=-1)
 def command(objects, image_opts, fmt, prealloc, quiet, shrink, help_, args):
+    from ..api.edit import resize
     from ..errors import UsageError
-    from ..io.lock import TAKE_RESIZE
-    from ..ops.resize import resize
 
     args = tuple(a for a in args if a != "--") if args.count("--") and len(args) > 2 else args
     if len(args) < 2:
@@ -29,6 +28,5 @@ def command(objects, image_opts, fmt, prealloc, quiet, shrink, help_, args):
     filename, size_text = args
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
-    opts[TAKE_RESIZE] = True  # qemu-img resize also takes the "resize" permission on a raw image
-    resize(name, size_text, fmt, shrink=shrink, prealloc=prealloc, options=opts, warn=c.warn)
+    resize(name, size_text, fmt=fmt, shrink=shrink, preallocation=prealloc, image_options=opts, warn=c.warn)
     c.echo("Image resized.\n", quiet)
