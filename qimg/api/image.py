@@ -60,8 +60,9 @@ def open(source: Source, fmt: str | None = None, *, writable: bool = False, back
     if snapshot is not None and writable:
         raise InvalidArgument("A snapshot opens read-only")
     with call_scope(secrets):
+        # qemu warns about a probed raw format only when it is written (block 0 is then restricted)
         chain = open_chain(source, fmt, writable=writable, backing=backing, untrusted=untrusted,
-                           options=options, warn=warn or default_warn)
+                           options=options, warn=(warn or default_warn) if writable else None)
         try:
             if snapshot is not None:
                 from ..ops.measure import _load_snapshot

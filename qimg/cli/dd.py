@@ -21,8 +21,9 @@ INT_MAX = (1 << 31) - 1
 @click.option("-h", "--help", "help_", is_flag=True, callback=c.help_now)
 @click.argument("operands", nargs=-1)
 def command(objects, image_opts, fmt, out_fmt, force_share, help_, operands):
+    from ..api.commands import dd
     from ..errors import QimgError
-    from ..ops.dd import DdRequest, dd
+    from ..options import DISPLAY_NAME
 
     values: dict = {}
     for operand in operands:
@@ -38,11 +39,9 @@ def command(objects, image_opts, fmt, out_fmt, force_share, help_, operands):
     if "if" not in values or "of" not in values:
         raise QimgError("Must specify both input and output files")
     name, fmt, opts = c.image_spec(values["if"], fmt, image_opts) if values["if"] else ("", fmt, {})
-    req = DdRequest(input=name, output=values["of"], fmt=fmt, input_options=opts, out_fmt=out_fmt,
-                    bs=values.get("bs", 512), count=values.get("count"), skip=values.get("skip"),
-                    display_name=values["if"])
 
     def warn(message: str) -> None:
         sys.stderr.write(f"{PROG}: {message}\n")
 
-    dd(req, warn=warn)
+    dd(name, values["of"], fmt=fmt, out_fmt=out_fmt, bs=values.get("bs", 512), count=values.get("count"),
+       skip=values.get("skip"), image_options={**opts, DISPLAY_NAME: values["if"]}, warn=warn)

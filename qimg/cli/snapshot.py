@@ -20,8 +20,10 @@ from . import common as c
 @click.argument("filename")
 def command(objects, image_opts, force_share, quiet, do_list, apply_name, create_name, delete_name, help_,
             filename):
-    from ..errors import QimgError, UsageError
-    from ..ops.snapshot import list_snapshots, snapshot
+    from ..api import edit
+    from ..api.args import refuse_shared_write
+    from ..api.query import snapshot_list
+    from ..errors import UsageError
     from .render import snapshot_table
 
     actions = [a for a in (do_list and ("list", None), apply_name is not None and ("apply", apply_name),
@@ -40,12 +42,13 @@ def command(objects, image_opts, force_share, quiet, do_list, apply_name, create
         return
     action, name = actions[0]
     if force_share and action != "list":
-        raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+        refuse_shared_write(filename)  # the library's refusal, before --object and --image-opts are read
     c.load_objects(objects)
     fname, fmt, opts = c.image_spec(filename, fmt, image_opts)
     if action == "list":
-        snaps = list_snapshots(fname, fmt, opts)
+        snaps = snapshot_list(fname, fmt=fmt, image_options=opts)
         if snaps:
-            c.echo("Snapshot list:\n" + "\n".join(snapshot_table(snaps)) + "\n", quiet)
+            c.echo("Snapshot list:\n" + "\n".join(snapshot_table([s.to_dict() for s in snaps])) + "\n", quiet)
         return
-    snapshot(action, name, fname, fmt, opts, warn=c.warn)
+    run = {"create": edit.snapshot_create, "apply": edit.snapshot_apply, "delete": edit.snapshot_delete}[action]
+    run(fname, name, fmt=fmt, image_options=opts, warn=c.warn)
