@@ -12,7 +12,7 @@ import re
 import warnings
 from typing import IO, Any, Callable, Union
 
-from ..errors import OpenError, QimgError, QimgWarning, Unsupported
+from ..errors import InvalidArgument, OpenError, QimgError, QimgWarning, Unsupported
 
 #: what ``qimg.open`` and every command accept as an image
 Source = Union[str, "os.PathLike[str]", IO[bytes], Any]
@@ -43,7 +43,7 @@ def path_of(source: Source, what: str = "image") -> str:
     try:
         return os.fsdecode(os.fspath(source))
     except TypeError:
-        raise OpenError(f"Could not open '{source!r}': not a file name, URL or binary file object") from None
+        raise InvalidArgument(f"Could not open {source!r}: not a file name, URL or binary file object") from None
 
 
 def is_url(name: str) -> bool:

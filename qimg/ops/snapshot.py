@@ -18,7 +18,6 @@ def list_snapshots(filename: str, fmt: str | None = None, options: dict | None =
         drv.close()
 
 
-
 def snapshot(action: str, name: str, filename: str, fmt: str | None = None, options: dict | None = None,
              warn=None) -> None:
     """Run -c/-a/-d ``name`` on the image."""
