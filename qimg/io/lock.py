@@ -39,6 +39,7 @@ Filesystems that refuse OFD locks get no locks at all, quietly.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import struct
@@ -79,23 +80,20 @@ class _Settings(threading.local):
     opening = None  # (no_io, force_share, locking) of the image being opened, for its sibling files
 
 
-class _Sharing:
-    force_share = False  # -U: process-wide while a command runs (whichever thread opens its images)
-
-
 _settings = _Settings()
-_sharing = _Sharing()
+#: -U while a command (or one library call) runs: a context variable, so a call in one thread never
+#: changes how another thread's call locks its images
+_force_share: contextvars.ContextVar[bool] = contextvars.ContextVar("qimg_force_share", default=False)
 
 
 @contextlib.contextmanager
 def sharing(force_share: bool = True):
     """-U: read-only opens made inside refuse nothing to other users."""
-    old = _sharing.force_share
-    _sharing.force_share = bool(force_share) or old
+    token = _force_share.set(bool(force_share) or _force_share.get())
     try:
         yield
     finally:
-        _sharing.force_share = old
+        _force_share.reset(token)
 
 
 @contextlib.contextmanager
@@ -118,7 +116,7 @@ def open_settings(options: dict | None, writable: bool) -> tuple[bool, bool]:
     options = options or {}
     if flag(options.get(FORCE_SHARE)) and writable:
         raise OpenError("force-share=on can only be used with read-only images")
-    force = not writable and (flag(options.get(FORCE_SHARE)) or _sharing.force_share)
+    force = not writable and (flag(options.get(FORCE_SHARE)) or _force_share.get())
     locking = str(options.get(LOCKING, options.get("locking", "auto"))).lower() not in ("off", "false", "no")
     return force, locking
 
@@ -143,7 +141,7 @@ def image_perms(passthrough: bool, writable: bool, no_io: bool, force_share: boo
 def sibling_perms(writable: bool, metadata: bool = False):
     """(held, unshared) for a file opened beside an image: a data file (qcow2 data_file, flat vmdk
     extent) refuses only resizes; one with its own metadata (sparse vmdk extent) is locked as an image."""
-    no_io, force, _ = _settings.opening or (False, _sharing.force_share and not writable, True)
+    no_io, force, _ = _settings.opening or (False, _force_share.get() and not writable, True)
     force = force and not writable
     perm = (0 if no_io else CONSISTENT_READ) | ((WRITE | RESIZE) if writable else 0)
     if force:
