@@ -10,12 +10,23 @@ import contextlib
 import os
 import re
 import warnings
-from typing import IO, Any, Callable, Union
+from typing import Any, Callable, Protocol, Union
 
 from ..errors import InvalidArgument, OpenError, QimgError, QimgWarning, Unsupported
 
+
+class BinaryFile(Protocol):
+    """A binary file object an image can be read from: an open file, ``io.BytesIO``, an fsspec file."""
+
+    def seek(self, offset: int, whence: int = ..., /) -> int:
+        """Move to ``offset``."""
+
+    def readinto(self, buffer: Any, /) -> int | None:
+        """Fill ``buffer``; the bytes read."""
+
+
 #: what ``qimg.open`` and every command accept as an image
-Source = Union[str, "os.PathLike[str]", IO[bytes], Any]
+Source = Union[str, "os.PathLike[str]", BinaryFile]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -47,10 +58,15 @@ def path_of(source: Source, what: str = "image") -> str:
 
 
 def is_url(name: str) -> bool:
-    """A URL that the registry's protocols do not handle themselves (http, s3, ... through fsspec)."""
+    """A URL that the registry does not open itself (read here through fsspec)."""
+    import importlib.util
+
     from ..core import registry
 
-    return bool(_URL.match(name)) and registry.protocol_for(name) is None
+    if not _URL.match(name) or registry.protocol_for(name) is not None:
+        return False
+    # with the remote stores (qimg.io.remote) the registry opens http(s) and fsspec URLs by name
+    return importlib.util.find_spec("qimg.io.remote") is None
 
 
 @contextlib.contextmanager
