@@ -234,7 +234,9 @@ def compare(a: Source, b: Source, *, fmt1: str | None = None, fmt2: str | None =
     """``qimg compare``: do ``a`` and ``b`` show the same guest content?
 
     Returns a result whose ``identical`` is True or False (``exit_code`` 0 or 1); images that cannot be
-    opened or read raise :class:`~qimg.QimgError` with compare's own exit codes (2, 3, 4).  ``fmt1`` and
+    opened or read raise :class:`~qimg.QimgError` with compare's own exit codes (2, 3, 4).  ``a`` and
+    ``b`` are paths or URLs (to compare a file object, open it with :func:`qimg.open` and compare the
+    streams).  ``fmt1`` and
     ``fmt2`` are ``-f`` and ``-F``, ``strict`` is ``-s``; ``report`` receives compare's lines as they come.
     """
     from ..ops.compare import OPEN_ERROR, CompareRequest

@@ -65,10 +65,16 @@ def check(src: Source, *, fmt: str | None = None, repair: str | None = None, src
     ``to_dict()`` its ``--output=json``.  A format without checks raises
     :class:`~qimg.CheckUnsupported` (exit_code 63).
     """
+    from ..io.fileobj import is_file_object
     from ..ops.check import check_image, validate_repair
 
     validate_repair(repair)
     check_src_cache(src_cache)
+    if is_file_object(src):
+        from .image import open as open_image
+
+        with open_image(src, fmt, writable=bool(repair), secrets=secrets, options=image_options) as image:
+            return image.check(repair)
     name = path_of(src)
     if repair and force_share:
         refuse_shared_write(name)

@@ -252,3 +252,15 @@ def test_secrets_stay_with_their_call(tmp_path):
     with pytest.raises(qimg.QimgError, match="No secret with id 'k'"):
         qimg.open(paths[0], options={"encrypt.key-secret": "k"})
     assert qemu("info", paths[0]).rc == 0
+
+
+def test_check_and_map_of_a_file_object(raw_and_qcow2, oracle):
+    import json
+
+    raw, q = raw_and_qcow2
+    buf = io.BytesIO(q.read_bytes())
+    res = qimg.check(buf)
+    assert res.exit_code == 0 and res.filename == "<BytesIO>"
+    assert res.to_dict() | {"filename": str(q)} == json.loads(oracle("check", "--output=json", q).out)
+    expected = json.loads(oracle("map", "--output=json", q).out)
+    assert [e.to_dict() for e in qimg.map(buf)] == expected
