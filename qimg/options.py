@@ -13,6 +13,10 @@ NO_IO = "_no_io"
 #: open option: how the user named the image (the whole --image-opts string): qemu-img's
 #: "Could not open '...'" errors quote that
 DISPLAY_NAME = "_display_name"
+#: open option: the image was created by this same call (convert's and dd's targets): its metadata is
+#: written without fdatasync between update stages, as qemu-img writes a new image; every other
+#: writable open (an image edited in place) syncs between stages
+NEW_IMAGE = "_new_image"
 
 
 @dataclass(frozen=True)

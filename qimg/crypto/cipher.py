@@ -180,8 +180,21 @@ class SectorCipher:
         return out.tobytes()
 
 
-def legacy_aes_cipher(passphrase: bytes) -> SectorCipher:
-    """The legacy qcow/qcow2 AES cipher (crypt_method 1): AES-128-CBC with plain64 IVs, the key being the
-    passphrase (up to its first NUL, as a C string) truncated or zero-padded to 16 bytes."""
-    key = bytes(passphrase).split(b"\0", 1)[0][:16].ljust(16, b"\0")
-    return SectorCipher("aes-128", "cbc", "plain64", None, key)
+def legacy_aes_key(passphrase: bytes, secret_id: str) -> bytes:
+    """The key of the legacy qcow/qcow2 AES cipher (crypt_method 1): the passphrase is UTF-8 text
+    (qemu refuses a secret with a NUL or invalid UTF-8 in it), its first 16 bytes zero-padded."""
+    passphrase = bytes(passphrase)
+    try:
+        passphrase.decode("utf-8")
+        valid = b"\0" not in passphrase
+    except UnicodeDecodeError:
+        valid = False
+    if not valid:
+        raise QimgError(f"Data from secret {secret_id} is not valid UTF-8")
+    return passphrase[:16].ljust(16, b"\0")
+
+
+def legacy_aes_cipher(passphrase: bytes, secret_id: str) -> SectorCipher:
+    """The legacy qcow/qcow2 AES cipher: AES-128-CBC per 512-byte sector, IV the plain64 sector number
+    (qcow numbers guest sectors, qcow2 too), the key from ``legacy_aes_key``."""
+    return SectorCipher("aes-128", "cbc", "plain64", None, legacy_aes_key(passphrase, secret_id))

@@ -8,7 +8,8 @@ References:
     cluster offsets.  Bit 63 of an L2 entry (QCOW_OFLAG_COMPRESSED) marks a raw-deflate
     compressed cluster whose compressed size sits in the bits above bit (62 - cluster_bits).
   - Legacy AES encryption: AES-128-CBC per 512-byte sector, IV = little-endian guest sector
-    number ("plain64"), key = the passphrase zero-padded/truncated to 16 bytes.
+    number ("plain64"), key = the passphrase (UTF-8 text) zero-padded/truncated to 16 bytes; the
+    cipher is the one legacy AES of crypto/cipher.py, shared with qcow2.
   - Observed qemu-img 7.2 behaviour: create uses 4 KiB clusters and 512-entry L2 tables, but
     512-byte clusters and 4096-entry L2 tables when a backing file is given; the L1 table
     follows the header and backing name (8-byte aligned) and is written padded to 512 bytes;
@@ -16,14 +17,13 @@ References:
     compressed clusters are appended at the 512-byte aligned end of file; sizes are rounded
     up to 512 bytes on create and down on open.
 
-Encrypted images open without a key (so ``info`` works, as in qemu-img); reading or writing
-guest data then fails with qemu-img's message.  A key given at create time is remembered for
-the rest of the process so ``convert -O qcow -o encrypt...`` can write the image it made.
+Encrypted images open without a key for metadata only (``info``, as in qemu-img); any other open
+needs ``encrypt.key-secret`` and fails without it with qemu-img's message.  The key travels with
+the open: ``convert -O qcow -o encrypt...`` opens the image it made with the secret it made it with.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 
 from ..core.driver import CreateOptions, Driver, c_string
@@ -49,10 +49,6 @@ MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 16
 MIN_L2_BITS, MAX_L2_BITS = 6, 13
 MAX_L1_ENTRIES = ((1 << 31) - 1) // 8   # qemu's bound: the L1 table size must fit an int
 MAX_VIRTUAL_SIZE = (1 << 63) - 1
-
-#: keys handed to create(), by real path, so the same process can open what it made
-_CREATED_KEYS: dict[str, bytes] = {}
-
 
 # --------------------------------------------------------------------------------------
 # pieces shared with the other copy-on-write drivers of this package (qed, parallels, cow)
@@ -95,59 +91,6 @@ class BackingReader:
         if self.chain is not None:
             self.chain.close()
             self.chain = None
-
-
-# --------------------------------------------------------------------------------------
-# legacy AES-CBC (plain64 IV) in batches
-# --------------------------------------------------------------------------------------
-
-class SectorCipher:
-    """AES-128-CBC per 512-byte sector with the sector number as IV, vectorised over sectors."""
-
-    def __init__(self, key: bytes):
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-        keybuf = (key[:16]).ljust(16, b"\0")
-        self._ecb = Cipher(algorithms.AES(keybuf), modes.ECB())
-
-    @staticmethod
-    def _ivs(first_sector: int, count: int):
-        import numpy as np
-
-        ivs = np.zeros((count, 2), dtype="<u8")
-        ivs[:, 0] = np.arange(first_sector, first_sector + count, dtype=np.uint64)
-        return ivs.view(np.uint8).reshape(count, 16)
-
-    def decrypt(self, first_sector: int, data) -> bytes:
-        import numpy as np
-
-        n = len(data) // SECTOR
-        if n == 0:
-            return bytes(data)
-        dec = self._ecb.decryptor()
-        plain = np.frombuffer(dec.update(bytes(data)) + dec.finalize(), dtype=np.uint8).reshape(n, 32, 16).copy()
-        ct = np.frombuffer(bytes(data), dtype=np.uint8).reshape(n, 32, 16)
-        plain[:, 1:, :] ^= ct[:, :-1, :]
-        plain[:, 0, :] ^= self._ivs(first_sector, n)
-        return plain.tobytes()
-
-    def encrypt(self, first_sector: int, data) -> bytes:
-        import numpy as np
-
-        n = len(data) // SECTOR
-        if n == 0:
-            return bytes(data)
-        plain = np.frombuffer(bytes(data), dtype=np.uint8).reshape(n, 32, 16)
-        out = np.empty_like(plain)
-        prev = self._ivs(first_sector, n)
-        enc = self._ecb.encryptor()
-        # CBC is sequential within a sector but independent across sectors: one ECB call per block column
-        for j in range(32):
-            blk = np.ascontiguousarray(plain[:, j, :] ^ prev)
-            c = np.frombuffer(enc.update(blk.tobytes()), dtype=np.uint8).reshape(n, 16)
-            out[:, j, :] = c
-            prev = c
-        return out.tobytes()
 
 
 _ZEROS: dict[int, bytes] = {}
@@ -240,15 +183,11 @@ class QcowDriver(Driver):
         self.cipher = None
         if crypt == QCOW_CRYPT_AES:
             secret = options.get("encrypt.key-secret")
-            key = None
             if secret:
+                from ..crypto.cipher import legacy_aes_cipher
                 from ..objects import get_secret
 
-                key = get_secret(secret)
-            else:
-                key = _CREATED_KEYS.get(os.path.realpath(self.filename))
-            if key is not None:
-                self.cipher = SectorCipher(key)
+                self.cipher = legacy_aes_cipher(get_secret(secret), secret)
             elif not options.get(NO_IO):
                 self._need_key()  # as qemu-img: everything but info needs the key at open
         self._eof = None
@@ -596,9 +535,10 @@ class QcowDriver(Driver):
         secret = o.get("encrypt.key-secret")
         if not secret:
             raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
+        from ..crypto.cipher import legacy_aes_key
         from ..objects import get_secret
 
-        return get_secret(secret)
+        return legacy_aes_key(get_secret(secret), secret)  # checked before any file is made
 
     @classmethod
     def create(cls, filename: str, opts: CreateOptions, opener) -> None:
@@ -626,8 +566,6 @@ class QcowDriver(Driver):
             zero = bytes(min(l1_end - l1_off, 1 << 20))
             for pos in range(l1_off, l1_end, max(len(zero), 1)):
                 store.pwrite(pos, zero[:l1_end - pos])
-        if key is not None:
-            _CREATED_KEYS[os.path.realpath(opener.resolve(filename))] = key
 
     @classmethod
     def format_line_options(cls, opts: CreateOptions) -> list[tuple[str, str]]:

@@ -27,6 +27,8 @@ from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError
 from ..options import SIZE_OPT, OptSpec, parse_bool
+from ..units import round_up
+from .blockmap import SMALL_TABLE, uint_table, uint_table_bytes, zero_stale
 
 SECTOR = 512
 VDI_SIGNATURE = 0xBEDA107F
@@ -66,54 +68,6 @@ def _pack_header(h: dict) -> bytes:
                         h["uuid_last_snap"], h["uuid_link"], h["uuid_parent"], bytes(56))
 
 
-def _zero_stale(store, start: int, length: int, size: int) -> None:
-    """A new block normally starts past ``size`` (the file size at open); if old bytes lie there, clear them."""
-    if start < size:
-        end = min(start + length, size)
-        chunk = bytes(min(end - start, 1 << 20))
-        pos = start
-        while pos < end:
-            n = min(len(chunk), end - pos)
-            store.pwrite(pos, chunk[:n])
-            pos += n
-
-
-#: up to this many entries a block map is handled without numpy (importing it costs more than the walk)
-SMALL_TABLE = 1 << 16
-
-
-def _u32_table(raw: bytes, little: bool = True):
-    """An ``array('I')`` of the u32 entries in ``raw`` (native order in memory)."""
-    import sys
-    from array import array
-
-    tab = array("I")
-    if tab.itemsize != 4:  # pragma: no cover - exotic platforms
-        raise QimgError("unsupported platform: 32-bit unsigned array items are not 4 bytes")
-    tab.frombytes(raw)
-    if (sys.byteorder == "little") != little:
-        tab.byteswap()
-    return tab
-
-
-def _u32_bytes(tab, little: bool = True) -> bytes:
-    """The on-disk bytes of a u32 table (an ``array('I')`` or a numpy array)."""
-    import sys
-    from array import array
-
-    if not isinstance(tab, array):
-        return tab.astype("<u4" if little else ">u4").tobytes()
-    if (sys.byteorder == "little") == little:
-        return tab.tobytes()
-    out = array("I", tab)
-    out.byteswap()
-    return out.tobytes()
-
-
-def _round_up(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
 class VdiDriver(Driver):
     """A VirtualBox VDI image (dynamic or static)."""
 
@@ -144,7 +98,7 @@ class VdiDriver(Driver):
             raise OpenError("unsupported VDI image (version %u.%u)" % (h["version"] >> 16, h["version"] & 0xFFFF))
         if h["disk_size"] % SECTOR:
             # VBoxManage convertfromraw may record an unaligned size; qemu rounds it up
-            h["disk_size"] = _round_up(h["disk_size"], SECTOR)
+            h["disk_size"] = round_up(h["disk_size"], SECTOR)
         if h["offset_bmap"] % SECTOR:
             raise CorruptImage("unsupported VDI image (unaligned block map offset 0x%x)" % h["offset_bmap"])
         if h["offset_data"] % SECTOR:
@@ -194,7 +148,7 @@ class VdiDriver(Driver):
         raw = self.store.pread(h["offset_bmap"], n * 4)
         if len(raw) < n * 4:
             raise CorruptImage("Could not read VDI block map: image is truncated")
-        bmap = _u32_table(raw)
+        bmap = uint_table(raw, 4)
         top, bad = -1, None  # the highest allocated entry; the first entry past the image's blocks
         if n > SMALL_TABLE:
             import numpy as np
@@ -349,7 +303,7 @@ class VdiDriver(Driver):
         self._header_dirty = True
         start = h["offset_data"] + entry * self.block_size
         self._file_end = max(self._file_end, start + self.block_size)
-        _zero_stale(self.store, start, self.block_size, self._open_size)
+        zero_stale(self.store, start, self.block_size, self._open_size)
         return entry
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
@@ -366,7 +320,7 @@ class VdiDriver(Driver):
             # a partly written last block must still lie inside the file
             self.store.truncate(self._file_end)
         if self._bmap_dirty:
-            self.store.pwrite(self.header["offset_bmap"], _u32_bytes(self.bmap))
+            self.store.pwrite(self.header["offset_bmap"], uint_table_bytes(self.bmap, 4))
             self._bmap_dirty = False
         if self._header_dirty:
             self.store.pwrite(0, _pack_header(self.header))
@@ -418,14 +372,14 @@ class VdiDriver(Driver):
             if prealloc == "metadata":
                 raise QimgError("Unsupported preallocation mode: metadata")
             raise QimgError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
-        size = _round_up(opts.size or 0, SECTOR)
+        size = round_up(opts.size or 0, SECTOR)
         if size > VDI_DISK_SIZE_MAX:
             raise QimgError("Unsupported VDI image size (size is 0x%x, max supported is 0x%x)"
                             % (size, VDI_DISK_SIZE_MAX))
         bs = DEFAULT_BLOCK_SIZE
         blocks = (size + bs - 1) // bs
         offset_bmap = SECTOR
-        offset_data = offset_bmap + _round_up(blocks * 4, SECTOR)
+        offset_data = offset_bmap + round_up(blocks * 4, SECTOR)
         h = dict(text=VDI_TEXT.ljust(64, b"\0"), signature=VDI_SIGNATURE, version=VDI_VERSION_1_1,
                  header_size=0x180, image_type=VDI_TYPE_STATIC if static else VDI_TYPE_DYNAMIC, image_flags=0,
                  description=bytes(256), offset_bmap=offset_bmap, offset_data=offset_data, cylinders=0, heads=0,
@@ -438,7 +392,7 @@ class VdiDriver(Driver):
         elif blocks <= SMALL_TABLE:
             from array import array
 
-            table = _u32_bytes(array("I", range(blocks)))
+            table = uint_table_bytes(array("I", range(blocks)), 4)
         else:
             import numpy as np
 

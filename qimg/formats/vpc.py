@@ -37,7 +37,7 @@ from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError
 from ..options import SIZE_OPT, OptSpec, parse_bool
-from .vdi import SMALL_TABLE, _u32_bytes, _zero_stale
+from .blockmap import SMALL_TABLE, uint_table_bytes, zero_stale
 
 SECTOR = 512
 HEADER_SIZE = 512
@@ -372,7 +372,7 @@ class VpcDriver(Driver):
         if entry >= BAT_UNUSED:
             raise QimgError("VHD image is full: no BAT entry can address offset %u" % start)
         # the old footer (or anything else) may sit where the block goes: it must read as zeros
-        _zero_stale(self.store, start + self.bitmap_size, self.block_size, self._file_size)
+        zero_stale(self.store, start + self.bitmap_size, self.block_size, self._file_size)
         self.store.pwrite(start, b"\xff" * self.bitmap_size)
         self.bat[idx] = entry
         self._next_used = None
@@ -396,7 +396,7 @@ class VpcDriver(Driver):
         if self.disk_type == VHD_FIXED:
             return
         if self._bat_dirty:
-            self.store.pwrite(self.bat_offset, _u32_bytes(self.bat, little=False))
+            self.store.pwrite(self.bat_offset, uint_table_bytes(self.bat, 4, little=False))
             self._bat_dirty = False
         if self._footer_dirty:
             # the footer moves behind the last block

@@ -16,7 +16,6 @@ MAX_LINES = 600
 LONG_MODULES = {
     "qimg/formats/qcow2/writer.py",
     "qimg/engine/copy.py",
-    "qimg/formats/qcow.py",
 }
 
 

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import qemu, sha256_file
+from tests.conftest import qemu, run_qimg, sha256_file
 
 
 class _Crash(Exception):
@@ -101,3 +101,25 @@ def test_commit_cut_after_every_write(images, tmp_path, monkeypatch):
         assert r.rc in (0, 3), (limit, total, r.out, r.err)
         assert sha256_file(d / "top.qcow2") == top_sum, limit
         shutil.rmtree(d)
+
+
+def test_sync_policy_travels_with_the_open(tmp_path):
+    """Only an open that says it made the image skips the syncs between metadata stages: an image
+    this process created earlier is edited in place as carefully as any other."""
+    from qimg.core import registry
+    from qimg.options import NEW_IMAGE
+
+    img = tmp_path / "a.qcow2"
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\x01" * 65536)
+    assert run_qimg("convert", "-O", "qcow2", src, img).rc == 0
+    drv = registry.open_image(str(img), "qcow2", writable=True)
+    try:
+        assert drv._sync_meta and drv.direct_writes == ""
+    finally:
+        drv.close()
+    drv = registry.open_image(str(img), "qcow2", writable=True, options={NEW_IMAGE: True})
+    try:
+        assert not drv._sync_meta
+    finally:
+        drv.close()

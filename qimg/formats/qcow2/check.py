@@ -20,6 +20,7 @@ from ...core.check import CheckResult
 from ...errors import QimgError
 from . import lifecycle as lc
 from .header import MAX_L1_SIZE_BYTES
+from .refcount import decode_block, encode_block
 from .tables import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -219,11 +220,11 @@ def _repair_in_place(meta, state, fix_leaks, fix_errors, emit) -> None:
     for blk in sorted(set((changed // rpb).tolist())):
         ent = int(meta.reftable[blk])
         off = ent & lc.REFT_OFFSET_MASK
-        vals = lc.decode_refblock(store.pread_full(off, cs), meta.header.refcount_order)
+        vals = decode_block(store.pread_full(off, cs), meta.header.refcount_bits).astype(np.int64)
         lo = blk * rpb
         hi = min(lo + rpb, len(new))
         vals[:hi - lo] = new[lo:hi]
-        store.pwrite(off, lc.encode_refblock(vals, meta.header.refcount_order, cs))
+        store.pwrite(off, encode_block(vals, meta.header.refcount_bits, rpb))
     store.flush()
     # OFLAG_COPIED from the repaired refcounts, entry by entry
     bits = meta.cluster_bits

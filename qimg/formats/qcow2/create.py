@@ -164,9 +164,11 @@ def parse_spec(size: int, options: dict, backing_file=None, backing_fmt=None, ch
                     raise QimgError(f"Parameter '{k}' is unexpected")
             if "encrypt.key-secret" not in o:
                 raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
+            from ...crypto.cipher import legacy_aes_key
             from ...objects import get_secret
 
-            get_secret(o["encrypt.key-secret"])  # "No secret with id ..." as qemu-img
+            # "No secret with id ...", then the passphrase's own check, as qemu-img
+            legacy_aes_key(get_secret(o["encrypt.key-secret"]), o["encrypt.key-secret"])
             spec.encrypt = (o["encrypt.key-secret"], None)
         elif enc_format is not None:
             if "encrypt.key-secret" not in o:
@@ -367,16 +369,15 @@ def write_new_image(cls, filename: str, spec: Qcow2CreateSpec, opener) -> None:
             store.truncate(total * cs)
         if spec.encrypt and spec.encrypt[1] is not None:
             _format_luks(store, crypto_at * cs, crypto_len, spec.encrypt, crypto_clusters * cs)
-    if spec.encrypt:
-        from .driver import remember_key
-
-        remember_key(filename, spec.encrypt[0])
     prealloc = spec.preallocation
     if prealloc == "off" and spec.data_file_raw:
         prealloc = "mapping"  # data-file-raw: every cluster maps to the same offset of the data file
     if prealloc == "off" or not spec.size:
         return
-    drv = cls.open(opener.open_file(filename, writable=True), filename, writable=True, opener=opener)
+    # the key travels with the open (preallocating an encrypted image writes encrypted zeros)
+    keys = {"encrypt.key-secret": spec.encrypt[0]} if spec.encrypt else {}
+    drv = cls.open(opener.open_file(filename, writable=True), filename, writable=True, opener=opener,
+                   options=keys)
     try:
         drv._preallocate(prealloc)
         drv._flush_metadata(sync=False)

@@ -52,14 +52,6 @@ from .writer import Qcow2Writer
 
 np = LazyNumpy(globals())
 
-#: key secrets of LUKS images created in this process, so convert can write into them right away
-_CREATED_KEYS: dict[str, str] = {}
-
-
-def remember_key(filename: str, secret_id: str) -> None:
-    _CREATED_KEYS[os.path.abspath(filename)] = secret_id
-
-
 class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
     """qcow2 versions 2 and 3: one layer of a chain."""
 
@@ -73,10 +65,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
     @classmethod
     def create(cls, filename: str, opts, opener) -> None:
         from .create import create
-        from .writer import note_created
 
         create(cls, filename, opts, opener)
-        note_created(filename)
 
     @classmethod
     def format_line_options(cls, opts) -> list:
@@ -139,8 +129,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         self._ccache: dict = {}
         self._clock = threading.Lock()
         self._cipher = cipher
-        self._key_secret = (options or {}).get("encrypt.key-secret") or _CREATED_KEYS.get(
-            os.path.abspath(self.filename))
+        self._key_secret = (options or {}).get("encrypt.key-secret")
         self.snapshot_list = read_snapshots(store, h.snapshots_offset, h.nb_snapshots, self.cs, self.file_size)
         self.snapshot_view = None
         snap = options.get("snapshot") if options else None
@@ -172,7 +161,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                     raise OpenError(str(e)) from None
             self.data_filename = path
         self._meta_prealloc = None
-        self._init_writer()
+        self._init_writer(options or {})
         if self.encrypted and self._cipher is None and not (options or {}).get(NO_IO):
             self._crypto()  # as qemu-img: everything but info needs the key, and says so at open
 
@@ -564,7 +553,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                 if self.h.crypt_method == QCOW_CRYPT_AES:
                     from ...crypto.cipher import legacy_aes_cipher
 
-                    self._cipher = legacy_aes_cipher(key)
+                    self._cipher = legacy_aes_cipher(key, secret)
                     return self._cipher
                 from ...crypto import luks1
 

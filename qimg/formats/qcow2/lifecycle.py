@@ -38,7 +38,7 @@ from .header import (
     Header,
     read_bitmap_directory,
 )
-from .refcount import REFT_OFFSET_MASK
+from .refcount import REFT_OFFSET_MASK, decode_block, encode_block
 from .snapshot import read_snapshots
 from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
 
@@ -113,7 +113,8 @@ class Qcow2Meta:
             first = i * rpb
             if first >= n:
                 break
-            vals = decode_refblock(self.store.pread_full(off, self.cluster_size), self.header.refcount_order)
+            raw = self.store.pread_full(off, self.cluster_size)
+            vals = decode_block(raw, self.header.refcount_bits).astype(np.int64)
             k = min(rpb, n - first)
             out[first:first + k] = vals[:k]
         return out
@@ -127,7 +128,7 @@ class Qcow2Meta:
         off = ent & REFT_OFFSET_MASK
         if not off or off % self.cluster_size or off >= self.file_size:
             return 0
-        vals = decode_refblock(self.store.pread_full(off, self.cluster_size), self.header.refcount_order)
+        vals = decode_block(self.store.pread_full(off, self.cluster_size), self.header.refcount_bits).astype(np.int64)
         return int(vals[cluster % rpb])
 
     # ----- mapping helpers -----
@@ -162,30 +163,6 @@ class Qcow2Meta:
                 tab = self.read_table(bm.table_offset, bm.table_size) & np.uint64(L1E_OFFSET_MASK)
                 out.extend((o, self.cluster_size) for o in tab[tab > 1].tolist())
         return out
-
-
-def decode_refblock(buf: bytes, order: int) -> np.ndarray:
-    """Refcount block bytes -> int64 values (sub-byte widths are packed low bits first)."""
-    bits = 1 << order
-    if bits >= 8:
-        dt = {8: ">u1", 16: ">u2", 32: ">u4", 64: ">u8"}[bits]
-        return np.frombuffer(buf, dt).astype(np.int64)
-    raw = np.frombuffer(buf, np.uint8)
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1).astype(np.int64)
-
-
-def encode_refblock(vals: np.ndarray, order: int, cluster_size: int) -> bytes:
-    bits = 1 << order
-    per = cluster_size * 8 // bits
-    v = np.zeros(per, np.uint64)
-    v[:len(vals)] = vals
-    if bits >= 8:
-        dt = {8: ">u1", 16: ">u2", 32: ">u4", 64: ">u8"}[bits]
-        return v.astype(dt).tobytes()
-    shifts = np.arange(0, 8, bits, dtype=np.uint64)
-    packed = (v.reshape(-1, 8 // bits) << shifts).sum(axis=1)
-    return packed.astype(np.uint8).tobytes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,7 +475,7 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     reft = np.zeros(rt_clusters * cs // 8, np.uint64)
     for bi, b in enumerate(blocks):
         vals = final[bi * rpb:(bi + 1) * rpb]
-        store.pwrite(b * cs, encode_refblock(vals, h.refcount_order, cs))
+        store.pwrite(b * cs, encode_block(vals, 1 << h.refcount_order, cs * 8 >> h.refcount_order))
         reft[bi] = b * cs
     store.pwrite(rt_first * cs, reft.astype(">u8").tobytes())
     if flush:

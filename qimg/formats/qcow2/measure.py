@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ...errors import QimgError
 from ...options import parse_bool, parse_opt_size
+from ...units import round_up
 from .create import COMPAT_VERSIONS
 
 L1E_SIZE = 8
@@ -18,10 +19,6 @@ MAX_L1_SIZE = 32 << 20
 LUKS_HEADER_SECTOR = 4096
 LUKS_STRIPES = 4000
 LUKS_KEY_SLOTS = 8
-
-
-def _round_up(v: int, a: int) -> int:
-    return -(-v // a) * a
 
 
 def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
@@ -41,12 +38,12 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
 
 def prealloc_size(total: int, cluster_size: int, refcount_order: int, extended_l2: bool) -> int:
     """Size of a fully allocated image of ``total`` guest bytes (metadata plus data)."""
-    aligned = _round_up(total, cluster_size)
+    aligned = round_up(total, cluster_size)
     l2e = 16 if extended_l2 else 8
     meta = cluster_size  # header
-    nl2e = _round_up(aligned // cluster_size, cluster_size // l2e)
+    nl2e = round_up(aligned // cluster_size, cluster_size // l2e)
     meta += nl2e * l2e
-    nl1e = _round_up(nl2e * l2e // cluster_size, cluster_size // L1E_SIZE)
+    nl1e = round_up(nl2e * l2e // cluster_size, cluster_size // L1E_SIZE)
     meta += nl1e * L1E_SIZE
     meta += refcount_metadata_size((meta + aligned) // cluster_size, cluster_size, refcount_order)
     return meta + aligned
@@ -59,8 +56,8 @@ def _luks_payload(options: dict, cluster_size: int) -> int:
            "serpent-256": 32, "twofish-128": 16, "twofish-192": 24, "twofish-256": 32, "sm4": 16}.get(alg, 32)
     if mode == "xts":
         key *= 2
-    slot = _round_up(key * LUKS_STRIPES, LUKS_HEADER_SECTOR)
-    return _round_up(LUKS_HEADER_SECTOR + LUKS_KEY_SLOTS * slot, cluster_size)
+    slot = round_up(key * LUKS_STRIPES, LUKS_HEADER_SECTOR)
+    return round_up(LUKS_HEADER_SECTOR + LUKS_KEY_SLOTS * slot, cluster_size)
 
 
 def _source_layer(src):
@@ -78,12 +75,12 @@ def bitmaps_size(layer, cluster_size: int) -> int:
         bits = -(-size // bm["granularity"])
         nbytes = -(-bits // 8)
         clusters = -(-nbytes // cluster_size)
-        total += _round_up(clusters * 8, cluster_size) + clusters * cluster_size
+        total += round_up(clusters * 8, cluster_size) + clusters * cluster_size
     if bitmaps:
         directory = 0
         for bm in bitmaps:
-            directory += _round_up(24 + len(bm["name"].encode()), 8)
-        total += _round_up(directory, cluster_size)
+            directory += round_up(24 + len(bm["name"].encode()), 8)
+        total += round_up(directory, cluster_size)
     return total
 
 
@@ -120,7 +117,7 @@ def measure(options: dict, size: int, src=None) -> dict:
     luks = _luks_payload(o, cs) if o.get("encrypt.format") == "luks" else 0
     refcount_order = rb.bit_length() - 1
 
-    vsize = _round_up(size or 0, cs)
+    vsize = round_up(size or 0, cs)
     l2e = 16 if extended else 8
     l2_tables = -(-(vsize // cs) // (cs // l2e))
     if l2_tables * L1E_SIZE > MAX_L1_SIZE:
@@ -128,7 +125,7 @@ def measure(options: dict, size: int, src=None) -> dict:
     required = 0
     if src is not None:
         ssize = src.virtual_size
-        vsize = _round_up(ssize, cs)
+        vsize = round_up(ssize, cs)
         if has_backing:
             required = vsize
         else:
@@ -156,7 +153,7 @@ def _data_bytes(src, ssize: int, cs: int) -> int:
             return
         start = max(start, pos)
         if kind == "data":
-            stop = _round_up(end, cs)
+            stop = round_up(end, cs)
             total += start % cs + (stop - start)
             pos = stop
         else:

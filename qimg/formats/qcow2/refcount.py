@@ -25,7 +25,8 @@ REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 
 def decode_block(buf: bytes, bits: int) -> np.ndarray:
-    """A refcount block's bytes as one uint64 per entry."""
+    """A refcount block's bytes as one uint64 per entry (the one refcount codec: the writer, the
+    copy-on-write lifecycle and check all decode and encode blocks here)."""
     if bits >= 8:
         return np.frombuffer(buf, dtype=f">u{bits // 8}").astype(np.uint64)
     per = 8 // bits
@@ -35,8 +36,12 @@ def decode_block(buf: bytes, bits: int) -> np.ndarray:
     return vals.reshape(-1).astype(np.uint64)
 
 
-def encode_block(vals: np.ndarray, bits: int) -> bytes:
-    """Inverse of decode_block."""
+def encode_block(vals: np.ndarray, bits: int, entries: int | None = None) -> bytes:
+    """Inverse of decode_block; ``entries``: the block's length, the values after ``vals`` zero."""
+    if entries is not None and len(vals) != entries:
+        full = np.zeros(entries, np.uint64)
+        full[:len(vals)] = vals
+        vals = full
     if bits >= 8:
         return vals.astype(f">u{bits // 8}").tobytes()
     per = 8 // bits

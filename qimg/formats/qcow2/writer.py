@@ -13,11 +13,11 @@ so convert's sequential writes produce one pwrite per chunk and one L2 write per
 
 from __future__ import annotations
 
-import os
 import struct
 from array import array
 
 from ...errors import QimgError, Unsupported
+from ...options import NEW_IMAGE
 from . import compress as qcompress
 from .refcount import Refcounts
 from .tables import (
@@ -36,18 +36,10 @@ from .tables import (
 np = LazyNumpy(globals())
 
 DIRTY_L2_LIMIT_BYTES = 64 << 20
-#: images created by this process (convert's targets): written without fdatasync, like qemu-img
-_CREATED: set[str] = set()
-
-
-def note_created(filename: str) -> None:
-    _CREATED.add(os.path.abspath(filename))
-
-
 class Qcow2Writer:
     """Mixin for Qcow2Driver: everything that changes the image."""
 
-    def _init_writer(self) -> None:
+    def _init_writer(self, options: dict) -> None:
         self._rc = None
         self._l2_dirty: dict[int, np.ndarray] = {}
         self._l1_dirty = False
@@ -58,7 +50,7 @@ class Qcow2Writer:
         # refcount decrements wait until no L2/L1 entry on disk references the clusters any more
         self._deferred_frees: list[tuple[int, int]] = []
         # in-place edits flush (fdatasync) between the metadata stages; a new image (convert) does not
-        self._sync_meta = os.path.abspath(self.filename) not in _CREATED
+        self._sync_meta = not options.get(NEW_IMAGE)
 
     # ------------------------------------------------------------------ helpers
     def _dwrite(self, host: int, data, guest: int) -> None:

@@ -13,6 +13,7 @@ import uuid
 from ...core.driver import CreateOptions
 from ...errors import QimgError
 from ...options import parse_bool, parse_opt_size
+from ..blockmap import uint_table_bytes
 from .crc32c import _with_checksum
 from .layout import (
     _META_ENTRY,
@@ -45,7 +46,6 @@ from .layout import (
     MiB,
     _default_block_size,
     _pack_header,
-    _u64_bytes,
 )
 
 
@@ -161,7 +161,7 @@ def create(filename: str, opts: CreateOptions, opener) -> None:
         store.pwrite(VHDX_REGION_TABLE_OFFSET, bytes(region))
         store.pwrite(VHDX_REGION_TABLE2_OFFSET, bytes(region))
         store.pwrite(meta_offset, bytes(meta[:pos]))
-        store.pwrite(bat_offset, _u64_bytes(bat))
+        store.pwrite(bat_offset, uint_table_bytes(bat, 8))
         store.truncate(max(file_end, data_start))
         if fixed and prealloc == "falloc":
             store.fallocate(data_start, file_end - data_start)

@@ -12,6 +12,7 @@ from ...core.driver import CreateOptions, Driver
 from ...core.extent import Extent, split_at
 from ...errors import CorruptImage, OpenError, QimgError, Unsupported, check_limit
 from ...options import OptSpec
+from ..blockmap import uint_table, uint_table_bytes
 from .check import validate_bat
 from .crc32c import _checksum_ok
 from .layout import (
@@ -48,8 +49,6 @@ from .layout import (
     MiB,
     _pack_header,
     _parse_header,
-    _u64_bytes,
-    _u64_table,
 )
 from .log import VhdxLogMixin
 
@@ -243,7 +242,7 @@ class VhdxDriver(VhdxLogMixin, Driver):
             # array('Q') / array('q') tables: no numpy import for a small image (it costs more than the walk)
             from array import array
 
-            bat = _u64_table(raw)
+            bat = uint_table(raw, 8)
             ratio = self.chunk_ratio
             pidx = array("q", (i + i // ratio for i in range(self.data_blocks)))
             present = (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT)
@@ -422,7 +421,7 @@ class VhdxDriver(VhdxLogMixin, Driver):
                 stop += 1
             a = int(pages[start]) * 512
             b = min((int(pages[stop]) + 1) * 512, len(self._bat))
-            self.store.pwrite(self.bat_offset + a * 8, _u64_bytes(self._bat[a:b]))
+            self.store.pwrite(self.bat_offset + a * 8, uint_table_bytes(self._bat[a:b], 8))
             start = stop + 1
 
     # ----- check -----

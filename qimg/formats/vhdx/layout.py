@@ -9,7 +9,6 @@ from __future__ import annotations
 import struct
 import uuid
 
-from ...errors import QimgError
 from .crc32c import _checksum_ok, _with_checksum
 
 KiB = 1024
@@ -88,34 +87,6 @@ def _pack_header(h: dict) -> bytes:
     _HEADER.pack_into(buf, 0, b"head", 0, h["seq"], h["file_write_guid"], h["data_write_guid"], h["log_guid"],
                       h["log_version"], h["version"], h["log_length"], h["log_offset"])
     return bytes(_with_checksum(buf))
-
-
-
-def _u64_table(raw: bytes):
-    """An ``array('Q')`` of the little-endian u64 entries in ``raw``."""
-    import sys
-    from array import array
-
-    tab = array("Q")
-    if tab.itemsize != 8:  # pragma: no cover - exotic platforms
-        raise QimgError("unsupported platform: 64-bit unsigned array items are not 8 bytes")
-    tab.frombytes(raw)
-    if sys.byteorder != "little":
-        tab.byteswap()
-    return tab
-
-
-def _u64_bytes(tab) -> bytes:
-    """Little-endian bytes of a u64 table (an ``array('Q')`` or a numpy array)."""
-    import sys
-    from array import array
-
-    if not isinstance(tab, array):
-        return tab.astype("<u8").tobytes()
-    if sys.byteorder != "little":
-        tab = array("Q", tab)
-        tab.byteswap()
-    return tab.tobytes()
 
 
 
