@@ -45,8 +45,8 @@ def test_no_driver_hook_is_looked_up_by_name_outside_core():
     hooks = _driver_names()
     found = []
     for rel, path in _modules():
-        if rel.startswith("qimg/core/"):
-            continue
+        if rel.startswith(("qimg/core/", "qimg/io/")):
+            continue  # core owns the contract; io/ probes the caller's file objects, never a driver
         for line, name in _lookups(ast.parse(path.read_text(), rel)):
             if name in hooks:
                 found.append(f"{rel}:{line}: {name}")
