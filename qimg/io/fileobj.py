@@ -16,14 +16,20 @@ from ..errors import CorruptImage, OpenError, QimgError
 from .store import LARGE_READ, MAX_OFFSET, Store
 
 
+def _file_method(obj: object, name: str):
+    """The file object's method ``name``, or None: file objects (not drivers) differ in what they offer."""
+    method = getattr(obj, name, None)
+    return method if callable(method) else None
+
+
 def is_file_object(obj: object) -> bool:
     """True for a binary file object qimg can read an image from (it has ``seek`` and a read method)."""
     if isinstance(obj, (str, bytes, os.PathLike)):
         return False
     if isinstance(obj, io.TextIOBase):
         return False
-    return callable(getattr(obj, "seek", None)) and (
-        callable(getattr(obj, "readinto", None)) or callable(getattr(obj, "read", None)))
+    return _file_method(obj, "seek") is not None and (
+        _file_method(obj, "readinto") is not None or _file_method(obj, "read") is not None)
 
 
 def display_name(obj: object) -> str:
@@ -44,10 +50,10 @@ class FileObjStore(Store):
                             "(it needs seek and readinto)")
         if isinstance(fileobj, io.TextIOBase):
             raise OpenError(f"Could not open '{display_name(fileobj)}': a text file (open it in binary mode)")
-        seekable = getattr(fileobj, "seekable", None)
-        if callable(seekable) and not seekable():
+        seekable = _file_method(fileobj, "seekable")
+        if seekable is not None and not seekable():
             raise OpenError(f"Could not open '{display_name(fileobj)}': the file object is not seekable")
-        if writable and not callable(getattr(fileobj, "write", None)):
+        if writable and _file_method(fileobj, "write") is None:
             raise OpenError(f"Could not open '{display_name(fileobj)}': the file object is not writable")
         self.fileobj = fileobj
         self.filename = filename or display_name(fileobj)
@@ -55,7 +61,7 @@ class FileObjStore(Store):
         self.writable = writable
         self._close = close
         self._lock = threading.Lock()
-        self._readinto = getattr(fileobj, "readinto", None)
+        self._readinto = _file_method(fileobj, "readinto")
         self._size = None if writable else self._end()
 
     def _end(self) -> int:
@@ -145,8 +151,8 @@ class FileObjStore(Store):
 
     def flush(self) -> None:
         """Flush the object's own buffers (no fsync: the object may not be a file)."""
-        flush = getattr(self.fileobj, "flush", None)
-        if self.writable and callable(flush):
+        flush = _file_method(self.fileobj, "flush")
+        if self.writable and flush is not None:
             with self._lock:
                 flush()
 
