@@ -16,26 +16,36 @@ from .sources import Source, call_scope, open_chain, path_of, source_name
 @overload
 def info(src: Source, *, fmt: str | None = ..., backing_chain: Literal[False] = ...,
          image_options: dict | None = ..., force_share: bool = ...,
-         secrets: dict[str, str | bytes] | None = ...) -> ImageInfo: ...
+         secrets: dict[str, str | bytes] | None = ..., untrusted: bool = ...) -> ImageInfo: ...
 
 
 @overload
 def info(src: Source, *, fmt: str | None = ..., backing_chain: Literal[True],
          image_options: dict | None = ..., force_share: bool = ...,
-         secrets: dict[str, str | bytes] | None = ...) -> list[ImageInfo]: ...
+         secrets: dict[str, str | bytes] | None = ..., untrusted: bool = ...) -> list[ImageInfo]: ...
 
 
 def info(src: Source, *, fmt: str | None = None, backing_chain: bool = False, image_options: dict | None = None,
-         force_share: bool = False, secrets: dict[str, str | bytes] | None = None) -> ImageInfo | list[ImageInfo]:
+         force_share: bool = False, secrets: dict[str, str | bytes] | None = None,
+         untrusted: bool = False) -> ImageInfo | list[ImageInfo]:
     """``qimg info``: what an image is (format, sizes, backing file, snapshots, format details).
 
     Returns one :class:`~qimg.ImageInfo` whose ``to_dict()`` is ``qimg info --output=json``, or with
-    ``backing_chain=True`` one per layer, the image first (``--backing-chain``).
+    ``backing_chain=True`` one per layer, the image first (``--backing-chain``).  ``untrusted`` opens
+    the image (and the chain it names) with the confined rules for hostile images.
     """
     from ..io.fileobj import is_file_object
     from ..ops.info import image_info, layer_info
     from ..options import NO_IO
 
+    if untrusted:
+        from .image import open as open_image
+
+        with open_image(src, fmt, untrusted=True, secrets=secrets, options=image_options) as image:
+            layers = image.layers if backing_chain else image.layers[:1]
+            chain = image._open_chain()
+            result = [ImageInfo.from_dict(layer_info(chain.layers[la.depth], la.filename)) for la in layers]
+        return result if backing_chain else result[0]
     with call_scope(secrets, force_share):
         if not is_file_object(src):
             infos = image_info(path_of(src), fmt, backing_chain=backing_chain, options=dict(image_options or {}))
@@ -58,7 +68,8 @@ def info(src: Source, *, fmt: str | None = None, backing_chain: bool = False, im
 
 def check(src: Source, *, fmt: str | None = None, repair: str | None = None, src_cache: str | None = None,
           image_options: dict | None = None, force_share: bool = False,
-          secrets: dict[str, str | bytes] | None = None, warn: Callable[[str], None] | None = None) -> CheckResult:
+          secrets: dict[str, str | bytes] | None = None, warn: Callable[[str], None] | None = None,
+          untrusted: bool = False) -> CheckResult:
     """``qimg check``: the image's consistency, optionally repaired (``repair`` "leaks" or "all").
 
     The result's ``exit_code`` is check's status (0 clean, 2 corruptions, 3 leaks only, 1 failed) and
@@ -70,10 +81,11 @@ def check(src: Source, *, fmt: str | None = None, repair: str | None = None, src
 
     validate_repair(repair)
     check_src_cache(src_cache)
-    if is_file_object(src):
+    if is_file_object(src) or untrusted:
         from .image import open as open_image
 
-        with open_image(src, fmt, writable=bool(repair), secrets=secrets, options=image_options) as image:
+        with open_image(src, fmt, writable=bool(repair), secrets=secrets, options=image_options,
+                        untrusted=untrusted) as image:
             return image.check(repair)
     name = path_of(src)
     if repair and force_share:
@@ -85,7 +97,7 @@ def check(src: Source, *, fmt: str | None = None, repair: str | None = None, src
 
 def map(src: Source, *, fmt: str | None = None, start_offset: int | str = 0, max_length: int | str | None = None,
         image_options: dict | None = None, force_share: bool = False,
-        secrets: dict[str, str | bytes] | None = None) -> list[MapEntry]:
+        secrets: dict[str, str | bytes] | None = None, untrusted: bool = False) -> list[MapEntry]:
     """``qimg map``: the allocation of ``[start_offset, start_offset+max_length)`` as merged entries.
 
     Each :class:`~qimg.MapEntry` has ``to_dict()``, one line of ``qimg map --output=json``.  For a lazy
@@ -97,7 +109,7 @@ def map(src: Source, *, fmt: str | None = None, start_offset: int | str = 0, max
     start = cvtnum("start offset", start_offset)
     length = None if max_length is None else cvtnum("max length", max_length)
     with call_scope(secrets, force_share):
-        chain = open_chain(src, fmt, options=dict(image_options or {}))
+        chain = open_chain(src, fmt, options=dict(image_options or {}), untrusted=untrusted)
         try:
             return list(map_entries(chain, start, length))
         finally:

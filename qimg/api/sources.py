@@ -89,20 +89,30 @@ def open_chain(source: Source, fmt: str | None = None, *, writable: bool = False
     from ..core.chain import Chain
     from ..io.fileobj import is_file_object
 
-    if untrusted:
-        # the untrusted-mode Policy travels with Chain.open; until this build has it, refuse rather than
-        # open a hostile image with the trusting rules
-        raise Unsupported("untrusted mode is not available in this build")
+    policy = _untrusted_policy() if untrusted else {}
     if is_file_object(source):
         from ..io.fileobj import FileObjStore
 
+        if untrusted:  # the policy confines references to the image's folder, and a file object has none
+            raise Unsupported("untrusted mode opens images by name, not from file objects")
         store = FileObjStore(source, writable=writable)
         return chain_on_store(store, fmt, writable=writable, backing=backing, options=options, warn=warn)
     name = path_of(source)
-    if is_url(name):
+    if is_url(name) and not untrusted:
         return chain_on_store(_url_store(name, writable), fmt, writable=writable, backing=backing,
                               options=options, warn=warn)
-    return Chain.open(name, fmt, writable=writable, backing=backing, options=dict(options or {}), warn=warn)
+    return Chain.open(name, fmt, writable=writable, backing=backing, options=dict(options or {}), warn=warn,
+                      **policy)
+
+
+def _untrusted_policy() -> dict:
+    """``policy=`` for Chain.open in untrusted mode (qimg.core.policy); a build without it refuses
+    rather than open a hostile image with the trusting rules."""
+    try:
+        from ..core.policy import Policy
+    except ImportError:
+        raise Unsupported("untrusted mode is not available in this build") from None
+    return {"policy": Policy(untrusted=True)}
 
 
 def _url_store(url: str, writable: bool):

@@ -264,3 +264,22 @@ def test_check_and_map_of_a_file_object(raw_and_qcow2, oracle):
     assert res.to_dict() | {"filename": str(q)} == json.loads(oracle("check", "--output=json", q).out)
     expected = json.loads(oracle("map", "--output=json", q).out)
     assert [e.to_dict() for e in qimg.map(buf)] == expected
+
+
+def test_untrusted_mode(raw_and_qcow2):
+    """untrusted=True opens through the confining policy; a build without it refuses instead of trusting."""
+    import importlib.util
+
+    raw, q = raw_and_qcow2
+    calls = [lambda: qimg.open(q, untrusted=True).close(), lambda: qimg.info(q, untrusted=True),
+             lambda: qimg.check(q, untrusted=True), lambda: qimg.map(q, untrusted=True)]
+    if importlib.util.find_spec("qimg.core.policy") is None:
+        for call in calls:
+            with pytest.raises(qimg.Unsupported, match="untrusted mode"):
+                call()
+        return
+    for call in calls:
+        call()
+    assert qimg.info(q, untrusted=True).to_dict() == qimg.info(q).to_dict()
+    with pytest.raises(qimg.Unsupported):
+        qimg.open(io.BytesIO(q.read_bytes()), untrusted=True)
