@@ -24,6 +24,7 @@ Warnings that qemu-img prints and goes on are issued as :class:`QimgWarning` thr
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 
 
 class QimgError(Exception):
@@ -34,7 +35,7 @@ class QimgError(Exception):
     #: layer that fails hands them up with the error and only ``cli.run`` writes them out
     diagnostics: tuple = ()
 
-    def __init__(self, message: str, exit_code: int | None = None, diagnostics=()):
+    def __init__(self, message: str, exit_code: int | None = None, diagnostics: Iterable[str] = ()):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code

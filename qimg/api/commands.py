@@ -101,7 +101,7 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str], *,
         raise QimgError("Cannot enable copy offloading when -S is used")
     if copy_offload and salvage:
         raise QimgError("Cannot use copy offloading in salvaging mode")
-    sources = list(src) if isinstance(src, (list, tuple)) else [src]
+    sources: list[Source] = list(src) if isinstance(src, (list, tuple)) else [src]  # type: ignore[list-item]
     if not sources:
         raise QimgError("Must specify image file name")
     min_sparse = 4096

@@ -10,9 +10,14 @@ import contextlib
 import os
 import re
 import warnings
-from typing import Any, Callable, Protocol, Union
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Union
 
 from ..errors import InvalidArgument, OpenError, QimgError, QimgWarning, Unsupported
+
+if TYPE_CHECKING:
+    from ..core.chain import Chain
+    from ..io.store import Store
 
 
 class BinaryFile(Protocol):
@@ -42,7 +47,7 @@ def source_name(source: Source) -> str:
 
     if is_file_object(source):
         return display_name(source)
-    return os.fsdecode(os.fspath(source))
+    return os.fsdecode(os.fspath(source))  # type: ignore[arg-type]  # a file object was handled above
 
 
 def path_of(source: Source, what: str = "image") -> str:
@@ -52,7 +57,7 @@ def path_of(source: Source, what: str = "image") -> str:
     if is_file_object(source):
         raise Unsupported(f"The {what} must be a file name, not a file object")
     try:
-        return os.fsdecode(os.fspath(source))
+        return os.fsdecode(os.fspath(source))  # type: ignore[arg-type]  # anything else is a TypeError
     except TypeError:
         raise InvalidArgument(f"Could not open {source!r}: not a file name, URL or binary file object") from None
 
@@ -70,7 +75,7 @@ def is_url(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def call_scope(secrets: dict | None = None, force_share: bool = False):
+def call_scope(secrets: dict | None = None, force_share: bool = False) -> Iterator[None]:
     """What one library call sets up for its opens: its secrets, and ``force_share`` (qemu-img's -U)."""
     from ..objects import secrets_scope
 
@@ -84,7 +89,7 @@ def call_scope(secrets: dict | None = None, force_share: bool = False):
 
 def open_chain(source: Source, fmt: str | None = None, *, writable: bool = False, backing: bool = True,
                untrusted: bool = False, options: dict | None = None,
-               warn: Callable[[str], None] | None = None):
+               warn: Callable[[str], None] | None = None) -> Chain:
     """The ``Chain`` of any source: a host path or registry protocol (Chain.open), a URL or a file object."""
     from ..core.chain import Chain
     from ..io.fileobj import is_file_object
@@ -115,7 +120,7 @@ def _untrusted_policy() -> dict:
     return {"policy": Policy(untrusted=True)}
 
 
-def _url_store(url: str, writable: bool):
+def _url_store(url: str, writable: bool) -> Store:
     """A URL qimg has no store of its own for, through fsspec (http, s3, gcs, ... as installed)."""
     if writable:
         raise Unsupported(f"Could not open '{url}': URLs open read-only")
@@ -132,8 +137,8 @@ def _url_store(url: str, writable: bool):
     return FileObjStore(fileobj, filename=url, close=True)
 
 
-def chain_on_store(store, fmt: str | None, *, writable: bool = False, backing: bool = True,
-                   options: dict | None = None, warn: Callable[[str], None] | None = None):
+def chain_on_store(store: Store, fmt: str | None, *, writable: bool = False, backing: bool = True,
+                   options: dict | None = None, warn: Callable[[str], None] | None = None) -> Chain:
     """A chain whose top layer lives on ``store``; its backing files (if any) open by name."""
     from ..core import registry
     from ..core.chain import Chain
@@ -146,7 +151,7 @@ def chain_on_store(store, fmt: str | None, *, writable: bool = False, backing: b
                 fmt = registry.probe(store.pread(0, registry.PROBE_BYTES), name)
                 if fmt == "raw" and writable and warn is not None:
                     warn(f"Image format was not specified for '{name}' and probing guessed raw.")
-            cls = registry.get_driver(fmt)
+            cls: Any = registry.get_driver(fmt)
             opener = Opener(name, writable, open_image=lambda f, t, w: registry.open_image(f, t, w))
             top = cls.open(store, name, writable=writable, opener=opener, options=dict(options or {}))
         except QimgError as e:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import os
 import threading
+from typing import Any, Callable
 
 from ..errors import CorruptImage, OpenError, QimgError
 from .store import LARGE_READ, MAX_OFFSET, Store
 
 
-def _file_method(obj: object, name: str):
+def _file_method(obj: object, name: str) -> Callable[..., Any] | None:
     """The file object's method ``name``, or None: file objects (not drivers) differ in what they offer."""
     method = getattr(obj, name, None)
     return method if callable(method) else None
@@ -43,7 +44,7 @@ def display_name(obj: object) -> str:
 class FileObjStore(Store):
     """Offset-addressed reads and writes over one file object (``seek`` + ``readinto``)."""
 
-    def __init__(self, fileobj, writable: bool = False, filename: str | None = None, close: bool = False):
+    def __init__(self, fileobj: Any, writable: bool = False, filename: str | None = None, close: bool = False):
         """``close``: close the file object with the store (when qimg opened it, e.g. from a URL)."""
         if not is_file_object(fileobj):
             raise OpenError(f"Could not open '{display_name(fileobj)}': not a binary file object "
@@ -95,7 +96,7 @@ class FileObjStore(Store):
             done += n
         return done
 
-    def readinto(self, offset: int, buf) -> int:
+    def readinto(self, offset: int, buf: Any) -> int:
         """Fill a writable buffer from ``offset``; returns the bytes read (the rest is left as it was)."""
         view = memoryview(buf).cast("B")
         if offset < 0 or offset >= MAX_OFFSET:
@@ -122,7 +123,7 @@ class FileObjStore(Store):
         data = self.pread(offset, length)
         return data + bytes(length - len(data)) if len(data) < length else data
 
-    def pwrite(self, offset: int, data) -> None:
+    def pwrite(self, offset: int, data: Any) -> None:
         """Write ``data`` at ``offset`` (the object grows as a file does)."""
         if not self.writable:
             raise QimgError(f"Could not write '{self.filename}': opened read-only")

@@ -74,3 +74,15 @@ def test_py_typed_is_shipped():
     assert (ROOT / "qimg" / "py.typed").exists()
     assert 'qimg = ["py.typed"' in (ROOT / "pyproject.toml").read_text() or \
         '"py.typed"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_type_hints_check_with_mypy():
+    """The public layer is fully annotated and consistent (mypy, every def typed)."""
+    import pytest
+
+    pytest.importorskip("mypy")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--follow-imports=silent", "--ignore-missing-imports",
+                        "--disallow-untyped-defs", "--disallow-incomplete-defs", "--no-incremental",
+                        "qimg/__init__.py", "qimg/api", "qimg/io/fileobj.py", "qimg/errors.py"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
