@@ -143,10 +143,15 @@ class FileObjStore(Store):
             raise QimgError(f"Could not write '{self.filename}': {e}") from None
 
     def truncate(self, size: int) -> None:
-        """Set the object's length."""
+        """Set the object's length (growing writes zeros: ``BytesIO.truncate`` only shrinks)."""
         try:
             with self._lock:
-                self.fileobj.truncate(size)
+                f = self.fileobj
+                end = f.seek(0, io.SEEK_END)
+                if size < end:
+                    f.truncate(size)
+                while end < size:  # zeros, a MiB at a time
+                    end += f.write(bytes(min(size - end, 1 << 20)))
         except (OSError, ValueError, AttributeError) as e:
             raise QimgError(f"Could not resize '{self.filename}': {e}") from None
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import qimg
-from tests.conftest import qemu, run_qimg, write_pattern
+from tests.conftest import oracle_raw, qemu, run_qimg, write_pattern
 
 MiB = 1 << 20
 
@@ -283,3 +283,23 @@ def test_untrusted_mode(raw_and_qcow2):
     assert qimg.info(q, untrusted=True).to_dict() == qimg.info(q).to_dict()
     with pytest.raises(qimg.Unsupported):
         qimg.open(io.BytesIO(q.read_bytes()), untrusted=True)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qed", "vdi", "vmdk", "vpc", "vhdx", "parallels"])
+def test_writable_image_in_a_bytesio(tmp_path, oracle, fmt):
+    """An image held in memory, opened writable: what lands in the BytesIO is an image qemu-img accepts."""
+    made = tmp_path / f"made.{fmt}"
+    qimg.create(made, "8M", fmt=fmt)
+    buf = io.BytesIO(made.read_bytes())
+    data = random.Random(7).randbytes(300000)
+    with qimg.open(buf, fmt, writable=True) as img:
+        img.pwrite(4096, data)
+        img.seek(6 * MiB)
+        img.write(data[:65536])
+    out = tmp_path / f"out.{fmt}"
+    out.write_bytes(buf.getvalue())
+    assert oracle("check", "-f", fmt, out, check=False).rc in (0, 63)
+    raw = oracle_raw(out, tmp_path, fmt)
+    with open(raw, "rb") as f:
+        content = f.read()
+    assert content[4096:4096 + len(data)] == data and content[6 * MiB:6 * MiB + 65536] == data[:65536]
