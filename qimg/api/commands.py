@@ -8,14 +8,15 @@ between calls.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
-from ..errors import QimgError, UsageError
+from ..errors import QimgError, Unsupported, UsageError
 from .args import ProgressCallback, as_opts, check_cache, check_src_cache, engine_progress, snapshot_spec
 from .results import CompareResult, ConvertResult, CreateResult, MeasureResult
-from .sources import Source, call_scope, default_warn, is_url, open_chain, path_of
+from .sources import BinaryFile, Source, call_scope, default_warn, is_url, open_chain, path_of, source_name
 
 WarnCallback = Callable[[str], None]
 
@@ -34,6 +35,24 @@ def _source_entry(source: Source, fmt: str | None, image_options: dict | None, u
     return lambda: open_chain(source, fmt, options=opts, untrusted=untrusted)
 
 
+@contextlib.contextmanager
+def _through_temp_file(dst: Any, out_fmt: str, options: dict) -> Iterator[str]:
+    """A temporary file name whose content, once the block succeeds, is copied into the file object ``dst``."""
+    import shutil
+    import tempfile
+
+    from ..core import registry
+
+    cls: Any = registry.get_driver(out_fmt) if out_fmt in registry.FORMATS else None
+    if cls is not None and not cls.creates_single_file(options):
+        raise Unsupported(f"A '{out_fmt}' image in several files cannot be written into one file object")
+    with tempfile.TemporaryDirectory(prefix="qimg-") as folder:
+        temp = os.path.join(folder, "image")
+        yield temp
+        with open(temp, "rb") as f:
+            shutil.copyfileobj(f, dst, 4 << 20)
+
+
 def _per_source(value: Any, count: int, kind: type) -> list:
     """A per-source argument: one value for every source, or a list with one per source."""
     if isinstance(value, (list, tuple)):
@@ -43,7 +62,7 @@ def _per_source(value: Any, count: int, kind: type) -> list:
     return [value] * count
 
 
-def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str], *,
+def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str] | BinaryFile, *,
             fmt: str | Sequence[str | None] | None = None,
             out_fmt: str = "raw", compress: bool = False, options: dict[str, Any] | str | list[str] | None = None,
             backing_file: str | None = None, backing_fmt: str | None = None, sparse_size: int | str | None = None,
@@ -59,7 +78,8 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str], *,
 
     Args:
         src: the source, or a list of sources concatenated (paths, URLs, file objects).
-        dst: the target file (created, or written in place with ``no_create``).
+        dst: the target file (created, or written in place with ``no_create``), or a writable binary
+            file object that receives the new image's bytes (built in a temporary folder first).
         fmt: the sources' format (``-f``), or a list with one per source; probed when None.
         out_fmt: the target's format (``-O``).
         compress: write compressed clusters (``-c``; qcow, qcow2, vmdk streamOptimized).
@@ -126,6 +146,20 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str], *,
         backing_fmt = opts.pop("backing_fmt")
     if target_options is not None and not no_create:
         raise UsageError("--target-image-opts requires use of -n flag")
+    from ..io.fileobj import is_file_object
+
+    if is_file_object(dst):
+        if no_create:
+            raise Unsupported("A file object target is written anew: no_create needs a file name")
+        with _through_temp_file(dst, out_fmt, opts) as temp:
+            result = convert(src, temp, fmt=fmt, out_fmt=out_fmt, compress=compress, options=opts,
+                             backing_file=backing_file, backing_fmt=backing_fmt, sparse_size=sparse_size,
+                             coroutines=coroutines, out_of_order=out_of_order, snapshot=snapshot,
+                             copy_offload=copy_offload, salvage=salvage, bitmaps=bitmaps,
+                             skip_broken_bitmaps=skip_broken_bitmaps, cache=cache, src_cache=src_cache,
+                             image_options=image_options, force_share=force_share, untrusted=untrusted,
+                             secrets=secrets, progress=progress, warn=warn)
+        return ConvertResult(target=source_name(dst), format=out_fmt, virtual_size=result.virtual_size)
     target = path_of(dst, "target")
     fmts = _per_source(fmt, len(sources), str)
     opens = _per_source(image_options, len(sources), dict)

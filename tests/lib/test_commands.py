@@ -168,3 +168,18 @@ def test_edit_commands(tmp_path, source, oracle):
     out = tmp_path / "dd.raw"
     qimg.dd(base, out, fmt="qcow2", bs="64k", count=4, skip=1)
     assert out.read_bytes() == bytes(expected[65536:4 * 65536])
+
+
+@pytest.mark.parametrize("out_fmt", ["qcow2", "vmdk", "raw"])
+def test_convert_into_a_file_object(tmp_path, source, oracle, out_fmt):
+    import io
+
+    buf = io.BytesIO()
+    result = qimg.convert(io.BytesIO(source.read_bytes()), buf, fmt="raw", out_fmt=out_fmt)
+    assert result.target == "<BytesIO>" and result.virtual_size == 24 * MiB
+    out = tmp_path / f"out.{out_fmt}"
+    out.write_bytes(buf.getvalue())
+    assert oracle("compare", "-f", "raw", "-F", out_fmt, source, out).rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out.{out_fmt}", "src.raw"]
+    with pytest.raises(qimg.Unsupported, match="several files"):
+        qimg.convert(source, io.BytesIO(), out_fmt="vmdk", options={"subformat": "twoGbMaxExtentSparse"})
