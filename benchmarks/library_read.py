@@ -72,6 +72,15 @@ def startup() -> tuple[float, float]:
     return bare, run("import qimg")
 
 
+def import_ms() -> float:
+    """Median (ms) of ``import qimg`` timed inside fresh interpreters (start-up noise left out)."""
+    code = "import time; t = time.perf_counter(); import qimg; print((time.perf_counter() - t) * 1000)"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    runs = [float(subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True,
+                                 text=True).stdout) for _ in range(20)]
+    return statistics.median(runs)
+
+
 def info_ms(path: str) -> float:
     import qimg
 
@@ -107,7 +116,8 @@ def main() -> None:
     print(f"W3 qimg convert -O raw:      median {statistics.median(converts):.3f} s")
     print(f"stream throughput / convert throughput: median {statistics.median(ratios):.2f} "
           f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})")
-    print(f"python -c pass {bare:.1f} ms; import qimg {imported:.1f} ms (+{imported - bare:.1f} ms)")
+    print(f"python -c pass {bare:.1f} ms; import qimg {imported:.1f} ms (+{imported - bare:.1f} ms); "
+          f"import qimg timed in-process: {import_ms():.2f} ms")
     print(f"qimg.open(W3).info() in-process: median {info_ms(w3):.3f} ms")
 
 
