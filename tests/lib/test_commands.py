@@ -183,3 +183,41 @@ def test_convert_into_a_file_object(tmp_path, source, oracle, out_fmt):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"out.{out_fmt}", "src.raw"]
     with pytest.raises(qimg.Unsupported, match="several files"):
         qimg.convert(source, io.BytesIO(), out_fmt="vmdk", options={"subformat": "twoGbMaxExtentSparse"})
+
+
+def _leaky_qcow2(path, oracle):
+    """A qcow2 with one leaked cluster: a zero cluster appended to the file with refcount 1."""
+    import struct
+    import subprocess
+
+    oracle("create", "-q", "-f", "qcow2", path, "4M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(path)], check=True, capture_output=True)
+    data = bytearray(path.read_bytes())
+    table = struct.unpack(">Q", data[48:56])[0]
+    block = struct.unpack(">Q", data[table:table + 8])[0]
+    index = len(data) // 65536
+    data += bytes(65536)
+    data[block + 2 * index:block + 2 * index + 2] = struct.pack(">H", 1)
+    path.write_bytes(bytes(data))
+
+
+def test_check_finds_and_repairs_leaks(tmp_path, oracle):
+    img = tmp_path / "leak.qcow2"
+    _leaky_qcow2(img, oracle)
+    res = qimg.check(img)
+    theirs = oracle("check", "--output=json", img, check=False)
+    assert res.exit_code == theirs.rc == 3 and res.leaks == 1
+    assert res.to_dict() == json.loads(theirs.out)
+    assert res.messages == ("Leaked cluster 6 refcount=1 reference=0",)
+    with qimg.open(img, writable=True) as opened:
+        fixed = opened.check(repair="leaks")
+    assert (fixed.leaks_fixed, fixed.leaks, fixed.exit_code) == (1, 0, 0)
+    assert oracle("check", img).rc == 0
+    _leaky_qcow2(img, oracle)
+    fixed = qimg.check(img, repair="all")
+    assert fixed.exit_code == 0 and fixed.leaks_fixed == 1
+    assert oracle("check", img).rc == 0
+    _leaky_qcow2(img, oracle)
+    cli = run_qimg("check", "--output=json", "-r", "all", img)
+    _leaky_qcow2(img, oracle)
+    assert qimg.check(img, repair="all").to_json() == cli.out
