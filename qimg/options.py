@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import QimgError, UsageError
+from .errors import QimgError
 
 #: open option: only metadata will be read (qemu's BDRV_O_NO_IO).  qemu-img info, and create
 #: sizing up a backing file, open encrypted images so without their keys; every other open of an
@@ -124,5 +124,4 @@ def check_known(opts: dict, specs, fmt: str) -> None:
     known = {s.name for s in specs}
     for key in opts:
         if key not in known:
-            raise UsageError(f"Invalid parameter '{key}'", ) if False else QimgError(
-                f"Invalid parameter '{key}'")
+            raise QimgError(f"Invalid parameter '{key}'")

@@ -208,4 +208,7 @@ def _usage_fail(message: str) -> int:
 
 
 def main() -> None:
+    """The ``qimg`` program.  numpy's BLAS thread pool is of no use to qimg and spins otherwise: the
+    program (not the library, which leaves its host's environment alone) caps it before numpy loads."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.exit(run())

@@ -12,7 +12,6 @@ chunk with many transitions falls back to a numpy scan (imported then, once).
 
 from __future__ import annotations
 
-import os
 import sys
 
 #: a zero buffer that all-zero checks compare against (calloc'd: costs no memory until read)
@@ -117,7 +116,6 @@ def _body_runs(mv: memoryview, g: int) -> list[tuple[int, int]]:
 
 def _numpy_runs(mv: memoryview, g: int) -> list[tuple[int, int]]:
     """The same answer through numpy: for chunks with many data/zero transitions."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numpy as np
 
     n = len(mv)

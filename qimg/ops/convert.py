@@ -145,8 +145,7 @@ def _write_into(req, src, total, progress, bitmaps=None):
             guard.release()
     try:
         if tgt.virtual_size < total:
-            raise QimgError("Target image is too small" if False else
-                            f"Could not write to '{req.target}': target image is smaller than the source")
+            raise QimgError(f"Could not write to '{req.target}': target image is smaller than the source")
         _prepare_bitmaps(req, tgt, bitmaps)
         opts = _copy_opts(req, req.target_is_zero)
         copy_range(_maybe_base(req, src), tgt, 0, total, opts, progress, cluster_size=tgt.cluster_size)

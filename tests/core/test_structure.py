@@ -158,3 +158,25 @@ def test_the_cycle_finder_finds_a_circle():
 @pytest.mark.parametrize("name", sorted(n for n in _module_names() if n != "qimg.__main__"))
 def test_every_module_imports(name):
     importlib.import_module(name)
+
+
+def _environment_writes(tree):
+    """Lines that change the process environment: os.environ[...] = ..., os.environ.setdefault/update/pop, putenv."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            target = ast.unparse(node.func)
+            if target in ("os.putenv", "os.unsetenv") or (
+                    target.startswith("os.environ.") and node.func.attr in ("setdefault", "update", "pop", "clear")):
+                yield node.lineno
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            if any(isinstance(t, ast.Subscript) and ast.unparse(t.value) == "os.environ" for t in targets):
+                yield node.lineno
+
+
+def test_only_the_program_changes_the_environment():
+    found = [f"{rel}:{line}" for rel, path in _modules() if not rel.startswith("qimg/cli/")
+             for line in _environment_writes(ast.parse(path.read_text(), rel))]
+    assert found == []
+    probe = ast.parse("import os\nos.environ.setdefault('A', '1')\nos.environ['B'] = '2'\n")
+    assert sorted(_environment_writes(probe)) == [2, 3]
