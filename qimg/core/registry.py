@@ -10,7 +10,8 @@ from .catalog import FORMATS, PROTOCOLS, _cache, format_names, get_driver, proto
 __all__ = ["FORMATS", "PROTOCOLS", "_cache", "format_names", "get_driver", "protocol_for", "probe", "open_image",
            "bundle_descriptor", "resolve_backing"]
 
-PROBE_BYTES = 2048
+#: qemu reads this many bytes to probe a format (BLOCK_PROBE_BUF_SIZE): a magic further in does not count
+PROBE_BYTES = 512
 
 
 #: what each format's probe needs at the least (its magic, from the specs): a driver module whose
