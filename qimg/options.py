@@ -117,11 +117,3 @@ def parse_opt_size(name: str, value: str) -> int:
             "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
             "and exabytes, respectively.")
     return v
-
-
-def check_known(opts: dict, specs, fmt: str) -> None:
-    """Refuse an option the format does not have, with qemu-img's wording."""
-    known = {s.name for s in specs}
-    for key in opts:
-        if key not in known:
-            raise QimgError(f"Invalid parameter '{key}'")

@@ -258,10 +258,6 @@ def _remove_created(name, cls, options):
             pass
 
 
-class _Terminated(BaseException):
-    pass
-
-
 def _trap_signals():
     """Turn SIGTERM/SIGHUP into an exception so a killed convert cleans up its partial target."""
     def handler(signum, frame):
