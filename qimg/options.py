@@ -13,10 +13,10 @@ NO_IO = "_no_io"
 #: open option: how the user named the image (the whole --image-opts string): qemu-img's
 #: "Could not open '...'" errors quote that
 DISPLAY_NAME = "_display_name"
-#: open option: the image was created by this same call (convert's and dd's targets): its metadata is
-#: written without fdatasync between update stages, as qemu-img writes a new image; every other
-#: writable open (an image edited in place) syncs between stages
-NEW_IMAGE = "_new_image"
+#: open option: the image need not be durable before it is closed (qemu-img convert's target, cache
+#: mode "unsafe"): no flushes between metadata stages, and the copy engine's workers may write its
+#: data directly.  Every other writable open syncs as qemu's writeback mode does.
+CACHE_UNSAFE = "_cache_unsafe"
 
 
 @dataclass(frozen=True)

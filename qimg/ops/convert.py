@@ -11,7 +11,7 @@ from ..core import registry
 from ..core.chain import Chain
 from ..engine.copy import ChainSource, ConcatSource, CopyOptions, copy_range
 from ..errors import OpenError, QimgError
-from ..options import NEW_IMAGE
+from ..options import CACHE_UNSAFE
 
 
 @dataclass
@@ -182,7 +182,7 @@ def _create_and_write(req, src, total, progress, bitmaps=None):
         _create_target(req, tmp, total)
         # like qemu-img, the secrets given for creation also unlock the new image
         secrets = {k: v for k, v in req.options.items() if k.endswith("key-secret")}
-        tgt = registry.open_image(tmp, req.out_fmt, writable=True, options={**secrets, NEW_IMAGE: True})
+        tgt = registry.open_image(tmp, req.out_fmt, writable=True, options={**secrets, CACHE_UNSAFE: True})
         try:
             _prepare_bitmaps(req, tgt, bitmaps)
             zero_init = tgt.has_zero_init and not req.backing
