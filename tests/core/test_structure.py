@@ -180,3 +180,18 @@ def test_only_the_program_changes_the_environment():
     assert found == []
     probe = ast.parse("import os\nos.environ.setdefault('A', '1')\nos.environ['B'] = '2'\n")
     assert sorted(_environment_writes(probe)) == [2, 3]
+
+
+def _prints(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            target = ast.unparse(node.func)
+            if target == "print" or target.startswith(("sys.stderr.", "sys.stdout.")):
+                yield node.lineno
+
+
+@pytest.mark.parametrize("layer", ["core", "formats", "io", "ops", "crypto", "api"])
+def test_layers_below_the_command_line_print_nothing(layer):
+    found = [f"{rel}:{line}" for rel, path in _modules() if rel.startswith(f"qimg/{layer}/")
+             for line in _prints(ast.parse(path.read_text(), rel))]
+    assert found == []
