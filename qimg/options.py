@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import QimgError, UsageError
+from .errors import QimgError
 
 #: open option: only metadata will be read (qemu's BDRV_O_NO_IO).  qemu-img info, and create
 #: sizing up a backing file, open encrypted images so without their keys; every other open of an
@@ -13,10 +13,10 @@ NO_IO = "_no_io"
 #: open option: how the user named the image (the whole --image-opts string): qemu-img's
 #: "Could not open '...'" errors quote that
 DISPLAY_NAME = "_display_name"
-#: open option: the image was created by this same call (convert's and dd's targets): its metadata is
-#: written without fdatasync between update stages, as qemu-img writes a new image; every other
-#: writable open (an image edited in place) syncs between stages
-NEW_IMAGE = "_new_image"
+#: open option: the image need not be durable before it is closed (qemu-img convert's target, cache
+#: mode "unsafe"): no flushes between metadata stages, and the copy engine's workers may write its
+#: data directly.  Every other writable open syncs as qemu's writeback mode does.
+CACHE_UNSAFE = "_cache_unsafe"
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,3 @@ def parse_opt_size(name: str, value: str) -> int:
             "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
             "and exabytes, respectively.")
     return v
-
-
-def check_known(opts: dict, specs, fmt: str) -> None:
-    """Refuse an option the format does not have, with qemu-img's wording."""
-    known = {s.name for s in specs}
-    for key in opts:
-        if key not in known:
-            raise UsageError(f"Invalid parameter '{key}'", ) if False else QimgError(
-                f"Invalid parameter '{key}'")

@@ -33,10 +33,13 @@ def parse_size(text: str, default_suffix: str = "b") -> int | None:
     shift = SUFFIXES[suffix]
     if number[:2].lower() == "0x":
         if m.group(2):
-            import sys
+            import warnings
+
+            from .errors import QimgWarning
 
             # qemu-img still accepts this, with a warning
-            sys.stderr.write(f"qimg: warning: Using a multiplier suffix on hex numbers is deprecated: {text}\n")
+            warnings.warn(f"Using a multiplier suffix on hex numbers is deprecated: {text}", QimgWarning,
+                          stacklevel=2)
         value = int(number, 16) << shift
     elif "." in number:
         whole, _, frac = number.partition(".")

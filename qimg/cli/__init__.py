@@ -113,7 +113,7 @@ def _preprocess(argv: list[str]) -> list[str]:
 
 def run(argv: list[str] | None = None) -> int:
     """Run qimg with ``argv``; every error becomes ``qimg: message`` and qemu-img's exit status."""
-    from ..errors import QimgError
+    from ..errors import QimgError, QimgWarning
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help") and len(argv) == 1:
@@ -121,8 +121,14 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     argv = _preprocess(argv)
     debug = bool(os.environ.get("QIMG_DEBUG"))
+    import warnings
+
     try:
-        rc = main_group.main(argv, prog_name=PROG, standalone_mode=False)
+        with warnings.catch_warnings():
+            # the library's QimgWarnings are printed as qemu-img prints its warnings, every time
+            warnings.simplefilter("always", QimgWarning)
+            warnings.showwarning = _show_warning
+            rc = main_group.main(argv, prog_name=PROG, standalone_mode=False)
         return rc if isinstance(rc, int) else 0  # a command may end with click's Exit(status)
     except CommandNotFound as e:
         return _usage_fail(f"Command not found: {e}")
@@ -164,6 +170,17 @@ def run(argv: list[str] | None = None) -> int:
             raise
         _err(f"internal error: {type(e).__name__}: {e}")
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from ..errors import QimgWarning
+
+    if issubclass(category, QimgWarning):
+        sys.stderr.write(f"{PROG}: warning: {message}\n")
+    else:
+        import warnings
+
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _command_name(e) -> str:
@@ -208,4 +225,7 @@ def _usage_fail(message: str) -> int:
 
 
 def main() -> None:
+    """The ``qimg`` program.  numpy's BLAS thread pool is of no use to qimg and spins otherwise: the
+    program (not the library, which leaves its host's environment alone) caps it before numpy loads."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.exit(run())

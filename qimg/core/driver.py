@@ -58,7 +58,7 @@ class Opener:
         """A store over the sibling ``name``; ``metadata``: it has metadata of its own (a sparse VMDK
         extent) and is locked as an image, else as a data file."""
         from ..io.store import FileStore
-        from .registry import get_driver, protocol_for
+        from .catalog import get_driver, protocol_for
 
         w = self.writable if writable is None else writable
         proto = protocol_for(name)

@@ -1,80 +1,17 @@
-"""The format registry: names to driver classes (imported lazily), probing, opening."""
+"""The format registry: probing and opening (the name -> driver table itself is catalog.py)."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util  # format_names() uses find_spec; not always imported at start-up
 import os
 
 from ..errors import OpenError, QimgError
+from .catalog import FORMATS, PROTOCOLS, _cache, format_names, get_driver, protocol_for
 
-#: name -> "module:Class".  Order matters: probe ties go to the earlier entry.
-FORMATS: dict[str, str] = {
-    "qcow2": "qimg.formats.qcow2:Qcow2Driver",
-    "qed": "qimg.formats.qed:QedDriver",
-    "qcow": "qimg.formats.qcow:QcowDriver",
-    "vdi": "qimg.formats.vdi:VdiDriver",
-    "vmdk": "qimg.formats.vmdk:VmdkDriver",
-    "vpc": "qimg.formats.vpc:VpcDriver",
-    "vhdx": "qimg.formats.vhdx:VhdxDriver",
-    "parallels": "qimg.formats.parallels:ParallelsDriver",
-    "bochs": "qimg.formats.bochs:BochsDriver",
-    "cloop": "qimg.formats.cloop:CloopDriver",
-    "dmg": "qimg.formats.dmg:DmgDriver",
-    "luks": "qimg.formats.luks:LuksDriver",
-    "cow": "qimg.formats.cow:CowDriver",
-    "raw": "qimg.formats.raw:RawDriver",
-    # qemu's protocol driver for host files, usable as a format (-f file, --image-opts driver=file)
-    "file": "qimg.formats.raw:FileDriver",
-}
+__all__ = ["FORMATS", "PROTOCOLS", "_cache", "format_names", "get_driver", "protocol_for", "probe", "open_image",
+           "bundle_descriptor", "resolve_backing"]
 
-#: filename prefixes handled by protocol drivers (no host file behind them)
-PROTOCOLS: dict[str, str] = {
-    "nbd:": "qimg.formats.nbd:NbdDriver",
-    "nbd+unix:": "qimg.formats.nbd:NbdDriver",
-    "nbd+tcp:": "qimg.formats.nbd:NbdDriver",
-    "fat:": "qimg.formats.vvfat:VvfatDriver",
-}
-
-PROBE_BYTES = 2048
-_cache: dict[str, type] = {}
-
-
-def format_names() -> list[str]:
-    """Names of the formats whose driver module exists."""
-    names = []
-    for name, target in FORMATS.items():
-        module = target.split(":")[0]
-        if importlib.util.find_spec(module) is not None:
-            names.append(name)
-    return names
-
-
-def get_driver(name: str) -> type:
-    """The driver class for a format name; OpenError for an unknown one."""
-    if name in _cache:
-        return _cache[name]
-    target = FORMATS.get(name) or PROTOCOLS.get(name)
-    if target is None:
-        raise OpenError(f"Unknown driver '{name}'")
-    module_name, cls_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            raise OpenError(f"Unknown driver '{name}'") from None
-        raise
-    cls = getattr(module, cls_name)
-    _cache[name] = cls
-    return cls
-
-
-def protocol_for(filename: str) -> str | None:
-    """The protocol prefix of a filename like nbd://host/x or fat:dir, if any."""
-    for prefix in PROTOCOLS:
-        if filename.startswith(prefix):
-            return prefix
-    return None
+#: qemu reads this many bytes to probe a format (BLOCK_PROBE_BUF_SIZE): a magic further in does not count
+PROBE_BYTES = 512
 
 
 #: what each format's probe needs at the least (its magic, from the specs): a driver module whose

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import collections
 import mmap
-import os
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
 SECTOR = 512

@@ -12,9 +12,6 @@ chunk with many transitions falls back to a numpy scan (imported then, once).
 
 from __future__ import annotations
 
-import os
-import sys
-
 #: a zero buffer that all-zero checks compare against (calloc'd: costs no memory until read)
 _ZERO_LEN = 4 << 20
 ZEROS = bytes(_ZERO_LEN)
@@ -117,7 +114,6 @@ def _body_runs(mv: memoryview, g: int) -> list[tuple[int, int]]:
 
 def _numpy_runs(mv: memoryview, g: int) -> list[tuple[int, int]]:
     """The same answer through numpy: for chunks with many data/zero transitions."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numpy as np
 
     n = len(mv)
@@ -137,8 +133,3 @@ def _numpy_runs(mv: memoryview, g: int) -> list[tuple[int, int]]:
         return []
     edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
     return [(s * g, e * g) for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist())]
-
-
-def numpy_loaded() -> bool:
-    """True once numpy has been imported (by a mixed chunk or anything else)."""
-    return "numpy" in sys.modules

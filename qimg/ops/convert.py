@@ -11,7 +11,7 @@ from ..core import registry
 from ..core.chain import Chain
 from ..engine.copy import ChainSource, ConcatSource, CopyOptions, copy_range
 from ..errors import OpenError, QimgError
-from ..options import NEW_IMAGE
+from ..options import CACHE_UNSAFE
 
 
 @dataclass
@@ -145,8 +145,7 @@ def _write_into(req, src, total, progress, bitmaps=None):
             guard.release()
     try:
         if tgt.virtual_size < total:
-            raise QimgError("Target image is too small" if False else
-                            f"Could not write to '{req.target}': target image is smaller than the source")
+            raise QimgError(f"Could not write to '{req.target}': target image is smaller than the source")
         _prepare_bitmaps(req, tgt, bitmaps)
         opts = _copy_opts(req, req.target_is_zero)
         copy_range(_maybe_base(req, src), tgt, 0, total, opts, progress, cluster_size=tgt.cluster_size)
@@ -183,7 +182,7 @@ def _create_and_write(req, src, total, progress, bitmaps=None):
         _create_target(req, tmp, total)
         # like qemu-img, the secrets given for creation also unlock the new image
         secrets = {k: v for k, v in req.options.items() if k.endswith("key-secret")}
-        tgt = registry.open_image(tmp, req.out_fmt, writable=True, options={**secrets, NEW_IMAGE: True})
+        tgt = registry.open_image(tmp, req.out_fmt, writable=True, options={**secrets, CACHE_UNSAFE: True})
         try:
             _prepare_bitmaps(req, tgt, bitmaps)
             zero_init = tgt.has_zero_init and not req.backing
@@ -257,10 +256,6 @@ def _remove_created(name, cls, options):
             os.unlink(f)
         except OSError:
             pass
-
-
-class _Terminated(BaseException):
-    pass
 
 
 def _trap_signals():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..core import registry
 from ..core.chain import Chain
 from ..errors import QimgError
-from ..options import NEW_IMAGE
+from ..options import CACHE_UNSAFE
 from ..units import round_up
 
 INT64_MAX = (1 << 63) - 1
@@ -77,7 +77,7 @@ def dd(req: DdRequest, warn=None) -> None:
         except QimgError as e:
             raise QimgError(f"{req.output}: error while creating output image: {_create_reason(e, req.output)}",
                             e.exit_code) from None
-        tgt = registry.open_image(req.output, req.out_fmt, writable=True, options={NEW_IMAGE: True})
+        tgt = registry.open_image(req.output, req.out_fmt, writable=True, options={CACHE_UNSAFE: True})
         try:
             if beyond:
                 if warn is not None:

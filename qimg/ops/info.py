@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from ..core import registry
-from ..core.chain import Chain
 from ..options import NO_IO
 
 
@@ -89,7 +88,3 @@ def image_info(filename: str, fmt: str | None = None, backing_chain: bool = Fals
             raise BackingChainError("Backing chain is deeper than the limit of 64 images")
         name, cur_fmt = nxt, backing.fmt
     return infos
-
-
-def chain_for(filename: str, fmt: str | None = None, **kw) -> Chain:
-    return Chain.open(filename, fmt, **kw)

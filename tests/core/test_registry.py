@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from qimg.core import registry
 from qimg.errors import OpenError
 from qimg.formats.raw import RawDriver
-from tests.conftest import run_qimg_subprocess
+from tests.conftest import run_qimg, run_qimg_subprocess
 
 
 class ProbeOnlyDriver(RawDriver):
@@ -147,3 +148,16 @@ def test_help_and_probing_work_without_site_hooks(tmp_path):
     r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "Supported formats:" in r.stdout and "file format: raw" in r.stdout
+
+
+@pytest.mark.parametrize("pad, fmt", [(400, "vmdk"), (480, "raw")], ids=["version-within-512", "version-past-512"])
+def test_probe_reads_512_bytes_like_qemu(oracle, tmp_path, pad, fmt):
+    """A text VMDK descriptor whose ``version=`` line starts past byte 512 is raw to qemu-img's probe."""
+    oracle("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", tmp_path / "d.vmdk", "1M")
+    img = tmp_path / "p.vmdk"
+    img.write_bytes(b"# padding " + b"0" * pad + b"\n" + (tmp_path / "d.vmdk").read_bytes())
+    assert (img.read_bytes().index(b"version=") < 512) == (fmt == "vmdk")
+    theirs = oracle("info", "--output=json", img)
+    ours = run_qimg("info", "--output=json", img)
+    assert json.loads(theirs.out)["format"] == fmt
+    assert (ours.rc, ours.out, ours.err.replace("qimg:", "qemu-img:")) == (0, theirs.out, theirs.err)

@@ -107,7 +107,7 @@ def test_sync_policy_travels_with_the_open(tmp_path):
     """Only an open that says it made the image skips the syncs between metadata stages: an image
     this process created earlier is edited in place as carefully as any other."""
     from qimg.core import registry
-    from qimg.options import NEW_IMAGE
+    from qimg.options import CACHE_UNSAFE
 
     img = tmp_path / "a.qcow2"
     src = tmp_path / "a.raw"
@@ -118,7 +118,7 @@ def test_sync_policy_travels_with_the_open(tmp_path):
         assert drv._sync_meta and drv.direct_writes == ""
     finally:
         drv.close()
-    drv = registry.open_image(str(img), "qcow2", writable=True, options={NEW_IMAGE: True})
+    drv = registry.open_image(str(img), "qcow2", writable=True, options={CACHE_UNSAFE: True})
     try:
         assert not drv._sync_meta
     finally:

@@ -13,8 +13,9 @@ References:
   granularity and enabled state; bitmap runs its actions in command-line order and keeps what
   succeeded before a failing one; merging sets every bit whose range overlaps a set source bit.
 
-Every rewrite of bitmap tables and data goes through ``lifecycle.commit`` (new clusters, then one
-header write), like every other metadata change.
+This module reads and plans (directory, tables, the bits of a change); the changes themselves are
+committed by bitmap_edit.py through ``lifecycle.commit`` (new clusters, then one header write), like
+every other metadata change.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from ...errors import CorruptImage, QimgError, check_limit
 from .header import (
     BITMAP_ENTRY,
-    MAX_BITMAPS,
     QCOW2_AUTOCLEAR_BITMAPS,
     QCOW2_EXT_MAGIC_BITMAPS,
     BitmapInfo,
@@ -259,18 +259,6 @@ def tracker_for(drv) -> DirtyTracker | None:
     return DirtyTracker(names) if names else None
 
 
-def store_dirty(store, tracker: DirtyTracker) -> None:
-    """Set the bits of the written ranges in the tracked bitmaps and clear their in-use flag."""
-    from . import lifecycle as lc
-
-    meta = lc.Qcow2Meta(store)
-    change = lc.current_plan(meta)
-    change.bitmaps = dirty_plans(meta, merge_ranges(tracker.ranges), tracker.names)
-    lc.commit(meta, change)
-    tracker.ranges = []
-    tracker.marked = False
-
-
 def dirty_plans(meta, ranges: list, names: set) -> list[BitmapPlan]:
     """The image's bitmaps with the bits of the written ``ranges`` set in the bitmaps ``names``,
     whose in-use flag is cleared: they are consistent again."""
@@ -373,86 +361,3 @@ def source_bitmaps(drv, skip_broken: bool, warn) -> list[tuple[BitmapInfo, Bitma
                             "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it")
         out.append((bm, BitmapReader(drv.store, bm, h.size, h.cluster_size, drv.file_size)))
     return out[::-1]
-
-
-def copy_bitmaps(store, source: list[tuple[BitmapInfo, BitmapReader]]) -> None:
-    """Add the bitmaps of ``source`` (with their data) to the image in ``store``."""
-    from . import lifecycle as lc
-
-    meta = lc.Qcow2Meta(store)
-    change = lc.current_plan(meta)
-    change.bitmaps = copied_plans(meta, source)
-    lc.commit(meta, change)
-
-
-def edit_bitmaps(store, filename: str, name: str, actions: list, granularity: int | None, source_plans) -> None:
-    """qemu-img bitmap: ``actions`` ((kind, argument) pairs) in order on bitmap ``name``.  Like
-    qemu-img, what succeeded before a failing action is kept.  ``source_plans(source_name, plans)``
-    gives the (store, plan, virtual size, cluster size) of a --merge source."""
-    from . import lifecycle as lc
-
-    meta = lc.Qcow2Meta(store)
-    plans = kept_plans(meta)
-    done = 0
-    try:
-        for kind, arg in actions:
-            try:
-                _edit_one(meta, plans, filename, name, kind, arg, granularity, source_plans)
-            except QimgError as e:
-                raise QimgError(f"Operation {kind} on bitmap {name} failed: {e}") from None
-            done += 1
-    finally:
-        if done:
-            change = lc.current_plan(meta)
-            change.bitmaps = plans
-            lc.commit(meta, change)
-
-
-def _edit_one(meta, plans: list, filename: str, name: str, kind: str, arg, granularity, source_plans) -> None:
-    cs = meta.cluster_size
-    size = meta.header.size
-    found = [p for p in plans if p.info.name == name]
-    if kind == "add":
-        if found:
-            raise QimgError(f"Bitmap already exists: {name}")
-        g = granularity if granularity is not None else max(4096, cs)
-        if g < 512 or g & (g - 1) or g > 1 << MAX_GRANULARITY_BITS:
-            raise QimgError("Granularity must be power of 2 and at least 512")
-        cant = f"Can't make bitmap '{name}' persistent in '{filename}': "
-        if meta.header.version < 3:
-            raise QimgError(cant + "Cannot store dirty bitmaps in qcow2 v2 files")
-        if len(name.encode()) > MAX_BITMAP_NAME:
-            raise QimgError(cant + f"Name length exceeds maximum ({MAX_BITMAP_NAME} characters)")
-        gbits = g.bit_length() - 1
-        if bitmap_bytes(size, gbits) > MAX_BITMAP_BYTES:
-            raise QimgError(cant + "Too much space will be occupied by the bitmap. Use larger granularity")
-        if len(plans) >= MAX_BITMAPS:
-            raise QimgError(cant + "Too many persistent bitmaps")
-        n = table_entries(size, gbits, cs)
-        plans.append(BitmapPlan(BitmapInfo(name, BME_FLAG_AUTO, gbits, 0, n), [0] * n))
-        return
-    if not found:
-        raise QimgError(f"Dirty bitmap '{name}' not found")
-    plan = found[0]
-    if kind == "remove":
-        plans.remove(plan)
-        return
-    if plan.info.flags & BME_FLAG_IN_USE:
-        raise QimgError(f"Bitmap '{name}' is inconsistent and cannot be used\n"
-                        "Try block-dirty-bitmap-remove to delete this bitmap from disk")
-    if kind == "clear":
-        plan.table = [0] * len(plan.table)
-        plan.fresh = {}
-    elif kind == "enable":
-        plan.info.flags |= BME_FLAG_AUTO
-    elif kind == "disable":
-        plan.info.flags &= ~BME_FLAG_AUTO
-    elif kind == "merge":
-        src_store, src, src_size, src_cs = source_plans(arg, plans)
-        if src.info.flags & BME_FLAG_IN_USE:
-            raise QimgError(f"Bitmap '{arg}' is inconsistent and cannot be used\n"
-                            "Try block-dirty-bitmap-remove to delete this bitmap from disk")
-        if src_size != size:
-            raise QimgError(f"Bitmaps are of different sizes (destination size is {size}, source size is "
-                            f"{src_size}) and can't be merged")
-        mark_ranges(meta.store, plan, set_ranges(src_store, src, size, src_cs), cs)

@@ -161,7 +161,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                     raise OpenError(str(e)) from None
             self.data_filename = path
         self._meta_prealloc = None
-        self._init_writer(options or {})
+        self._init_writer(options)
         if self.encrypted and self._cipher is None and not (options or {}).get(NO_IO):
             self._crypto()  # as qemu-img: everything but info needs the key, and says so at open
 

@@ -119,18 +119,6 @@ class Qcow2Meta:
             out[first:first + k] = vals[:k]
         return out
 
-    def refcount_of(self, cluster: int) -> int:
-        rpb = self.rc_per_block
-        i = cluster // rpb
-        if i >= len(self.reftable):
-            return 0
-        ent = int(self.reftable[i])
-        off = ent & REFT_OFFSET_MASK
-        if not off or off % self.cluster_size or off >= self.file_size:
-            return 0
-        vals = decode_block(self.store.pread_full(off, self.cluster_size), self.header.refcount_bits).astype(np.int64)
-        return int(vals[cluster % rpb])
-
     # ----- mapping helpers -----
     def l2_words(self, l2) -> np.ndarray:
         return l2[:, 0] if l2.ndim == 2 else l2
@@ -215,9 +203,6 @@ class RefCollector:
             return np.zeros(minlength, np.int64)
         allidx = np.concatenate(self.parts)
         return np.bincount(allidx, minlength=minlength).astype(np.int64)
-
-    def max_index(self) -> int:
-        return max((int(p.max()) for p in self.parts if len(p)), default=-1)
 
 
 @dataclass

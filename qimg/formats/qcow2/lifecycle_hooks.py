@@ -39,7 +39,7 @@ class Qcow2LifecycleMixin:
 
     def _store_bitmaps(self) -> None:
         if getattr(self, "_bitmap_writes", None) is not None and self._bitmap_writes.ranges:
-            from .bitmaps import store_dirty
+            from .bitmap_edit import store_dirty
 
             self._lifecycle(lambda st: store_dirty(st, self._bitmap_writes))
 
@@ -64,7 +64,7 @@ class Qcow2LifecycleMixin:
                 raise QimgError(f"Failed to create bitmap {bm.name}: Bitmap already exists: {bm.name}")
 
     def add_bitmaps(self, source: list) -> None:
-        from .bitmaps import copy_bitmaps
+        from .bitmap_edit import copy_bitmaps
 
         if source:
             self._lifecycle(lambda st: copy_bitmaps(st, source))
@@ -72,7 +72,8 @@ class Qcow2LifecycleMixin:
     def edit_bitmap(self, name: str, actions: list, granularity: int | None, merge_source=None) -> None:
         """qemu-img bitmap on this image; ``merge_source`` is an open image whose bitmaps --merge reads
         (None: this image's own)."""
-        from .bitmaps import edit_bitmaps, kept_plans
+        from .bitmap_edit import edit_bitmaps
+        from .bitmaps import kept_plans
 
         def source_plans(src_name, own_plans):
             if merge_source is None:

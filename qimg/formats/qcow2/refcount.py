@@ -250,21 +250,3 @@ class Refcounts:
             if clusters:
                 self.add(off // self.cs, clusters, -1)
         self.old_tables.clear()
-
-    def used_clusters(self) -> int:
-        """Count of clusters with a non-zero refcount (reads every block)."""
-        total = 0
-        if self.plain:
-            for idx, ent in enumerate(self.table):
-                if ent & REFT_OFFSET_MASK:
-                    blk = self.block(idx)
-                    if blk is not None:
-                        total += len(blk) - blk.count(0)
-            return total
-        for idx in np.flatnonzero(self.table & np.uint64(REFT_OFFSET_MASK)):
-            blk = self.block(int(idx))
-            if blk is not None:
-                total += int(np.count_nonzero(blk))
-        return total
-
-

@@ -23,13 +23,6 @@ from .header import MAX_SNAPSHOTS, QCOW2_INCOMPAT_CORRUPT
 from .snapshot import Snapshot, snapshot_index
 
 
-def open_meta(store, writable: bool = True) -> lc.Qcow2Meta:
-    """Metadata of an image about to change: refuses images marked corrupt or failing the check."""
-    meta = lc.Qcow2Meta(store)
-    refuse_if_corrupt(meta)
-    return meta
-
-
 def refuse_if_corrupt(meta: lc.Qcow2Meta) -> np.ndarray:
     """Run the consistency walk; a corrupt image is refused with one line. Returns the computed refcounts."""
     from .check import _check_once

@@ -29,9 +29,6 @@ class LazyNumpy:
         self._globals = module_globals
 
     def __getattr__(self, name):
-        import os
-
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         import numpy
 
         self._globals["np"] = numpy

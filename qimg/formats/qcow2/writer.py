@@ -17,7 +17,7 @@ import struct
 from array import array
 
 from ...errors import QimgError, Unsupported
-from ...options import NEW_IMAGE
+from ...options import CACHE_UNSAFE
 from . import compress as qcompress
 from .refcount import Refcounts
 from .tables import (
@@ -39,7 +39,7 @@ DIRTY_L2_LIMIT_BYTES = 64 << 20
 class Qcow2Writer:
     """Mixin for Qcow2Driver: everything that changes the image."""
 
-    def _init_writer(self, options: dict) -> None:
+    def _init_writer(self, options: dict | None = None) -> None:
         self._rc = None
         self._l2_dirty: dict[int, np.ndarray] = {}
         self._l1_dirty = False
@@ -49,8 +49,8 @@ class Qcow2Writer:
         self._pending = None  # (guest cluster offset, bytearray): a cluster being assembled for compression
         # refcount decrements wait until no L2/L1 entry on disk references the clusters any more
         self._deferred_frees: list[tuple[int, int]] = []
-        # in-place edits flush (fdatasync) between the metadata stages; a new image (convert) does not
-        self._sync_meta = not options.get(NEW_IMAGE)
+        # in-place edits flush (fdatasync) between the metadata stages; convert's target does not
+        self._sync_meta = not (options or {}).get(CACHE_UNSAFE)
 
     # ------------------------------------------------------------------ helpers
     def _dwrite(self, host: int, data, guest: int) -> None:

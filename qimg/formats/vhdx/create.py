@@ -16,19 +16,20 @@ from ...options import parse_bool, parse_opt_size
 from ..blockmap import uint_table_bytes
 from .crc32c import _with_checksum
 from .layout import (
-    _META_ENTRY,
-    _META_HDR,
-    _REGION_ENTRY,
-    _REGION_HDR,
     BAT_GUID,
     DEFAULT_LOG_SIZE,
+    FILE_PARAMETERS,
     FILE_PARAMETERS_GUID,
     LOGICAL_SECTOR_SIZE_GUID,
     METADATA_GUID,
+    METADATA_TABLE_ENTRY,
+    METADATA_TABLE_HEADER,
     PAGE83_DATA_GUID,
     PAYLOAD_BLOCK_FULLY_PRESENT,
     PAYLOAD_BLOCK_ZERO,
     PHYSICAL_SECTOR_SIZE_GUID,
+    REGION_TABLE_ENTRY,
+    REGION_TABLE_HEADER,
     SMALL_BAT_ENTRIES,
     VHDX_HEADER1_OFFSET,
     VHDX_HEADER2_OFFSET,
@@ -112,15 +113,16 @@ def create(filename: str, opts: CreateOptions, opener) -> None:
              log_length=log_size, log_offset=log_offset)
 
     region = bytearray(VHDX_REGION_TABLE_SIZE)
-    _REGION_HDR.pack_into(region, 0, b"regi", 0, 2, 0)
-    _REGION_ENTRY.pack_into(region, 16, BAT_GUID, bat_offset, bat_length, 0)
-    _REGION_ENTRY.pack_into(region, 48, METADATA_GUID, meta_offset, meta_length, 0)
+    REGION_TABLE_HEADER.pack_into(region, 0, signature=b"regi", checksum=0, entry_count=2)
+    REGION_TABLE_ENTRY.pack_into(region, 16, guid=BAT_GUID, file_offset=bat_offset, length=bat_length, required=0)
+    REGION_TABLE_ENTRY.pack_into(region, 48, guid=METADATA_GUID, file_offset=meta_offset, length=meta_length,
+                                 required=0)
     _with_checksum(region)
 
     meta = bytearray(VHDX_METADATA_TABLE_MAX_SIZE + 4 * KiB)
-    _META_HDR.pack_into(meta, 0, b"metadata", 0, 5, bytes(20))
+    METADATA_TABLE_HEADER.pack_into(meta, 0, signature=b"metadata", entry_count=5)
     items = [
-        (FILE_PARAMETERS_GUID, struct.pack("<II", block_size, 1 if fixed else 0), 4),
+        (FILE_PARAMETERS_GUID, FILE_PARAMETERS.pack(block_size=block_size, flags=1 if fixed else 0), 4),
         (VIRTUAL_DISK_SIZE_GUID, struct.pack("<Q", size), 2 | 4),
         (PAGE83_DATA_GUID, uuid.uuid4().bytes_le, 2 | 4),
         (LOGICAL_SECTOR_SIZE_GUID, struct.pack("<I", lss), 2 | 4),
@@ -128,7 +130,7 @@ def create(filename: str, opts: CreateOptions, opener) -> None:
     ]
     pos = VHDX_METADATA_TABLE_MAX_SIZE
     for i, (guid, payload, flags) in enumerate(items):
-        _META_ENTRY.pack_into(meta, 32 + 32 * i, guid, pos, len(payload), flags, 0)
+        METADATA_TABLE_ENTRY.pack_into(meta, 32 + 32 * i, item_id=guid, offset=pos, length=len(payload), flags=flags)
         meta[pos:pos + len(payload)] = payload
         pos += len(payload)
 

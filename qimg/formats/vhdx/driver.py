@@ -16,19 +16,20 @@ from ..blockmap import uint_table, uint_table_bytes
 from .check import validate_bat
 from .crc32c import _checksum_ok
 from .layout import (
-    _META_ENTRY,
-    _META_HDR,
-    _REGION_ENTRY,
-    _REGION_HDR,
     BAT_GUID,
+    FILE_PARAMETERS,
     FILE_PARAMETERS_GUID,
     LOGICAL_SECTOR_SIZE_GUID,
     METADATA_GUID,
+    METADATA_TABLE_ENTRY,
+    METADATA_TABLE_HEADER,
     PAGE83_DATA_GUID,
     PARENT_LOCATOR_GUID,
     PAYLOAD_BLOCK_FULLY_PRESENT,
     PAYLOAD_BLOCK_PARTIALLY_PRESENT,
     PHYSICAL_SECTOR_SIZE_GUID,
+    REGION_TABLE_ENTRY,
+    REGION_TABLE_HEADER,
     SMALL_BAT_ENTRIES,
     VHDX_BAT_FILE_OFF_MASK,
     VHDX_BAT_STATE_BIT_MASK,
@@ -145,12 +146,13 @@ class VhdxDriver(VhdxLogMixin, Driver):
             buf = self.store.pread_full(VHDX_REGION_TABLE2_OFFSET, VHDX_REGION_TABLE_SIZE)
             if buf[:4] != b"regi" or not _checksum_ok(buf):
                 raise CorruptImage("Invalid VHDX region table (bad signature or checksum)")
-        _sig, _csum, count, _res = _REGION_HDR.unpack_from(buf)
+        count = REGION_TABLE_HEADER.unpack(buf)["entry_count"]
         check_limit("VHDX region table entry count", count, VHDX_MAX_ENTRIES)
         bat = meta = None
         seen = []
         for i in range(count):
-            guid, off, length, required = _REGION_ENTRY.unpack_from(buf, 16 + 32 * i)
+            e = REGION_TABLE_ENTRY.unpack(buf, 16 + 32 * i)
+            guid, off, length, required = e["guid"], e["file_offset"], e["length"], e["required"]
             if off % MiB or length % MiB or off < MiB:
                 raise CorruptImage("VHDX region %d (offset %u, length %u) is not 1 MiB aligned" % (i, off, length))
             if off + length > self.file_size:
@@ -179,13 +181,15 @@ class VhdxDriver(VhdxLogMixin, Driver):
     def _read_metadata(self) -> None:
         mlen = min(self.meta_length, VHDX_METADATA_TABLE_MAX_SIZE)
         buf = self.store.pread_full(self.meta_offset, mlen)
-        sig, _r, count, _r2 = _META_HDR.unpack_from(buf)
+        mh = METADATA_TABLE_HEADER.unpack(buf)
+        sig, count = mh["signature"], mh["entry_count"]
         if sig != b"metadata":
             raise CorruptImage("Invalid VHDX metadata table signature")
         check_limit("VHDX metadata entry count", count, VHDX_MAX_ENTRIES)
         items = {}
         for i in range(count):
-            item, off, length, flags, _res = _META_ENTRY.unpack_from(buf, 32 + 32 * i)
+            e = METADATA_TABLE_ENTRY.unpack(buf, 32 + 32 * i)
+            item, off, length, flags = e["item_id"], e["offset"], e["length"], e["flags"]
             if length == 0:
                 continue
             if off < VHDX_METADATA_TABLE_MAX_SIZE or off + length > self.meta_length:
@@ -206,7 +210,8 @@ class VhdxDriver(VhdxLogMixin, Driver):
             if req not in items or len(items[req]) < (8 if req == FILE_PARAMETERS_GUID or
                                                       req == VIRTUAL_DISK_SIZE_GUID else 4):
                 raise CorruptImage("VHDX metadata lacks a required item")
-        block_size, fflags = struct.unpack_from("<II", items[FILE_PARAMETERS_GUID])
+        params = FILE_PARAMETERS.unpack(items[FILE_PARAMETERS_GUID])
+        block_size, fflags = params["block_size"], params["flags"]
         if fflags & 2:
             # differencing images (a parent) are not supported, as in qemu-img 7.2
             raise Unsupported("Operation not supported")

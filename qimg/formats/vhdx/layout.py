@@ -6,9 +6,9 @@ References: [MS-VHDX] 2.1 (layout), 2.2.2 (header), 2.2.3 (region table), 2.3 (l
 
 from __future__ import annotations
 
-import struct
 import uuid
 
+from ...binfmt import Record
 from .crc32c import _checksum_ok, _with_checksum
 
 KiB = 1024
@@ -62,30 +62,39 @@ PHYSICAL_SECTOR_SIZE_GUID = _guid("CDA348C7-445D-4471-9CC9-E9885251C556")
 PARENT_LOCATOR_GUID = _guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
 ZERO_GUID = bytes(16)
 
-_HEADER = struct.Struct("<4sIQ16s16s16sHHIQ")
-_REGION_HDR = struct.Struct("<4sIII")
-_REGION_ENTRY = struct.Struct("<16sQII")
-_META_HDR = struct.Struct("<8sHH20s")
-_META_ENTRY = struct.Struct("<16sIIII")
-_LOG_HDR = struct.Struct("<4sIIIQII16sQQ")
-_LOG_DESC = struct.Struct("<4s4s8sQQ")
+# the records of [MS-VHDX], field names as the specification gives them
+HEADER = Record("<", ("signature", "4s"), ("checksum", "I"), ("seq", "Q"), ("file_write_guid", "16s"),
+                ("data_write_guid", "16s"), ("log_guid", "16s"), ("log_version", "H"), ("version", "H"),
+                ("log_length", "I"), ("log_offset", "Q"))                                   # 2.2.2
+REGION_TABLE_HEADER = Record("<", ("signature", "4s"), ("checksum", "I"), ("entry_count", "I"),
+                             ("_reserved", "I"))                                            # 2.2.3
+REGION_TABLE_ENTRY = Record("<", ("guid", "16s"), ("file_offset", "Q"), ("length", "I"), ("required", "I"))
+METADATA_TABLE_HEADER = Record("<", ("signature", "8s"), ("_reserved", "H"), ("entry_count", "H"),
+                               ("_reserved2", "20s"))                                       # 2.6.1.1
+METADATA_TABLE_ENTRY = Record("<", ("item_id", "16s"), ("offset", "I"), ("length", "I"), ("flags", "I"),
+                              ("_reserved", "I"))                                           # 2.6.1.2
+LOG_ENTRY_HEADER = Record("<", ("signature", "4s"), ("checksum", "I"), ("entry_length", "I"), ("tail", "I"),
+                          ("sequence_number", "Q"), ("descriptor_count", "I"), ("_reserved", "I"),
+                          ("log_guid", "16s"), ("flushed_file_offset", "Q"), ("last_file_offset", "Q"))  # 2.3.1.1
+FILE_PARAMETERS = Record("<", ("block_size", "I"), ("flags", "I"))                     # 2.6.2.1
+LOG_DESCRIPTOR = Record("<", ("signature", "4s"), ("trailing_bytes", "4s"), ("leading_bytes", "8s"),
+                        ("file_offset", "Q"), ("sequence_number", "Q"))                     # 2.3.1.2/3
 
 
 # ----- headers -----
 def _parse_header(buf: bytes) -> dict | None:
     if len(buf) < VHDX_HEADER_SIZE or buf[:4] != b"head" or not _checksum_ok(buf[:VHDX_HEADER_SIZE]):
         return None
-    (_sig, _csum, seq, fwg, dwg, log_guid, log_version, version, log_length, log_offset) = _HEADER.unpack_from(buf)
-    if version != 1:
+    h = HEADER.unpack(buf)
+    if h["version"] != 1:
         return None
-    return dict(seq=seq, file_write_guid=fwg, data_write_guid=dwg, log_guid=log_guid, log_version=log_version,
-                version=version, log_length=log_length, log_offset=log_offset)
+    del h["signature"], h["checksum"]
+    return h
 
 
 def _pack_header(h: dict) -> bytes:
     buf = bytearray(VHDX_HEADER_SIZE)
-    _HEADER.pack_into(buf, 0, b"head", 0, h["seq"], h["file_write_guid"], h["data_write_guid"], h["log_guid"],
-                      h["log_version"], h["version"], h["log_length"], h["log_offset"])
+    HEADER.pack_into(buf, 0, signature=b"head", checksum=0, **h)
     return bytes(_with_checksum(buf))
 
 

@@ -11,7 +11,15 @@ import struct
 
 from ...errors import CorruptImage, check_limit
 from .crc32c import crc32c
-from .layout import _LOG_DESC, _LOG_HDR, VHDX_LOG_SECTOR_SIZE, VHDX_MAX_IMAGE_SIZE, VHDX_MAX_LOG_ENTRY, ZERO_GUID, MiB
+from .layout import (
+    LOG_DESCRIPTOR,
+    LOG_ENTRY_HEADER,
+    VHDX_LOG_SECTOR_SIZE,
+    VHDX_MAX_IMAGE_SIZE,
+    VHDX_MAX_LOG_ENTRY,
+    ZERO_GUID,
+    MiB,
+)
 
 
 class VhdxLogMixin:
@@ -56,7 +64,10 @@ class VhdxLogMixin:
         head = self._log_read(pos, VHDX_LOG_SECTOR_SIZE)
         if head[:4] != b"loge":
             return None
-        (_sig, csum, length, tail, seq, count, _res, guid, flushed, last) = _LOG_HDR.unpack_from(head)
+        e = LOG_ENTRY_HEADER.unpack(head)
+        csum, length, tail, seq = e["checksum"], e["entry_length"], e["tail"], e["sequence_number"]
+        count, guid = e["descriptor_count"], e["log_guid"]
+        flushed, last = e["flushed_file_offset"], e["last_file_offset"]
         if guid != h["log_guid"] or length < VHDX_LOG_SECTOR_SIZE or length % VHDX_LOG_SECTOR_SIZE or length > L:
             return None
         check_limit("VHDX log entry length", length, VHDX_MAX_LOG_ENTRY)
@@ -73,7 +84,9 @@ class VhdxLogMixin:
             if at // VHDX_LOG_SECTOR_SIZE != (at - 32) // VHDX_LOG_SECTOR_SIZE and i:
                 sector = self._log_read(pos + at // VHDX_LOG_SECTOR_SIZE * VHDX_LOG_SECTOR_SIZE,
                                         VHDX_LOG_SECTOR_SIZE)
-            sig, trail, lead, file_off, dseq = _LOG_DESC.unpack_from(sector, at % VHDX_LOG_SECTOR_SIZE)
+            d = LOG_DESCRIPTOR.unpack(sector, at % VHDX_LOG_SECTOR_SIZE)
+            sig, trail, lead, file_off, dseq = (d["signature"], d["trailing_bytes"], d["leading_bytes"],
+                                                d["file_offset"], d["sequence_number"])
             if dseq != seq or file_off % VHDX_LOG_SECTOR_SIZE:
                 return None
             if sig == b"zero":

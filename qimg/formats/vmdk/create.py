@@ -214,7 +214,7 @@ def create(filename: str, opts, opener) -> None:
     """Create a VMDK of any subformat qemu-img 7.2 writes."""
     adapter, subformat, compat6, zeroed, hw, tools, prealloc = _opts(opts)
     if adapter not in ADAPTERS:
-        raise QimgError(f"Unknown adapter type: '{adapter}'" if False else f"invalid parameter value: {adapter}")
+        raise QimgError(f"invalid parameter value: {adapter}")
     if subformat not in SUBFORMATS:
         raise QimgError(f"invalid parameter value: {subformat}")
     if prealloc not in PREALLOC:

@@ -1,0 +1,79 @@
+"""The driver catalog: format and protocol names to driver classes, imported lazily.
+
+A leaf of core/: it opens nothing, so the registry (which opens images) and the Opener (which opens
+files beside an image, possibly on a protocol such as nbd:) both look drivers up here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util  # format_names() uses find_spec; not always imported at start-up
+
+from ..errors import OpenError
+
+#: name -> "module:Class".  Order matters: probe ties go to the earlier entry.
+FORMATS: dict[str, str] = {
+    "qcow2": "qimg.formats.qcow2:Qcow2Driver",
+    "qed": "qimg.formats.qed:QedDriver",
+    "qcow": "qimg.formats.qcow:QcowDriver",
+    "vdi": "qimg.formats.vdi:VdiDriver",
+    "vmdk": "qimg.formats.vmdk:VmdkDriver",
+    "vpc": "qimg.formats.vpc:VpcDriver",
+    "vhdx": "qimg.formats.vhdx:VhdxDriver",
+    "parallels": "qimg.formats.parallels:ParallelsDriver",
+    "bochs": "qimg.formats.bochs:BochsDriver",
+    "cloop": "qimg.formats.cloop:CloopDriver",
+    "dmg": "qimg.formats.dmg:DmgDriver",
+    "luks": "qimg.formats.luks:LuksDriver",
+    "cow": "qimg.formats.cow:CowDriver",
+    "raw": "qimg.formats.raw:RawDriver",
+    # qemu's protocol driver for host files, usable as a format (-f file, --image-opts driver=file)
+    "file": "qimg.formats.raw:FileDriver",
+}
+
+#: filename prefixes handled by protocol drivers (no host file behind them)
+PROTOCOLS: dict[str, str] = {
+    "nbd:": "qimg.formats.nbd:NbdDriver",
+    "nbd+unix:": "qimg.formats.nbd:NbdDriver",
+    "nbd+tcp:": "qimg.formats.nbd:NbdDriver",
+    "fat:": "qimg.formats.vvfat:VvfatDriver",
+}
+
+_cache: dict[str, type] = {}
+
+
+def format_names() -> list[str]:
+    """Names of the formats whose driver module exists."""
+    names = []
+    for name, target in FORMATS.items():
+        module = target.split(":")[0]
+        if importlib.util.find_spec(module) is not None:
+            names.append(name)
+    return names
+
+
+def get_driver(name: str) -> type:
+    """The driver class for a format name; OpenError for an unknown one."""
+    if name in _cache:
+        return _cache[name]
+    target = FORMATS.get(name) or PROTOCOLS.get(name)
+    if target is None:
+        raise OpenError(f"Unknown driver '{name}'")
+    module_name, cls_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise OpenError(f"Unknown driver '{name}'") from None
+        raise
+    cls = getattr(module, cls_name)
+    _cache[name] = cls
+    return cls
+
+
+def protocol_for(filename: str) -> str | None:
+    """The protocol prefix of a filename like nbd://host/x or fat:dir, if any."""
+    for prefix in PROTOCOLS:
+        if filename.startswith(prefix):
+            return prefix
+    return None
