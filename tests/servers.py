@@ -163,6 +163,7 @@ class Misbehaving:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.conns = []
+        self.opens = 0  # requests for the range at 0: one per opening
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -200,6 +201,7 @@ class Misbehaving:
                 head = (f"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{end}/{len(self.data)}\r\n"
                         f"Content-Length: {len(body)}\r\n\r\n").encode()
                 if start == 0:
+                    self.opens += 1
                     conn.sendall(head + body)
                 elif self.mode == "truncate":
                     conn.sendall(head + body[:len(body) // 2])
