@@ -49,8 +49,13 @@ def has_dashboard() -> bool:
     return importlib.util.find_spec("bokeh") is not None
 
 
-def connect(address: str | None, workers: int | None = None, retries: int = DEFAULT_RETRIES):
-    """(client, cluster or None): a client of the scheduler at ``address``, or of a new LocalCluster."""
+def connect(address: str | None, workers: int | None = None, retries: int = DEFAULT_RETRIES,
+            start_method: str | None = None):
+    """(client, cluster or None): a client of the scheduler at ``address``, or of a new LocalCluster.
+
+    ``start_method``: how the LocalCluster starts its worker processes (multiprocessing's "spawn",
+    Dask's default, or "fork": a fraction of a second instead of seconds, for a caller that has no
+    threads of its own yet, like ``qimg batch``)."""
     dist = distributed()
     import logging
 
@@ -65,7 +70,10 @@ def connect(address: str | None, workers: int | None = None, retries: int = DEFA
             raise BatchError(f"Could not connect to the Dask scheduler at '{address}': {reason}") from None
     n = workers or os.cpu_count() or 1
     dashboard = ":0" if has_dashboard() else None
-    with dask.config.set({"distributed.scheduler.allowed-failures": max(retries, 0)}):
+    settings = {"distributed.scheduler.allowed-failures": max(retries, 0)}
+    if start_method:
+        settings["distributed.worker.multiprocessing-method"] = start_method
+    with dask.config.set(settings):
         cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                                     dashboard_address=dashboard, silence_logs=logging.ERROR)
     try:

@@ -121,7 +121,16 @@ def _convert_to_path(job: dict, dst: str) -> int:
     tmp = dst + PARTIAL
     _unlink(tmp)  # a previous attempt's, killed with its worker
     try:
-        ops.call(job, dst=tmp)
+        # created empty first: convert then writes it in place, so a killed attempt leaves this one name
+        # (when it cannot be created, convert says why in its own words)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except OSError:
+            pass
+        try:
+            ops.call(job, dst=tmp)
+        except QimgError as e:
+            raise type(e)(str(e).replace(tmp, dst), e.exit_code) from None  # the name the job gave
         size = os.stat(tmp).st_size
         os.replace(tmp, dst)
     except BaseException:

@@ -24,10 +24,13 @@ def filesystem(url: str):
     scheme = url_scheme(url) or ""
     try:
         import fsspec
+        import fsspec.config
     except ImportError:
         raise OpenError(f"{scheme}:// URLs need the package fsspec"
                         f"{' and ' + BACKENDS[scheme] if scheme in BACKENDS else ''}: "
                         "pip install 'qimg[remote]'") from None
+    # FSSPEC_<PROTOCOL>_<OPTION> variables as they are now (fsspec reads them once, when imported)
+    fsspec.config.set_conf_env(fsspec.config.conf)
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError:

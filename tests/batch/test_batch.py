@@ -86,7 +86,7 @@ def test_twenty_jobs_one_corrupt_on_the_embedded_cluster(images, moto_s3, tmp_pa
     assert sorted(x["id"] for x in rows) == sorted(j["id"] for j in jobs)
     by_id = {x["id"]: x for x in rows}
     failed = [x for x in rows if x["status"] != "ok"]
-    assert [x["id"] for x in failed] == ["corrupt"]
+    assert [x["id"] for x in failed] == ["corrupt"], failed
     single = run_qimg("convert", "-O", "raw", images / "corrupt.qcow2", tmp_path / "single.raw")
     assert single.err == f"qimg: {failed[0]['error']}\n"
     assert failed[0]["exit_code"] == single.rc == 1

@@ -80,7 +80,7 @@ def test_worker_killed_mid_convert(dask_cluster, tmp_path):
     client = Client(addr, timeout=30, set_as_default=False)
     try:
         client.wait_for_workers(2, timeout=60)
-        pid_of = {a: w["pid"] for a, w in client.scheduler_info()["workers"].items()}
+        pid_of = client.run(os.getpid)  # worker address -> pid
         assert sorted(pid_of.values()) == sorted(workers)
         results = []
         runner = threading.Thread(target=lambda: results.extend(qimg.batch.run([job], client=client)))
