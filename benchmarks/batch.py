@@ -151,8 +151,8 @@ def main() -> int:
 | `xargs -P 2 qemu-img convert -O qcow2` | {fmt_s(x)} | {total / x:.0f} MiB/s | **{x / b:.2f}x** |
 | shell loop of `qimg convert -O qcow2` | {fmt_s(loop)} | {total / loop:.0f} MiB/s | **{loop / b:.2f}x** |
 
-Scheduler overhead: **{per_job:.1f} ms per job** (200 `info` jobs on a running 2-worker LocalCluster, started as `qimg batch` starts it;
-{job_ms:.1f} ms of work per job inside the worker; the cluster took {start:.1f} s to start).
+Scheduler overhead: **{per_job:.1f} ms per job** (200 `info` jobs on a running 2-worker LocalCluster, started
+as `qimg batch` starts it; {job_ms:.1f} ms of work per job inside the worker; the cluster took {start:.1f} s to start).
 """
     write_section("batch", text)
     print(text)
