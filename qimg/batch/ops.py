@@ -1,6 +1,7 @@
 """The one place batch jobs meet the library: each op's keyword arguments, and the call that runs it.
 
-A job is a dict whose keys are the op's keyword arguments (``src``, ``dst``, ``fmt``, ``out_fmt``, ...).
+A job is a dict whose keys are the op's keyword arguments, named as the library's functions name them
+(``qimg.convert(src, dst, fmt=, out_fmt=, ...)``, ``qimg.compare(a, b, fmt1=, fmt2=)``...).
 ``OPS`` declares, per op, the keys it takes and which are required; ``validate`` checks a job against
 it before anything is submitted, and ``call`` runs the op in this process and returns
 ``(result, exit_code, error)``: the op's own result as the library returns it, the status the single
@@ -19,12 +20,12 @@ COMMON_KEYS = {"id", "op", "untrusted"}
 #: op -> (required keys, optional keys with their types)
 OPS: dict[str, tuple[tuple[str, ...], dict[str, type | tuple]]] = {
     "info": (("src",), {"fmt": str, "backing_chain": bool}),
-    "check": (("src",), {"fmt": str}),
-    "map": (("src",), {"fmt": str, "start": int, "length": int}),
+    "check": (("src",), {"fmt": str, "repair": str}),
+    "map": (("src",), {"fmt": str, "start_offset": int, "max_length": int}),
     "measure": (("src",), {"fmt": str, "out_fmt": str, "options": dict, "size": int}),
-    "compare": (("src", "dst"), {"fmt": str, "dst_fmt": str, "strict": bool}),
+    "compare": (("a", "b"), {"fmt1": str, "fmt2": str, "strict": bool}),
     "convert": (("src", "dst"), {"fmt": str, "out_fmt": str, "options": dict, "compress": bool,
-                                 "min_sparse": int}),
+                                 "sparse_size": int}),
     "inspect": (("src",), {"fmt": str}),
 }
 
@@ -55,6 +56,8 @@ def validate(job: dict) -> str | None:
             return f"option '{key}' of op {op} must be {_type_name(want)}"
     if "untrusted" in job and not isinstance(job["untrusted"], bool):
         return "option 'untrusted' must be true or false"
+    if op == "check" and job.get("repair") not in (None, "leaks", "all"):
+        return "option 'repair' of op check must be \"leaks\" or \"all\""
     return None
 
 
@@ -84,7 +87,7 @@ def call(job: dict, dst: str | None = None):
     if op == "check":
         from ..ops.check import check_image, human, result_dict
 
-        res, fmt_name = check_image(job["src"], fmt, None, {})
+        res, fmt_name = check_image(job["src"], fmt, job.get("repair"), {})
         code = res.exit_code
         lines = [line.strip() for line in human(res).splitlines() if line.strip()]
         error = None if not code else next((x for x in lines if "were found" in x or "have occurred" in x),
@@ -94,7 +97,7 @@ def call(job: dict, dst: str | None = None):
         from ..ops.map import map_entries, open_for_map
 
         with open_for_map(job["src"], fmt, {}) as chain:
-            entries = [_map_dict(e) for e in map_entries(chain, job.get("start") or 0, job.get("length"))]
+            entries = [_map_dict(e) for e in map_entries(chain, job.get("start_offset") or 0, job.get("max_length"))]
         return entries, 0, None
     if op == "measure":
         from ..ops.measure import MeasureRequest, measure
@@ -107,8 +110,8 @@ def call(job: dict, dst: str | None = None):
         from ..ops.compare import CompareRequest, compare
 
         lines: list[str] = []
-        code = compare(CompareRequest(job["src"], job["dst"], fmt, job.get("dst_fmt"), strict=bool(job.get("strict"))),
-                       report=lines.append)
+        req = CompareRequest(job["a"], job["b"], job.get("fmt1"), job.get("fmt2"), strict=bool(job.get("strict")))
+        code = compare(req, report=lines.append)
         text = " ".join(line.strip() for line in lines if line.strip())
         return {"identical": code == 0, "message": text}, code, (text or None) if code else None
     if op == "convert":
@@ -119,7 +122,7 @@ def call(job: dict, dst: str | None = None):
                              out_fmt=job.get("out_fmt") or "raw",
                              options={k: str(v) for k, v in (job.get("options") or {}).items()},
                              compress=bool(job.get("compress")), workers=2,
-                             min_sparse=4096 if job.get("min_sparse") is None else job["min_sparse"])
+                             min_sparse=4096 if job.get("sparse_size") is None else job["sparse_size"])
         convert(req)
         return {"dst": job["dst"], "out_fmt": req.out_fmt}, 0, None
     if op == "inspect":

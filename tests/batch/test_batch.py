@@ -74,7 +74,7 @@ def test_twenty_jobs_one_corrupt_on_the_embedded_cluster(images, moto_s3, tmp_pa
     jobs += [{"id": "check", "op": "check", "src": str(images / "base.qcow2")},
              {"id": "measure", "op": "measure", "src": "s3://src/base.qcow2", "out_fmt": "qcow2"},
              {"id": "map", "op": "map", "src": str(images / "base.vmdk")},
-             {"id": "compare", "op": "compare", "src": "s3://src/base.raw", "dst": str(images / "base.qcow2")},
+             {"id": "compare", "op": "compare", "a": "s3://src/base.raw", "b": str(images / "base.qcow2")},
              {"id": "corrupt", "op": "convert", "src": str(images / "corrupt.qcow2"), "dst": str(out / "c.raw")}]
     assert len(jobs) == 20
     for k, v in moto_s3.env().items():
@@ -189,8 +189,8 @@ def test_library_run_and_progress(images, cluster, tmp_path, capsys):
     import qimg.batch
 
     jobs = [{"id": "a", "op": "info", "src": str(images / "base.vdi")},
-            {"id": "b", "op": "compare", "src": str(images / "base.raw"), "dst": str(images / "base.vmdk")},
-            {"id": "c", "op": "compare", "src": str(images / "base.raw"), "dst": str(images / "corrupt.qcow2")}]
+            {"id": "b", "op": "compare", "a": str(images / "base.raw"), "b": str(images / "base.vmdk")},
+            {"id": "c", "op": "compare", "a": str(images / "base.raw"), "b": str(images / "corrupt.qcow2")}]
     rows = {x["id"]: x for x in qimg.batch.run(jobs, client=cluster)}
     assert rows["a"]["result"]["format"] == "vdi" and rows["b"]["status"] == "ok"
     single = run_qimg("compare", images / "base.raw", images / "corrupt.qcow2")
