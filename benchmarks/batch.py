@@ -105,7 +105,7 @@ def overhead(images, n_jobs: int = 200) -> tuple[float, float, float]:
     import qimg.batch
 
     t = time.perf_counter()
-    client, cluster = qimg.batch.connect(None, workers=2, start_method="fork")  # as qimg batch starts it
+    client, cluster = qimg.batch.connect(None, workers=2)  # as qimg batch starts it
     start = time.perf_counter() - t
     try:
         jobs = [{"id": str(i), "op": "info", "src": str(images[i % len(images)])} for i in range(n_jobs)]

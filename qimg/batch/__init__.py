@@ -53,9 +53,9 @@ def connect(address: str | None, workers: int | None = None, retries: int = DEFA
             start_method: str | None = None):
     """(client, cluster or None): a client of the scheduler at ``address``, or of a new LocalCluster.
 
-    ``start_method``: how the LocalCluster starts its worker processes (multiprocessing's "spawn",
-    Dask's default, or "fork": a fraction of a second instead of seconds, for a caller that has no
-    threads of its own yet, like ``qimg batch``)."""
+    ``start_method``: how the LocalCluster starts its worker processes (multiprocessing's; Dask's
+    default is "spawn": "fork" starts them in a fraction of a second, but its workers ran convert jobs
+    several times slower in benchmarks/batch.py, so ``qimg batch`` keeps "spawn")."""
     dist = distributed()
     import logging
 

@@ -121,7 +121,7 @@ def call(job: dict, dst: str | None = None):
         req = ConvertRequest(sources=[(job["src"], fmt, {EXCLUSIVE_READ: True})], target=dst or job["dst"],
                              out_fmt=job.get("out_fmt") or "raw",
                              options={k: str(v) for k, v in (job.get("options") or {}).items()},
-                             compress=bool(job.get("compress")), workers=2,
+                             compress=bool(job.get("compress")), workers=1,
                              min_sparse=4096 if job.get("sparse_size") is None else job["sparse_size"])
         convert(req)
         return {"dst": job["dst"], "out_fmt": req.out_fmt}, 0, None

@@ -23,7 +23,16 @@ class BatchProgress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="job", file=sys.stderr, dynamic_ncols=True, leave=True)
+            import os
+
+            try:
+                size = os.get_terminal_size(sys.stderr.fileno())
+            except OSError:
+                size = os.terminal_size((0, 0))
+            # a terminal that reports no size (a bare pty) still gets an 80-column bar (tqdm hides
+            # bars below a height of 0)
+            fit = {"dynamic_ncols": True} if size.columns and size.lines else {"ncols": 80, "nrows": 24}
+            self.bar = tqdm(total=total, unit="job", file=sys.stderr, leave=True, **fit)
 
     def note(self, text: str) -> None:
         if self.mode == "json":
@@ -93,8 +102,8 @@ def command(scheduler, workers, results, resume, untrusted, retries, progress, q
     prepare(lines)  # a malformed file (ids used twice) fails before any cluster starts
     batch.distributed()
     skip = done_ids(results) if resume else set()
-    client, cluster = _connect(scheduler, workers, batch.DEFAULT_RETRIES if retries is None else retries,
-                               lines) if lines else (None, None)
+    client, cluster = batch.connect(scheduler, workers, batch.DEFAULT_RETRIES if retries is None else retries) \
+        if lines else (None, None)
     mode = "json" if progress == "json" else ("bar" if not quiet and sys.stderr.isatty() else None)
     total = sum(1 for job, _ in prepare(lines) if job["id"] not in skip)
     bar = BatchProgress(mode, total)
@@ -124,23 +133,6 @@ def command(scheduler, workers, results, resume, untrusted, retries, progress, q
         _close(client, cluster)
     if failed:
         raise click.exceptions.Exit(1)
-
-
-def _connect(scheduler, workers, retries, lines):
-    """The cluster; a local one forks its workers from this process (no threads here yet) with the
-    modules of the batch's ops already imported, so they start in a fraction of a second."""
-    from .. import batch
-
-    if scheduler or not sys.platform.startswith("linux"):
-        return batch.connect(scheduler, workers, retries)
-    import importlib
-
-    from ..batch.jobs import prepare
-
-    importlib.import_module("qimg.batch.worker")
-    for op in {job.get("op") for job, reason in prepare(lines) if reason is None}:
-        importlib.import_module(f"qimg.ops.{op}")
-    return batch.connect(None, workers, retries, start_method="fork")
 
 
 def _close(client, cluster) -> None:

@@ -33,7 +33,7 @@ def cluster(moto_s3):
     for k, v in {**moto_s3.env(), "PYTHONPATH": str(ROOT)}.items():
         mp.setenv(k, v)  # inherited by the worker processes
     try:
-        client, local = qimg.batch.connect(None, workers=2, start_method="fork")
+        client, local = qimg.batch.connect(None, workers=2)
     finally:
         mp.undo()
     yield client

@@ -249,3 +249,40 @@ def test_transient_errors_are_retried_bad_images_are_not(images, cluster, tmp_pa
     assert rows["flaky"]["error"].startswith(f"Could not read '{flaky.url()}' at offset ")
     assert "truncated response: got " in rows["flaky"]["error"]
     assert rows["corrupt"]["error"].startswith(f"Could not open '{corrupt.url()}': ")
+
+
+def test_progress_bar_on_a_terminal(images, cluster, tmp_path, moto_s3):
+    """On a terminal (here a pty that reports no size) the batch shows a bar: jobs, bytes, failures."""
+    import os
+    import pty
+    import select
+
+    from tests.batch.conftest import worker_env
+
+    jobs = _jobs_file(tmp_path / "j.jsonl", [{"id": "a", "op": "info", "src": str(images / "base.vdi")},
+                                             {"id": "b", "op": "info", "src": str(images / "corrupt.qcow2")}])
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "qimg", "batch", "--scheduler", cluster.scheduler.address,
+                          "--results", str(tmp_path / "r.jsonl"), jobs], stdin=slave, stdout=slave, stderr=slave,
+                         env=worker_env(moto_s3))
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the pty's last writer closed it
+                    break
+                if not data:
+                    break
+                out += data
+            elif p.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        p.wait(60)
+    assert p.returncode == 1
+    final = out.decode().replace("\r\n", "\r").split("\r")[-2]
+    assert final.startswith("100%|") and "| 2/2 [" in final and "failed=1 " in final, out
