@@ -21,9 +21,9 @@ class BatchProgress:
         self.last = 0.0
         self.bar = None
         if mode == "bar":
-            from tqdm import tqdm
-
             import os
+
+            from tqdm import tqdm
 
             try:
                 size = os.get_terminal_size(sys.stderr.fileno())
