@@ -117,9 +117,10 @@ def run(jobs, client=None, *, workers: int | None = None, retries: int = DEFAULT
             on_client(client)
         from .worker import execute
 
-        for job in runnable:
-            key = f"qimg-{job['op']}-{uuid.uuid4().hex}"
-            futures[client.submit(execute, job, untrusted, key=key, pure=False, retries=retries)] = job
+        # one message for the whole batch (client.map), each job its own task and key
+        keys = [f"qimg-{job['op']}-{uuid.uuid4().hex}" for job in runnable]
+        submitted = client.map(execute, runnable, [untrusted] * len(runnable), key=keys, pure=False, retries=retries)
+        futures = dict(zip(submitted, runnable))
         for fut in dist.as_completed(list(futures), loop=client.loop):
             job = futures.pop(fut)
             yield _result(fut, job, dist)
