@@ -18,7 +18,6 @@ import re
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 
 from ..errors import QimgError
 from . import ops
@@ -60,24 +59,6 @@ def worker_name() -> str:
         return f"pid {os.getpid()}"
 
 
-@contextmanager
-def untrusted_mode(on: bool):
-    """Run the job in the untrusted mode (QIMG_UNTRUSTED=1 as the opener reads it); a worker runs one
-    job per thread, and the variable is restored after the job."""
-    if not on:
-        yield
-        return
-    old = os.environ.get("QIMG_UNTRUSTED")
-    os.environ["QIMG_UNTRUSTED"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("QIMG_UNTRUSTED", None)
-        else:
-            os.environ["QIMG_UNTRUSTED"] = old
-
-
 def execute(job: dict, untrusted: bool = False) -> dict:
     """Run one validated job in this process; the result dict of the batch's results file."""
     from ..io.remote import url_scheme
@@ -87,18 +68,14 @@ def execute(job: dict, untrusted: bool = False) -> dict:
     out = {"id": job.get("id"), "op": job.get("op"), "status": "ok", "exit_code": 0, "error": None,
            "bytes_read": None, "bytes_written": None, "seconds": None, "worker": worker_name(), "result": None}
     written = None
+    confined = untrusted or bool(job.get("untrusted"))
     try:
-        with untrusted_mode(untrusted or bool(job.get("untrusted"))):
-            if job["op"] == "convert":
-                result, code, error = None, 0, None
-                dst = job["dst"]
-                if url_scheme(dst) is not None:
-                    written = _convert_to_url(job, dst)
-                else:
-                    written = _convert_to_path(job, dst)
-                result, code, error = {"dst": dst, "out_fmt": job.get("out_fmt") or "raw"}, 0, None
-            else:
-                result, code, error = ops.call(job)
+        if job["op"] == "convert":
+            dst = job["dst"]
+            convert = _convert_to_url if url_scheme(dst) is not None else _convert_to_path
+            result, code, error, written = convert(job, dst, confined)
+        else:
+            result, code, error = ops.call(job, untrusted=confined)
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -116,8 +93,8 @@ def execute(job: dict, untrusted: bool = False) -> dict:
     return out
 
 
-def _convert_to_path(job: dict, dst: str) -> int:
-    """Convert under DST.qimg-partial, then rename it over DST; returns the bytes of the result."""
+def _convert_to_path(job: dict, dst: str, untrusted: bool):
+    """Convert under DST.qimg-partial, then rename it over DST: (result, 0, None, bytes written)."""
     tmp = dst + PARTIAL
     _unlink(tmp)  # a previous attempt's, killed with its worker
     try:
@@ -128,7 +105,7 @@ def _convert_to_path(job: dict, dst: str) -> int:
         except OSError:
             pass
         try:
-            ops.call(job, dst=tmp)
+            result, _, _ = ops.call(job, dst=tmp, untrusted=untrusted)
         except QimgError as e:
             raise type(e)(str(e).replace(tmp, dst), e.exit_code) from None  # the name the job gave
         size = os.stat(tmp).st_size
@@ -136,12 +113,12 @@ def _convert_to_path(job: dict, dst: str) -> int:
     except BaseException:
         _unlink(tmp)
         raise
-    return size
+    return _named(result, tmp, dst), 0, None, size
 
 
-def _convert_to_url(job: dict, dst: str) -> int:
+def _convert_to_url(job: dict, dst: str, untrusted: bool):
     """Convert to a local temporary file, upload it under the temporary key, copy it to the final key,
-    delete the temporary key; returns the bytes uploaded."""
+    delete the temporary key: (result, 0, None, bytes uploaded)."""
     from ..io.fsspec import describe, filesystem
     from ..io.remote import url_scheme
 
@@ -152,14 +129,17 @@ def _convert_to_url(job: dict, dst: str) -> int:
     tmp_key = path + PARTIAL
     try:
         local = os.path.join(workdir, os.path.basename(path) or "image")
-        ops.call(job, dst=local)
+        try:
+            result, _, _ = ops.call(job, dst=local, untrusted=untrusted)
+        except QimgError as e:
+            raise type(e)(str(e).replace(local, dst), e.exit_code) from None
         size = os.stat(local).st_size
         try:
             fs.put_file(local, tmp_key)
             fs.copy(tmp_key, path)
         except Exception as e:
             raise QimgError(f"Could not write '{dst}': {describe(e)}") from None
-        return size
+        return _named(result, local, dst), 0, None, size
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         try:
@@ -167,6 +147,13 @@ def _convert_to_url(job: dict, dst: str) -> int:
                 fs.rm(tmp_key)
         except Exception:
             pass
+
+
+def _named(result, tmp: str, dst: str):
+    """The convert's result naming the destination, not the temporary name it wrote."""
+    if isinstance(result, dict):
+        return {k: (dst if v == tmp else v) for k, v in result.items()}
+    return result
 
 
 def _unlink(name: str) -> None:
