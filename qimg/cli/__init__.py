@@ -10,7 +10,7 @@ import click
 
 #: subcommand -> module under qimg.cli (imported only when that command runs)
 COMMANDS = {
-    "amend": "amend", "bench": "bench", "bitmap": "bitmap", "check": "check", "commit": "commit",
+    "amend": "amend", "batch": "batch", "bench": "bench", "bitmap": "bitmap", "check": "check", "commit": "commit",
     "compare": "compare", "convert": "convert", "create": "create", "dd": "dd", "info": "info",
     "map": "map", "measure": "measure", "rebase": "rebase", "resize": "resize", "snapshot": "snapshot",
 }

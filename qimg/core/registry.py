@@ -77,6 +77,7 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
 
 def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | None, warn):
     from ..io import lock
+    from ..io.remote import open_url, url_scheme
     from ..io.store import FileStore
     from ..options import NO_IO
     from .driver import Opener
@@ -101,6 +102,11 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
         force_share, locking = lock.open_settings(options, writable)
         if proto_cls is not None:
             store = proto_cls.open_store(filename, writable, options or {})
+        elif url_scheme(filename) is not None:
+            store = open_url(filename)  # http(s) and fsspec URLs: read-only, by byte range
+            if writable:
+                store.close()
+                raise OpenError("a URL can be read only")
         else:
             store = FileStore(bundle_descriptor(filename), writable=writable, lock=None)
     except QimgError as e:

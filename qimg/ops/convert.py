@@ -42,6 +42,10 @@ class ConvertRequest:
 def convert(req: ConvertRequest, progress=None, warn=None) -> int:
     """Run a convert; returns the bytes copied (the virtual size).  On failure a target this call
     created is removed.  A source is (name, fmt, options) or a callable returning an open Chain."""
+    from ..io.remote import url_scheme
+
+    if url_scheme(req.target) is not None:
+        raise OpenError(f"Could not create '{req.target}': a URL can be read only; convert to a local file")
     if req.target_is_zero and not req.no_create:
         raise QimgError("--target-is-zero requires use of -n flag")
     if req.out_fmt not in registry.FORMATS and registry.protocol_for(req.target) is None:

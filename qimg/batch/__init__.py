@@ -1,0 +1,147 @@
+"""Many image jobs on Dask's distributed scheduler: ``run(jobs, client=None, ...)`` yields one result per job.
+
+Each job runs the library in a worker (no subprocess): ``convert``, ``check``, ``info``, ``measure``,
+``compare``, ``map`` (and ``inspect`` where the inspect command exists), with sources and destinations
+as paths or URLs.  Without a client, an embedded ``LocalCluster`` of worker processes (one thread
+each, one per core by default) runs the batch and is closed after it.  Example, from an existing
+client::
+
+    from dask.distributed import Client
+    import qimg.batch
+
+    client = Client("tcp://scheduler:8786")
+    jobs = [{"id": "a", "op": "convert", "src": "s3://in/a.vmdk", "dst": "s3://out/a.qcow2", "out_fmt": "qcow2"},
+            {"id": "b", "op": "check", "src": "https://images.example/b.qcow2"}]
+    for result in qimg.batch.run(jobs, client=client):
+        print(result["id"], result["status"], result["error"])
+
+dask[distributed] is an optional dependency (``pip install 'qimg[batch]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from .jobs import RESULT_KEYS, BatchError, error_result, prepare
+
+__all__ = ["run", "BatchError", "RESULT_KEYS", "DEFAULT_RETRIES"]
+
+#: attempts after the first for a job that failed on the network or lost its worker
+DEFAULT_RETRIES = 2
+#: seconds to reach a scheduler given by address (QIMG_BATCH_CONNECT_TIMEOUT overrides)
+CONNECT_TIMEOUT = 20.0
+
+
+def distributed():
+    """The dask.distributed module, or BatchError naming the package to install."""
+    try:
+        import distributed as dist
+    except ImportError:
+        raise BatchError("qimg batch needs the package dask[distributed]: pip install 'qimg[batch]'") from None
+    return dist
+
+
+def has_dashboard() -> bool:
+    """Whether Dask's dashboard can be served here (it needs bokeh)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
+
+
+def connect(address: str | None, workers: int | None = None, retries: int = DEFAULT_RETRIES,
+            start_method: str | None = None):
+    """(client, cluster or None): a client of the scheduler at ``address``, or of a new LocalCluster.
+
+    ``start_method``: how the LocalCluster starts its worker processes (multiprocessing's; Dask's
+    default is "spawn": "fork" starts them in a fraction of a second, but its workers ran convert jobs
+    several times slower in benchmarks/batch.py, so ``qimg batch`` keeps "spawn")."""
+    dist = distributed()
+    import logging
+
+    import dask
+
+    if address:
+        timeout = float(os.environ.get("QIMG_BATCH_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
+        try:
+            return dist.Client(address, timeout=timeout, set_as_default=False), None
+        except (OSError, TimeoutError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BatchError(f"Could not connect to the Dask scheduler at '{address}': {reason}") from None
+    n = workers or os.cpu_count() or 1
+    dashboard = ":0" if has_dashboard() else None
+    settings = {"distributed.scheduler.allowed-failures": max(retries, 0)}
+    if start_method:
+        settings["distributed.worker.multiprocessing-method"] = start_method
+    with dask.config.set(settings):
+        cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                    dashboard_address=dashboard, silence_logs=logging.ERROR)
+    try:
+        return dist.Client(cluster, set_as_default=False), cluster
+    except BaseException:
+        cluster.close()
+        raise
+
+
+def run(jobs, client=None, *, workers: int | None = None, retries: int = DEFAULT_RETRIES, untrusted: bool = False,
+        skip=(), on_client=None):
+    """Run ``jobs`` (dicts, or JSON strings one per job) and yield one result dict per job as it finishes.
+
+    A job that cannot run (malformed, unknown op or option) gets its error result at once, before the
+    others.  ``client``: an existing ``dask.distributed.Client``; None starts a LocalCluster of
+    ``workers`` processes for this call.  ``retries``: further attempts for a job whose failure was
+    transient (a network error, a lost worker); a bad image is never retried.  ``untrusted`` runs every
+    job in the untrusted mode (a job may also ask with ``"untrusted": true``).  ``skip``: ids not to run
+    (``--resume``).  ``on_client(client)`` is called once the cluster is up (e.g. to show its dashboard).
+    Results have the keys RESULT_KEYS.
+    """
+    prepared = prepare(jobs)
+    dist = distributed()
+    skip = {str(s) for s in skip}
+    runnable = []
+    for job, reason in prepared:
+        if job["id"] in skip:
+            continue
+        if reason is not None:
+            yield error_result(job["id"], job.get("op"), reason)
+        else:
+            runnable.append(job)
+    if not runnable:
+        return
+    cluster = None
+    if client is None:
+        client, cluster = connect(None, workers, retries)
+    futures = {}
+    try:
+        if on_client is not None:
+            on_client(client)
+        from .worker import execute
+
+        # one message for the whole batch (client.map), each job its own task and key
+        keys = [f"qimg-{job['op']}-{uuid.uuid4().hex}" for job in runnable]
+        submitted = client.map(execute, runnable, [untrusted] * len(runnable), key=keys, pure=False, retries=retries)
+        futures = dict(zip(submitted, runnable))
+        for fut in dist.as_completed(list(futures), loop=client.loop):
+            job = futures.pop(fut)
+            yield _result(fut, job, dist)
+    finally:
+        for fut in futures:
+            fut.cancel()
+        if cluster is not None:
+            client.close()
+            cluster.close()
+
+
+def _result(fut, job: dict, dist) -> dict:
+    """A finished future's result dict; failures after the retries become error results."""
+    from .ops import one_line
+    from .worker import TransientError
+
+    try:
+        return fut.result()
+    except TransientError as e:
+        return error_result(job["id"], job["op"], str(e))
+    except dist.KilledWorker:
+        return error_result(job["id"], job["op"], "the job's worker died on every attempt")
+    except Exception as e:  # the scheduler's own errors (cancelled, lost): one line each
+        return error_result(job["id"], job["op"], one_line(e))
