@@ -16,10 +16,18 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+def section(text: str, title: str) -> str:
+    """The text of one ``## title`` section of the README (up to the next ``## `` heading)."""
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else len(text)]
+
+
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
+    # the Python API section runs as written; the batch example names a scheduler of the reader's own
+    readme = section((ROOT / "README.md").read_text(), "Python API")
     blocks = python_blocks(readme)
-    assert len(blocks) >= 4 and "## Python API" in readme
+    assert len(blocks) >= 4
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "readme"}
     for i, block in enumerate(blocks):
