@@ -49,7 +49,8 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
 
 
 class Nginx:
-    """nginx serving ``root`` on a free port: ``/`` with Range support, ``/norange/`` without it."""
+    """nginx serving ``root`` on a free port: ``/`` with Range support, ``/norange/`` without it, ``/moved/X``
+    redirecting to ``/X``."""
 
     def __init__(self, root, workdir):
         if NGINX is None:
@@ -82,6 +83,7 @@ http {{
         listen 127.0.0.1:{self.port};
         root {self.root};
         location /norange/ {{ alias {self.root}/; max_ranges 0; }}
+        location /moved/ {{ rewrite ^/moved/(.*)$ /$1 redirect; }}
     }}
 }}
 """)

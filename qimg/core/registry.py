@@ -150,8 +150,10 @@ def bundle_descriptor(filename: str) -> str:
 
 def resolve_backing(overlay_filename: str, backing_name: str) -> str:
     """A backing name as qemu resolves it: relative to the overlay's directory (a C string: NUL ends it)."""
+    from ..io.remote import url_scheme
+
     backing_name = backing_name.split("\0", 1)[0]
-    if protocol_for(backing_name) or os.path.isabs(backing_name):
+    if protocol_for(backing_name) or os.path.isabs(backing_name) or url_scheme(backing_name):
         return backing_name
     base = os.path.dirname(overlay_filename)
     return os.path.join(base, backing_name) if base else backing_name

@@ -22,8 +22,22 @@ from .remote import CACHE_BLOCK, RemoteStore, remote_timeout
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 #: connections kept alive per store
 MAX_IDLE = 8
+#: redirects followed while opening
+MAX_REDIRECTS = 5
 #: a reused connection the server closed meanwhile is retried this many times on a new one
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str):
+        super().__init__(location)
+        self.location = location
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str):
+        super().__init__(location)
+        self.location = location
 
 
 class HttpStore(RemoteStore):
@@ -42,6 +56,7 @@ class HttpStore(RemoteStore):
             raise OpenError(f"bad port in URL '{url}'") from None
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._timeout = remote_timeout()
+        self._redirects = 0
         self._idle: queue.LifoQueue = queue.LifoQueue()
         # the first block answers three questions at once: does it exist, does Range work, how large
         head = bytearray(CACHE_BLOCK)
@@ -108,6 +123,10 @@ class HttpStore(RemoteStore):
         self.requests += 1
         try:
             n = self._body(resp, offset, view, opening)
+        except _Redirect as r:
+            conn.close()
+            self._follow(r.location)
+            return self._get(offset, view, opening=True)
         except BaseException:
             conn.close()
             raise
@@ -117,8 +136,30 @@ class HttpStore(RemoteStore):
             self._give_back(conn)
         return n
 
+    def _follow(self, location: str) -> None:
+        """Go on at a redirect's target (mirrors, object stores' signed URLs); only while opening."""
+        from urllib.parse import urljoin
+
+        self._redirects += 1
+        if self._redirects > MAX_REDIRECTS:
+            raise self._error(0, f"more than {MAX_REDIRECTS} redirects")
+        target = urlsplit(urljoin(f"{'https' if self._https else 'http'}://{self._host}"
+                                  f"{':' + str(self._port) if self._port else ''}{self._path}", location))
+        if target.scheme not in ("http", "https") or not target.hostname:
+            raise self._error(0, f"redirected to an unusable location '{location}'")
+        while True:  # connections to the old host are of no use any more
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
+        self._https, self._host, self._port = target.scheme == "https", target.hostname, target.port
+        self._path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+
     def _body(self, resp, offset: int, view, opening: bool) -> int:
         want = len(view)
+        if resp.status in (301, 302, 303, 307, 308) and opening and resp.getheader("Location"):
+            resp.read()
+            raise _Redirect(resp.getheader("Location"))
         if resp.status == 416 and opening:
             resp.read()
             self._size = 0  # an empty object: no byte satisfies any range

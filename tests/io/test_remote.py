@@ -127,6 +127,24 @@ def _qemu_raw(src, dst):
     return dst
 
 
+def test_redirects_are_followed(served, tmp_path):
+    server, root = served
+    r = run_qimg("convert", "-O", "raw", server.url("moved/over.qcow2"), tmp_path / "out.raw")
+    assert r.rc == 0, r.err
+    qemu("compare", "-F", "raw", root / "over.qcow2", tmp_path / "out.raw")
+    r = run_qimg("info", "--output=json", server.url("moved/a.qcow2"))
+    assert (r.rc, json.loads(r.out)["virtual-size"]) == (0, 64 << 20)
+
+
+def test_backing_file_named_by_url(served, tmp_path):
+    """An overlay whose backing file is an absolute URL reads through to it (as qemu-img with curl)."""
+    server, root = served
+    over = tmp_path / "over-url.qcow2"
+    qemu("create", "-f", "qcow2", "-u", "-b", server.url("a.qcow2"), "-F", "qcow2", over, "64M")
+    r = run_qimg("compare", over, root / "a.qcow2")
+    assert (r.rc, r.out) == (0, "Images are identical.\n"), r.err
+
+
 def test_http_errors_are_one_line(served, tmp_path):
     server, root = served
     r = run_qimg("info", server.url("missing.qcow2"))
