@@ -77,8 +77,9 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
 
 def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | None, warn):
     from ..io import lock
-    from ..io.remote import open_url, url_scheme
+    from ..io.remote import url_scheme
     from ..io.store import FileStore
+    from ..io.urls import open_url
     from ..options import NO_IO
     from .driver import Opener
 

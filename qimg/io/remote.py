@@ -47,18 +47,6 @@ def url_scheme(name: str) -> str | None:
     return None if scheme in _NOT_REMOTE else scheme
 
 
-def open_url(name: str):
-    """The read-only store for a URL: HTTP(S) on the standard library, any other scheme through fsspec."""
-    scheme = url_scheme(name)
-    if scheme in ("http", "https"):
-        from .http import HttpStore
-
-        return HttpStore(name)
-    from .fsspec import FsspecStore
-
-    return FsspecStore(name)
-
-
 class RemoteStore(Store):
     """The read side of a store over ranged reads; subclasses implement ``_fetch_into``."""
 
