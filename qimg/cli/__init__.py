@@ -61,8 +61,17 @@ class CommandNotFound(Exception):
 @click.option("-h", "--help", "show_help", is_flag=True)
 @click.option("-V", "--version", "show_version", is_flag=True)
 @click.option("-T", "--trace", "trace", multiple=True)
+@click.option("--untrusted", "untrusted", is_flag=True)
+@click.option("--allow-dir", "allow_dirs", multiple=True)
+@click.option("--max-depth", "max_depth", default=None)
+@click.option("--max-metadata-memory", "max_metadata_memory", default=None)
 @click.pass_context
-def main_group(ctx, show_help, show_version, trace):
+def main_group(ctx, show_help, show_version, trace, untrusted, allow_dirs, max_depth, max_metadata_memory):
+    from .common import make_policy
+
+    # the open policy travels with every open of this run (qimg.core.policy); QIMG_UNTRUSTED=1 turns it on too
+    ctx.obj = make_policy(untrusted or os.environ.get("QIMG_UNTRUSTED", "") == "1", allow_dirs, max_depth,
+                          max_metadata_memory)
     if show_help:
         click.echo(help_text(), nl=False)
         ctx.exit(0)

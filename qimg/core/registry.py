@@ -57,16 +57,23 @@ def probe(head: bytes, filename: str) -> str:
 
 
 def open_image(filename: str, fmt: str | None = None, writable: bool = False, options: dict | None = None,
-               warn=None):
+               warn=None, guard=None, policy=None):
     """Open one layer (no backing files): probe unless ``fmt`` is given.
 
+    The files the layer names (extents, data files) are admitted by ``guard`` (qimg.core.policy), or
+    by a new one for ``policy`` (None: qemu-img's rules) with ``filename`` as the top image.
     Open errors read "Could not open 'NAME': ...", NAME as the user gave it (DISPLAY_NAME: the
     whole --image-opts string, as qemu-img quotes it)."""
     from ..options import DISPLAY_NAME
+    from .policy import Guard, PolicyError
 
+    if guard is None:
+        guard = Guard(policy, filename)
     shown = (options or {}).get(DISPLAY_NAME)
     try:
-        return _open_image(filename, fmt, writable, options, warn)
+        return _open_image(filename, fmt, writable, options, warn, guard)
+    except PolicyError:
+        raise
     except QimgError as e:
         prefix = f"Could not open '{filename}': "
         msg = str(e)
@@ -75,12 +82,12 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
         raise type(e)(f"Could not open '{shown}': " + msg[len(prefix):], e.exit_code) from None
 
 
-def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | None, warn):
+def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | None, warn, guard):
     from ..io import lock
     from ..io.remote import open_url, url_scheme
     from ..io.store import FileStore
     from ..options import NO_IO
-    from .driver import Opener
+    from .policy import PolicyError
 
     proto = protocol_for(filename)
     proto_cls = None
@@ -125,9 +132,12 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
         if locking and hasattr(store, "lock"):
             # taken once the format is known (qemu probes before it locks), before the driver reads on
             store.lock(*lock.image_perms(cls.lock_passthrough, writable, no_io, force_share, options))
-        opener = Opener(bundle_descriptor(filename), writable, open_image=lambda f, t, w: open_image(f, t, w))
+        opener = make_opener(filename, writable, guard)
         with lock.opening(no_io, force_share, locking):
             return cls.open(store, filename, writable=writable, opener=opener, options=options or {})
+    except PolicyError:
+        store.close()
+        raise
     except QimgError as e:
         store.close()
         msg = str(e)
@@ -137,6 +147,26 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
     except BaseException:
         store.close()
         raise
+
+
+def make_opener(filename: str, writable: bool, guard):
+    """The Opener of an image named ``filename``: its sibling files and nested images go through ``guard``."""
+    from .driver import Opener
+
+    return Opener(bundle_descriptor(filename), writable, guard=guard, image=filename,
+                  open_image=lambda f, t, w: open_image(f, t, w, guard=guard))
+
+
+def probe_file(filename: str) -> str | None:
+    """The format ``filename`` probes as (None when it cannot be read: its open reports why)."""
+    from ..io.store import FileStore
+
+    try:
+        with FileStore(filename, lock=None) as store:
+            head = store.pread(0, PROBE_BYTES)
+    except QimgError:
+        return None
+    return probe(head, filename)
 
 
 def bundle_descriptor(filename: str) -> str:

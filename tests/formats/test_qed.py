@@ -26,9 +26,9 @@ def qemu_check(img):
 
 
 def open_rw(path):
-    from qimg.core import registry
+    from tests.conftest import open_rw as open_chain_rw
 
-    return registry.open_image(str(path), "qed", writable=True)
+    return open_chain_rw(path, "qed")
 
 
 def test_probe():

@@ -15,8 +15,8 @@ from bisect import bisect_left
 
 from ...core.driver import BackingRef, Driver
 from ...core.extent import Extent
+from ...core.policy import PolicyError
 from ...errors import CorruptImage, OpenError, QimgError, Unsupported
-from ...io.store import FileStore
 from ...options import NO_IO
 from . import compress as qcompress
 from .header import (
@@ -155,8 +155,12 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                 self.data_store = None
                 self._data_error = "qcow2: the external data file was not opened (metadata only)"
             else:
+                if self.opener is None:
+                    raise OpenError("qcow2: the external data file can only be opened through the core")
                 try:
-                    self.data_store = FileStore(path, self.writable)
+                    self.data_store = self.opener.open_file(name, self.writable, kind="data file", resolved=path)
+                except PolicyError:
+                    raise
                 except QimgError as e:
                     raise OpenError(str(e)) from None
             self.data_filename = path
