@@ -78,6 +78,11 @@ class Opener:
         if self.guard is not None:
             self.guard.charge(self.image, what, nbytes)
 
+    def release(self, nbytes: int) -> None:
+        """Give back metadata memory (a cache entry dropped)."""
+        if self.guard is not None:
+            self.guard.release(nbytes)
+
     def open_file(self, name: str, writable: bool | None = None, create: bool = False, metadata: bool = False,
                   kind: str = "data file", resolved: str | None = None):
         """A store over the file ``name`` the image names (or, with ``create``, one a create call makes),

@@ -155,6 +155,29 @@ class Policy:
         return None
 
 
+def short_read(raw: bytes, want: int, strict: bool, image: str, what: str, offset: int) -> bytes:
+    """``raw`` read for ``want`` bytes of metadata at ``offset``: zero-padded past EOF as qemu-img reads
+    it, or, in strict (untrusted) mode, refused naming the image and the offset."""
+    if len(raw) >= want:
+        return raw
+    if strict:
+        from ..errors import CorruptImage
+
+        raise CorruptImage(f"'{image}': {what} at offset {offset:#x} lies past the end of the file "
+                           f"(offset {offset + len(raw):#x})")
+    return raw + bytes(want - len(raw))
+
+
+def refuse_overlaps(image: str, ranges) -> None:
+    """Strict mode: metadata areas [(name, offset, length), ...] must not overlap one another."""
+    from ..errors import CorruptImage
+
+    spans = sorted((off, off + n, name) for name, off, n in ranges if n > 0)
+    for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise CorruptImage(f"'{image}': {bn} at offset {b0:#x} overlaps {an} at offset {a0:#x}")
+
+
 def refusal(ref: Reference) -> str:
     """The one-line message for a refused reference."""
     return f"Untrusted image '{ref.image}': {ref.kind} '{ref.name}' refused: {ref.reason}"
