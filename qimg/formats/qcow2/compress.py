@@ -46,13 +46,16 @@ def decompress(data: bytes, cluster_size: int, compression_type: int, exact: boo
         if compression_type == COMPRESSION_TYPE_ZSTD:
             import zstandard
 
-            with zstandard.ZstdDecompressor().stream_reader(data) as r:
+            # bounded output, and only the first frame: the sectors of a compressed cluster may also hold the
+            # start of the next cluster's frame (a read stops where a frame ends)
+            with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as r:
                 out = b""
                 while len(out) <= cluster_size:
-                    piece = r.read(cluster_size + 1 - len(out))
-                    if not piece:
-                        break
+                    want = cluster_size + 1 - len(out)
+                    piece = r.read(want)
                     out += piece
+                    if len(piece) < want:
+                        break
         else:
             import zlib
 
