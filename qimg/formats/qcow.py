@@ -118,6 +118,7 @@ class QcowDriver(Driver):
         shift = cluster_bits + l2_bits
         self.l1_entries = (size + (1 << shift) - 1) >> shift
         check_limit("L1 table entries", self.l1_entries, MAX_L1_ENTRIES, "qcow header")
+        self.charge("qcow L1 table", self.l1_entries * 8)
         file_size = self.store.size()
         if l1_off + self.l1_entries * 8 > max(file_size, HEADER_SIZE):
             raise CorruptImage(f"L1 table offset {l1_off} (+{self.l1_entries * 8} bytes) lies outside the file")

@@ -101,6 +101,7 @@ class QedDriver(Driver):
         self.autoclear = autoclear
         self.table_bytes = ts * cs
         check_limit("QED table bytes", self.table_bytes, MAX_TABLE_BYTES, "QED header")
+        self.charge("QED L1 table", self.table_bytes)
         check_limit("QED header bytes", hs * cs, MAX_HEADER_BYTES, "QED header")
         self.table_entries = self.table_bytes // 8
         if size % SECTOR or size > max_image_size(cs, ts):

@@ -140,3 +140,14 @@ def test_missing_backing_refused_as_qemu(cmd, tmp_path, oracle):
     r = run_qimg(*args)
     assert r.rc == q.rc == 1
     assert r.err.replace("qimg:", "") == q.err.replace("qemu-img:", "")
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow", "qed", "vdi", "vpc", "vhdx", "vmdk", "parallels"])
+def test_every_table_counts_against_the_budget(fmt, tmp_path):
+    """A 64 GiB image's tables (L1, BAT, block map, grain directory) do not fit a 4 KiB budget."""
+    img = tmp_path / f"big.{fmt}"
+    qemu("create", "-q", "-f", fmt, *(["-o", "cluster_size=4k"] if fmt == "qcow2" else []), img, "64G")
+    r = run_qimg("--untrusted", "--max-metadata-memory", "4k", "map", "--output=json", str(img))
+    assert r.rc == 1, r.err
+    assert r.err.count("\n") == 1 and "over its limit of 4096 bytes (--max-metadata-memory)" in r.err
+    assert run_qimg("--untrusted", "map", "--output=json", str(img)).rc == 0

@@ -221,7 +221,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         if self._l1 is None:
             # standard L2 entries: tables are plain ``array('Q')`` (no numpy); extended L2 uses numpy
             rd = read_table if self.extended else read_table_array
-            self._l1 = rd(self.store, self.h.l1_table_offset, self.h.l1_size, "L1 table", self.file_size, self.strict)
+            self._l1 = rd(self.store, self.h.l1_table_offset, self.h.l1_size, "L1 table", self.file_size, self.strict,
+                          self.filename)
         return self._l1
 
     @l1.setter

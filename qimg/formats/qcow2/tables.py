@@ -300,22 +300,24 @@ class L2Cache:
             self._freed(self.bytes)
 
 
-def read_table(store, offset: int, entries: int, name: str, file_size: int, strict: bool = False) -> np.ndarray:
+def read_table(store, offset: int, entries: int, name: str, file_size: int, strict: bool = False,
+               image: str = "") -> np.ndarray:
     """Read a big-endian u64 table as a writable native array; bytes past EOF read as zero (refused
     when ``strict``)."""
     nbytes = entries * 8
     if offset >= file_size and entries:
         raise CorruptImage(f"{name} at offset {offset:#x} lies outside the image file (size {file_size})")
-    raw = short_read(store.pread(offset, nbytes), nbytes, strict, getattr(store, "filename", ""), name, offset)
+    raw = short_read(store.pread(offset, nbytes), nbytes, strict, image, name, offset)
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
 
-def read_table_array(store, offset: int, entries: int, name: str, file_size: int, strict: bool = False) -> array:
+def read_table_array(store, offset: int, entries: int, name: str, file_size: int, strict: bool = False,
+                     image: str = "") -> array:
     """read_table as a plain ``array('Q')`` in host byte order (no numpy)."""
     nbytes = entries * 8
     if offset >= file_size and entries:
         raise CorruptImage(f"{name} at offset {offset:#x} lies outside the image file (size {file_size})")
-    raw = short_read(store.pread(offset, nbytes), nbytes, strict, getattr(store, "filename", ""), name, offset)
+    raw = short_read(store.pread(offset, nbytes), nbytes, strict, image, name, offset)
     return be_u64_array(raw)
 
 

@@ -126,6 +126,8 @@ class VmdkDriver(Driver):
 
             self.stream_writer = StreamWriter(self.store, hdr, hdr.overhead)
             self.store.truncate(hdr.overhead * SECTOR)
+        l1 = getattr(ext, "l1", None)
+        self.charge("VMDK grain directory", 0 if l1 is None else l1.nbytes)
         self.extents.append(ext)
 
     def _stream_is_empty(self, hdr) -> bool:
@@ -163,6 +165,7 @@ class VmdkDriver(Driver):
             # many extent lines naming one big sparse file must not multiply its tables in memory
             l1 = getattr(ext, "l1", None)
             table_bytes += 0 if l1 is None else l1.nbytes
+            self.charge("VMDK grain directory", 0 if l1 is None else l1.nbytes)
             if table_bytes > MAX_TABLE_BYTES:
                 raise LimitExceeded(f"grain directories of all extents ({table_bytes} bytes) exceed the limit "
                                     f"{MAX_TABLE_BYTES}")
