@@ -55,9 +55,10 @@ def info(src: Source, *, fmt: str | None = None, backing_chain: bool = False, im
                 chain.close()
             if backing_chain and nxt is not None and nxt.filename:
                 from ..core.policy import Guard
+                from ..core.registry import admit_backing
 
                 name = source_name(src)
-                path, bfmt = Guard(policy, name).backing(name, nxt.filename, nxt.fmt, 1)
+                path, bfmt = admit_backing(Guard(policy, name), name, nxt.filename, nxt.fmt, 1)
                 infos += image_info(path, bfmt, backing_chain=True, policy=policy)
     result = [ImageInfo.from_dict(i) for i in infos]
     return result if backing_chain else result[0]
@@ -78,7 +79,7 @@ def check(src: Source, *, fmt: str | None = None, repair: str | None = None, src
 
     validate_repair(repair)
     check_src_cache(src_cache)
-    if is_file_object(src) or untrusted:
+    if is_file_object(src):
         from .image import open as open_image
 
         with open_image(src, fmt, writable=bool(repair), secrets=secrets, options=image_options,

@@ -112,13 +112,13 @@ def open_chain(source: Source, fmt: str | None = None, *, writable: bool = False
     if is_file_object(source):
         from ..io.fileobj import FileObjStore
 
-        if untrusted:  # the policy confines references to the image's folder, and a file object has none
+        if policy.untrusted:  # the policy confines references to the image's folder, and a file object has none
             raise Unsupported("untrusted mode opens images by name, not from file objects")
         store = FileObjStore(source, writable=writable)
         return chain_on_store(store, fmt, writable=writable, backing=backing, options=options, warn=warn,
                               policy=policy)
     name = path_of(source)
-    if is_url(name) and not untrusted:
+    if is_url(name) and not policy.untrusted:
         return chain_on_store(_url_store(name, writable), fmt, writable=writable, backing=backing,
                               options=options, warn=warn, policy=policy)
     return Chain.open(name, fmt, writable=writable, backing=backing, options=dict(options or {}), warn=warn,

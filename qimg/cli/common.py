@@ -7,39 +7,6 @@ import sys
 import click
 
 
-def make_policy(untrusted: bool, allow_dirs, max_depth: str | None, max_metadata_memory: str | None):
-    """The Policy the global options ask for (--untrusted, --allow-dir, --max-depth, --max-metadata-memory)."""
-    import os
-
-    from ..core.policy import Policy
-    from ..errors import UsageError
-
-    dirs = []
-    for d in allow_dirs or ():
-        if not os.path.isdir(d):
-            raise UsageError(f"--allow-dir: '{d}' is not a directory")
-        dirs.append(os.path.realpath(d))
-    depth = None
-    if max_depth is not None:
-        try:
-            depth = int(max_depth)
-        except ValueError:
-            depth = -1
-        if depth < 0:
-            raise UsageError(f"--max-depth: invalid value '{max_depth}' (a number of backing files, 0 or more)")
-    memory = None
-    if max_metadata_memory is not None:
-        from ..units import parse_size
-
-        try:
-            memory = parse_size(max_metadata_memory)
-        except Exception:
-            memory = -1
-        if memory is None or memory <= 0:
-            raise UsageError(f"--max-metadata-memory: invalid size '{max_metadata_memory}'")
-    return Policy(untrusted=untrusted, allow_dirs=tuple(dirs), max_depth=depth, max_metadata_memory=memory)
-
-
 def policy():
     """The open policy of this run (set by the root group's global options)."""
     from ..core.policy import Policy

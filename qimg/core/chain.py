@@ -55,7 +55,8 @@ class Chain:
             seen = {_identity(top, filename)}
             cur, cur_name = top, filename
             while backing and cur.backing is not None and cur.backing.filename:
-                name, bfmt = guard.backing(cur_name, cur.backing.filename, cur.backing.fmt, len(layers), filename)
+                name, bfmt = registry.admit_backing(guard, cur_name, cur.backing.filename, cur.backing.fmt, len(layers),
+                                                    filename)
                 ident = _identity_path(name)
                 if ident is not None and ident in seen:
                     raise BackingChainError(f"Backing file '{name}' of '{cur_name}' loops back into the chain")

@@ -47,11 +47,12 @@ class Opener:
     metadata memory the drivers of this open keep (``charge``)."""
 
     def __init__(self, base_filename: str, writable: bool = False, open_image=None, guard=None,
-                 image: str | None = None):
+                 image: str | None = None, open_backing=None):
         self.base_filename = base_filename
         self.base_dir = os.path.dirname(base_filename)
         self.writable = writable
         self._open_image = open_image
+        self._open_backing = open_backing
         self.guard = guard
         self.image = image or base_filename
 
@@ -112,16 +113,16 @@ class Opener:
 
     def backing_path(self, name: str) -> str:
         """Where the backing file ``name`` of this image resolves (relative to the image, as qemu does)."""
-        from .registry import resolve_backing
+        from .catalog import resolve_backing
 
         return resolve_backing(self.image, name)
 
     def open_backing(self, name: str, fmt: str | None = None, options: dict | None = None, backing: bool = True):
-        """The chain of a backing file this image (being created) names, opened under the same policy."""
-        from .chain import Chain
-
-        return Chain.open(self.backing_path(name), fmt, options=options, backing=backing,
-                          policy=self.guard.policy if self.guard is not None else None)
+        """The chain of a backing file this image (being created) names, opened under the same policy by
+        the ``open_backing(path, fmt, options, backing)`` its creator gave."""
+        if self._open_backing is None:
+            raise QimgError("cannot open backing files here")
+        return self._open_backing(self.backing_path(name), fmt, options, backing)
 
     def open_image(self, name: str, fmt: str | None = None, writable: bool | None = None, kind: str = "storage"):
         """A nested image the image names (a Parallels bundle's storage), opened under the same policy."""

@@ -213,28 +213,6 @@ class Guard:
             raise PolicyError(refusal(ref), ref)
         return ref
 
-    def backing(self, image: str, name: str, fmt: str | None, depth: int,
-                top: str | None = None) -> tuple[str, str | None]:
-        """Resolve, check and record the backing file ``name`` of ``image`` (at ``depth`` below the top):
-        (path to open, format).  Without a recorded format the untrusted mode probes it here and
-        refuses a guess of raw."""
-        from . import registry
-
-        self.depth(top or image, depth)
-        resolved = registry.resolve_backing(image, name)
-        ref = self.policy.judge(image, name, resolved, BACKING)
-        if ref.allowed and fmt is None and self.untrusted:
-            probed = registry.probe_file(resolved)
-            if probed == "raw":
-                ref = replace(ref, allowed=False,
-                              reason="no backing format is recorded and the file would be probed as raw")
-            else:
-                fmt = probed
-        self.references.append(ref)
-        if not ref.allowed:
-            raise PolicyError(refusal(ref), ref)
-        return resolved, fmt
-
     def depth(self, top: str, depth: int) -> None:
         """Refuse a backing file at ``depth`` (1 = the top image's) beyond the limit of the chain of ``top``."""
         from ..errors import BackingChainError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import OpenError, QimgError
-from .catalog import FORMATS, PROTOCOLS, _cache, format_names, get_driver, protocol_for
+from .catalog import FORMATS, PROTOCOLS, _cache, format_names, get_driver, protocol_for, resolve_backing
 
 __all__ = ["FORMATS", "PROTOCOLS", "_cache", "format_names", "get_driver", "protocol_for", "probe", "open_image",
            "bundle_descriptor", "resolve_backing"]
@@ -157,6 +157,31 @@ def make_opener(filename: str, writable: bool, guard):
                   open_image=lambda f, t, w: open_image(f, t, w, guard=guard))
 
 
+def admit_backing(guard, image: str, name: str, fmt: str | None, depth: int,
+                  top: str | None = None) -> tuple[str, str | None]:
+    """Resolve, check and record the backing file ``name`` of ``image`` (at ``depth`` below the top image
+    ``top``) under ``guard``: (path to open, format).  Without a recorded format the untrusted mode
+    probes it here and refuses a guess of raw."""
+    from dataclasses import replace
+
+    from .policy import BACKING, PolicyError, refusal
+
+    guard.depth(top or image, depth)
+    resolved = resolve_backing(image, name)
+    ref = guard.policy.judge(image, name, resolved, BACKING)
+    if ref.allowed and fmt is None and guard.untrusted:
+        probed = probe_file(resolved)
+        if probed == "raw":
+            ref = replace(ref, allowed=False,
+                          reason="no backing format is recorded and the file would be probed as raw")
+        else:
+            fmt = probed
+    guard.references.append(ref)
+    if not ref.allowed:
+        raise PolicyError(refusal(ref), ref)
+    return resolved, fmt
+
+
 def probe_file(filename: str) -> str | None:
     """The format ``filename`` probes as (None when it cannot be read: its open reports why)."""
     from ..io.store import FileStore
@@ -178,10 +203,3 @@ def bundle_descriptor(filename: str) -> str:
     return filename
 
 
-def resolve_backing(overlay_filename: str, backing_name: str) -> str:
-    """A backing name as qemu resolves it: relative to the overlay's directory (a C string: NUL ends it)."""
-    backing_name = backing_name.split("\0", 1)[0]
-    if protocol_for(backing_name) or os.path.isabs(backing_name):
-        return backing_name
-    base = os.path.dirname(overlay_filename)
-    return os.path.join(base, backing_name) if base else backing_name

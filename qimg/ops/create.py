@@ -111,10 +111,15 @@ def create_image(filename: str, fmt: str, size: int | None, options: dict | None
     if announce is not None:
         announce(line)
     try:
+        from ..core.chain import Chain
         from ..core.policy import Guard
 
         # the backing file a driver reads while creating (a VMDK parent's CID) opens under the same policy
-        cls.create(filename, opts, Opener(filename, writable=True, guard=Guard(policy, filename)))
+        def open_backing(path, bfmt, open_options, backing):
+            return Chain.open(path, bfmt, options=open_options, backing=backing, policy=policy)
+
+        cls.create(filename, opts, Opener(filename, writable=True, guard=Guard(policy, filename),
+                                          open_backing=open_backing))
     except QimgError as e:
         msg = str(e)
         if not msg.startswith(shown + ":"):

@@ -79,7 +79,7 @@ def image_info(filename: str, fmt: str | None = None, backing_chain: bool = Fals
         except OSError:
             pass
         depth += 1
-        nxt, nxt_fmt = guard.backing(name, backing.filename, backing.fmt, depth, filename)
+        nxt, nxt_fmt = registry.admit_backing(guard, name, backing.filename, backing.fmt, depth, filename)
         try:
             st = os.stat(nxt)
             if (st.st_dev, st.st_ino) in seen:
