@@ -168,3 +168,19 @@ def write_pattern(path, size, extents, seed=1):
             f.seek(off)
             f.write(rnd.randbytes(length))
     return Path(path)
+
+
+def open_rw(filename, fmt=None, options=None):
+    """The top layer of ``filename``'s chain opened for writing, as every write path opens it (its
+    backing layers hand it the bytes copy-on-write needs); closing it closes the chain."""
+    from qimg.core.chain import Chain
+
+    chain = Chain.open(str(filename), fmt, writable=True, options=options)
+    top = chain.top
+
+    def close():
+        del top.close  # the driver's own close, reached through the chain
+        chain.close()
+
+    top.close = close
+    return top

@@ -16,18 +16,18 @@ from typing import Any, Callable
 from ..errors import QimgError, Unsupported, UsageError
 from .args import ProgressCallback, as_opts, check_cache, check_src_cache, engine_progress, snapshot_spec
 from .results import CompareResult, ConvertResult, CreateResult, MeasureResult
-from .sources import BinaryFile, Source, call_scope, default_warn, is_url, open_chain, path_of, source_name
+from .sources import BinaryFile, Source, as_policy, call_scope, default_warn, is_url, open_chain, path_of, source_name
 
 WarnCallback = Callable[[str], None]
 
 
-def _source_entry(source: Source, fmt: str | None, image_options: dict | None, untrusted: bool) -> Any:
+def _source_entry(source: Source, fmt: str | None, image_options: dict | None, untrusted: Any) -> Any:
     """A source for ``ops.convert``: (name, fmt, options) for a host path, an opener for the rest."""
     from ..io.fileobj import is_file_object
     from ..io.lock import EXCLUSIVE_READ
 
     opts = dict(image_options or {})
-    if not untrusted and not is_file_object(source):
+    if not is_file_object(source):
         name = path_of(source)
         if not is_url(name):
             # qemu-img convert keeps writers off its sources while it copies (even raw ones), unless -U
@@ -71,7 +71,7 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str] | Binary
             salvage: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False,
             cache: str | None = None, src_cache: str | None = None,
             image_options: dict | Sequence[dict | None] | None = None,
-            target_options: dict | None = None, force_share: bool = False, untrusted: bool = False,
+            target_options: dict | None = None, force_share: bool = False, untrusted: Any = False,
             secrets: dict[str, str | bytes] | None = None, progress: ProgressCallback | None = None,
             warn: WarnCallback | None = None, trap_signals: bool = False) -> ConvertResult:
     """``qimg convert``: copy one image (or several, back to back) into a new image.
@@ -170,7 +170,8 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str] | Binary
             backing=backing_file, backing_fmt=backing_fmt, min_sparse=min_sparse, no_create=no_create,
             target_is_zero=target_is_zero, workers=workers, out_of_order=out_of_order, snapshot=snap,
             target_options=dict(target_options or {}), salvage=salvage, copy_offload=copy_offload,
-            bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps, trap_signals=trap_signals)
+            bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps, trap_signals=trap_signals,
+            policy=as_policy(untrusted))
         total = run_convert(req, progress=engine_progress(progress), warn=warn or default_warn)
     return ConvertResult(target=target, format=out_fmt, virtual_size=total or 0)
 
@@ -178,7 +179,7 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str] | Binary
 def create(dst: str | os.PathLike[str], size: int | str | None = None, *, fmt: str = "raw",
            options: dict[str, Any] | str | list[str] | None = None, backing_file: str | None = None,
            backing_fmt: str | None = None, unsafe: bool = False, secrets: dict[str, str | bytes] | None = None,
-           announce: Callable[[str], None] | None = None) -> CreateResult:
+           announce: Callable[[str], None] | None = None, untrusted: Any = False) -> CreateResult:
     """``qimg create``: make a new, empty image.
 
     Args:
@@ -205,14 +206,15 @@ def create(dst: str | os.PathLike[str], size: int | str | None = None, *, fmt: s
         raise QimgError(SIZE_HELP)
     with call_scope(secrets):
         line = create_image(name, fmt, nbytes, as_opts(options), backing_file, backing_fmt, unsafe,
-                            announce=announce)
+                            announce=announce, policy=as_policy(untrusted))
     return CreateResult(filename=name, format=fmt, size=nbytes, formatting=line)
 
 
 def dd(src: Source, dst: str | os.PathLike[str], *, fmt: str | None = None, out_fmt: str = "raw",
        bs: int | str = 512, count: int | str | None = None, skip: int | str | None = None,
        image_options: dict | None = None, force_share: bool = False,
-       secrets: dict[str, str | bytes] | None = None, warn: WarnCallback | None = None) -> None:
+       secrets: dict[str, str | bytes] | None = None, warn: WarnCallback | None = None,
+       untrusted: Any = False) -> None:
     """``qimg dd``: copy ``count`` blocks of ``bs`` bytes, after skipping ``skip`` blocks, into a new image."""
     from ..ops.dd import DdRequest
     from ..ops.dd import dd as run_dd
@@ -226,7 +228,7 @@ def dd(src: Source, dst: str | os.PathLike[str], *, fmt: str | None = None, out_
     name = "" if isinstance(src, str) and src == "" else path_of(src)
     req = DdRequest(input=name, output=path_of(dst, "target"), fmt=fmt, input_options=dict(image_options or {}),
                     out_fmt=out_fmt, bs=bs, count=count, skip=skip,
-                    display_name=(image_options or {}).get(DISPLAY_NAME) or name)
+                    display_name=(image_options or {}).get(DISPLAY_NAME) or name, policy=as_policy(untrusted))
     with call_scope(secrets, force_share):
         run_dd(req, warn=warn or default_warn)
 
@@ -234,7 +236,7 @@ def dd(src: Source, dst: str | os.PathLike[str], *, fmt: str | None = None, out_
 def measure(src: Source | None = None, *, size: int | str | None = None, fmt: str | None = None,
             out_fmt: str = "raw", options: dict[str, Any] | str | list[str] | None = None,
             snapshot: str | dict | None = None, image_options: dict | None = None, force_share: bool = False,
-            secrets: dict[str, str | bytes] | None = None) -> MeasureResult:
+            secrets: dict[str, str | bytes] | None = None, untrusted: Any = False) -> MeasureResult:
     """``qimg measure``: the bytes an ``out_fmt`` image of ``src`` (or of ``size`` bytes) needs.
 
     ``options`` are the target's creation options (``-o``), ``snapshot`` a snapshot of ``src`` (``-l``);
@@ -252,7 +254,7 @@ def measure(src: Source | None = None, *, size: int | str | None = None, fmt: st
     else:
         opt_strings = list(options or ())
     req = MeasureRequest(size=nbytes, out_fmt=out_fmt, options=opt_strings, snapshot=snapshot_spec(snapshot, False),
-                         fmt=fmt, image_opts_used=image_options is not None)
+                         fmt=fmt, image_opts_used=image_options is not None, policy=as_policy(untrusted))
     if src is not None:
         req.filename, req.image_opts = path_of(src), dict(image_options or {})
     with call_scope(secrets, force_share):
@@ -264,7 +266,8 @@ def measure(src: Source | None = None, *, size: int | str | None = None, fmt: st
 def compare(a: Source, b: Source, *, fmt1: str | None = None, fmt2: str | None = None, strict: bool = False,
             src_cache: str | None = None, image_options: dict | None = None, image_options2: dict | None = None,
             force_share: bool = False, secrets: dict[str, str | bytes] | None = None,
-            progress: ProgressCallback | None = None, report: Callable[[str], None] | None = None) -> CompareResult:
+            progress: ProgressCallback | None = None, report: Callable[[str], None] | None = None,
+            untrusted: Any = False) -> CompareResult:
     """``qimg compare``: do ``a`` and ``b`` show the same guest content?
 
     Returns a result whose ``identical`` is True or False (``exit_code`` 0 or 1); images that cannot be
@@ -279,7 +282,8 @@ def compare(a: Source, b: Source, *, fmt1: str | None = None, fmt2: str | None =
     if src_cache is not None:
         check_src_cache(src_cache, OPEN_ERROR)
     req = CompareRequest(path_of(a), path_of(b), fmt1, fmt2, dict(image_options or {}),
-                         dict(image_options2 if image_options2 is not None else image_options or {}), strict=strict)
+                         dict(image_options2 if image_options2 is not None else image_options or {}), strict=strict,
+                         policy=as_policy(untrusted))
     lines: list[str] = []
 
     def collect(line: str) -> None:

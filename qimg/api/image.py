@@ -36,7 +36,7 @@ class Layer:
 
 
 def open(source: Source, fmt: str | None = None, *, writable: bool = False, backing: bool = True,
-         untrusted: bool = False, snapshot: str | None = None, secrets: dict[str, str | bytes] | None = None,
+         untrusted: Any = False, snapshot: str | None = None, secrets: dict[str, str | bytes] | None = None,
          options: dict[str, Any] | None = None, warn: Callable[[str], None] | None = None) -> Image:
     """Open a disk image as an :class:`Image` (a binary stream over its guest view).
 
@@ -47,7 +47,7 @@ def open(source: Source, fmt: str | None = None, *, writable: bool = False, back
         fmt: the format (``"qcow2"``, ``"vmdk"``, ...); probed from the first bytes when None.
         writable: open for writing (the top layer only; backing files stay read-only).
         backing: open the backing chain (False: ranges the image does not hold read as zeros).
-        untrusted: open with the confined rules for hostile images.
+        untrusted: open with the confined rules for hostile images (True, or a :class:`qimg.core.policy.Policy`).
         snapshot: the id or name of an internal snapshot to read instead of the current state.
         secrets: keys of encrypted images, by secret id (the ``key-secret`` options name them).
         options: open options as ``--image-opts`` takes them (``{"encrypt.key-secret": "sec0"}``, ...).

@@ -17,6 +17,7 @@ from ..errors import InvalidArgument, OpenError, QimgError, QimgWarning, Unsuppo
 
 if TYPE_CHECKING:
     from ..core.chain import Chain
+    from ..core.policy import Policy
     from ..io.store import Store
 
 
@@ -87,37 +88,41 @@ def call_scope(secrets: dict | None = None, force_share: bool = False) -> Iterat
         yield
 
 
+def as_policy(untrusted: Any) -> Policy:
+    """The open policy a call's ``untrusted`` argument asks for: a :class:`qimg.core.policy.Policy` as
+    given (the command line's, with --allow-dir and the limits), ``True`` for the untrusted mode's
+    defaults, ``False`` for qemu-img's rules."""
+    from ..core.policy import Policy
+
+    if isinstance(untrusted, Policy):
+        return untrusted
+    return Policy(untrusted=bool(untrusted))
+
+
 def open_chain(source: Source, fmt: str | None = None, *, writable: bool = False, backing: bool = True,
-               untrusted: bool = False, options: dict | None = None,
+               untrusted: Any = False, options: dict | None = None,
                warn: Callable[[str], None] | None = None) -> Chain:
-    """The ``Chain`` of any source: a host path or registry protocol (Chain.open), a URL or a file object."""
+    """The ``Chain`` of any source: a host path or registry protocol (Chain.open), a URL or a file object.
+
+    ``untrusted``: True, or a :class:`qimg.core.policy.Policy`, confines every file the image references."""
     from ..core.chain import Chain
     from ..io.fileobj import is_file_object
 
-    policy = _untrusted_policy() if untrusted else {}
+    policy = as_policy(untrusted)
     if is_file_object(source):
         from ..io.fileobj import FileObjStore
 
-        if untrusted:  # the policy confines references to the image's folder, and a file object has none
+        if policy.untrusted:  # the policy confines references to the image's folder, and a file object has none
             raise Unsupported("untrusted mode opens images by name, not from file objects")
         store = FileObjStore(source, writable=writable)
-        return chain_on_store(store, fmt, writable=writable, backing=backing, options=options, warn=warn)
+        return chain_on_store(store, fmt, writable=writable, backing=backing, options=options, warn=warn,
+                              policy=policy)
     name = path_of(source)
-    if is_url(name) and not untrusted:
+    if is_url(name) and not policy.untrusted:
         return chain_on_store(_url_store(name, writable), fmt, writable=writable, backing=backing,
-                              options=options, warn=warn)
+                              options=options, warn=warn, policy=policy)
     return Chain.open(name, fmt, writable=writable, backing=backing, options=dict(options or {}), warn=warn,
-                      **policy)
-
-
-def _untrusted_policy() -> dict:
-    """``policy=`` for Chain.open in untrusted mode (qimg.core.policy); a build without it refuses
-    rather than open a hostile image with the trusting rules."""
-    try:
-        from ..core.policy import Policy
-    except ImportError:
-        raise Unsupported("untrusted mode is not available in this build") from None
-    return {"policy": Policy(untrusted=True)}
+                      policy=policy)
 
 
 def _url_store(url: str, writable: bool) -> Store:
@@ -138,13 +143,16 @@ def _url_store(url: str, writable: bool) -> Store:
 
 
 def chain_on_store(store: Store, fmt: str | None, *, writable: bool = False, backing: bool = True,
-                   options: dict | None = None, warn: Callable[[str], None] | None = None) -> Chain:
-    """A chain whose top layer lives on ``store``; its backing files (if any) open by name."""
+                   options: dict | None = None, warn: Callable[[str], None] | None = None,
+                   policy: Any = None) -> Chain:
+    """A chain whose top layer lives on ``store``; the files it names (backing files, extents) open by
+    name under ``policy``, as a chain's do."""
     from ..core import registry
     from ..core.chain import Chain
-    from ..core.driver import Opener
+    from ..core.policy import Guard
 
     name = store.filename
+    guard = Guard(policy, name)
     try:
         try:
             if fmt is None:
@@ -152,7 +160,7 @@ def chain_on_store(store: Store, fmt: str | None, *, writable: bool = False, bac
                 if fmt == "raw" and writable and warn is not None:
                     warn(f"Image format was not specified for '{name}' and probing guessed raw.")
             cls: Any = registry.get_driver(fmt)
-            opener = Opener(name, writable, open_image=lambda f, t, w: registry.open_image(f, t, w))
+            opener = registry.make_opener(name, writable, guard)
             top = cls.open(store, name, writable=writable, opener=opener, options=dict(options or {}))
         except QimgError as e:
             msg = str(e)
@@ -162,13 +170,4 @@ def chain_on_store(store: Store, fmt: str | None, *, writable: bool = False, bac
     except BaseException:
         store.close()
         raise
-    layers, names = [top], [name]
-    try:
-        if backing and top.backing is not None and top.backing.filename:
-            below = Chain.open(registry.resolve_backing(name, top.backing.filename), top.backing.fmt)
-            layers += below.layers
-            names += below.filenames
-    except BaseException:
-        top.close()
-        raise
-    return Chain(layers, names)
+    return Chain.below_top(top, name, guard, backing)

@@ -61,8 +61,15 @@ class CommandNotFound(Exception):
 @click.option("-h", "--help", "show_help", is_flag=True)
 @click.option("-V", "--version", "show_version", is_flag=True)
 @click.option("-T", "--trace", "trace", multiple=True)
+@click.option("--untrusted", "untrusted", is_flag=True)
+@click.option("--allow-dir", "allow_dirs", multiple=True)
+@click.option("--max-depth", "max_depth", default=None)
+@click.option("--max-metadata-memory", "max_metadata_memory", default=None)
 @click.pass_context
-def main_group(ctx, show_help, show_version, trace):
+def main_group(ctx, show_help, show_version, trace, untrusted, allow_dirs, max_depth, max_metadata_memory):
+    # the open policy travels with every open of this run (qimg.core.policy); QIMG_UNTRUSTED=1 turns it on too
+    ctx.obj = make_policy(untrusted or os.environ.get("QIMG_UNTRUSTED", "") == "1", allow_dirs, max_depth,
+                          max_metadata_memory)
     if show_help:
         click.echo(help_text(), nl=False)
         ctx.exit(0)
@@ -73,6 +80,37 @@ def main_group(ctx, show_help, show_version, trace):
         ctx.exit(0)
     if ctx.invoked_subcommand is None:
         raise click.UsageError("Not enough arguments")
+
+
+def make_policy(untrusted: bool, allow_dirs, max_depth: str | None, max_metadata_memory: str | None):
+    """The Policy the global options ask for (--untrusted, --allow-dir, --max-depth, --max-metadata-memory)."""
+    from ..core.policy import Policy
+    from ..errors import UsageError
+
+    dirs = []
+    for d in allow_dirs or ():
+        if not os.path.isdir(d):
+            raise UsageError(f"--allow-dir: '{d}' is not a directory")
+        dirs.append(os.path.realpath(d))
+    depth = None
+    if max_depth is not None:
+        try:
+            depth = int(max_depth)
+        except ValueError:
+            depth = -1
+        if depth < 0:
+            raise UsageError(f"--max-depth: invalid value '{max_depth}' (a number of backing files, 0 or more)")
+    memory = None
+    if max_metadata_memory is not None:
+        from ..units import parse_size
+
+        try:
+            memory = parse_size(max_metadata_memory)
+        except Exception:
+            memory = -1
+        if memory is None or memory <= 0:
+            raise UsageError(f"--max-metadata-memory: invalid size '{max_metadata_memory}'")
+    return Policy(untrusted=untrusted, allow_dirs=tuple(dirs), max_depth=depth, max_metadata_memory=memory)
 
 
 _BITMAP_ACTIONS = ("--add", "--remove", "--clear", "--enable", "--disable")

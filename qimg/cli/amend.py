@@ -32,7 +32,7 @@ def command(objects, image_opts, progress, quiet, fmt, cache, force, options, he
         if fmt is None:
             from ..core import registry
 
-            drv = registry.open_image(filename, None)
+            drv = registry.open_image(filename, None, policy=c.policy())
             fmt = drv.format_name
             drv.close()
         c.echo(amend_help(fmt))
@@ -42,4 +42,5 @@ def command(objects, image_opts, progress, quiet, fmt, cache, force, options, he
         raise UsageError("Expecting one image file name")
     c.load_objects(objects)
     name, fmt, open_opts = c.image_spec(filename, fmt, image_opts)
-    amend(name, opts, fmt=fmt, force=force, cache=cache, image_options=open_opts, warn=c.warn)
+    amend(name, opts, fmt=fmt, force=force, cache=cache, image_options=open_opts, warn=c.warn,
+          untrusted=c.policy())

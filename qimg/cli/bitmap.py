@@ -39,4 +39,4 @@ def command(action_args, merge_alone, source, source_fmt, granularity, objects, 
         raise QimgError("Expecting filename and bitmap name")
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(args[0], fmt, image_opts)
-    bitmap(name, fmt, opts, args[1], actions, gran, source, source_fmt, warn=c.warn)
+    bitmap(name, fmt, opts, args[1], actions, gran, source, source_fmt, warn=c.warn, policy=c.policy())

@@ -32,7 +32,7 @@ def command(objects, image_opts, quiet, fmt, output, repair, src_cache, force_sh
         refuse_shared_write(filename)
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
-    res = check(name, fmt=fmt, repair=repair, image_options=opts, warn=c.warn)
+    res = check(name, fmt=fmt, repair=repair, image_options=opts, warn=c.warn, untrusted=c.policy())
     for msg in res.messages:
         sys.stderr.write(msg + "\n")
     c.echo(res.to_json() if output == "json" else res.human(), quiet)

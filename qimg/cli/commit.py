@@ -28,5 +28,5 @@ def command(objects, image_opts, quiet, fmt, cache, base, rate, drop, progress, 
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
     prog = Progress(0, enabled=progress and not quiet)
     commit(name, fmt=fmt, base=base, drop=drop, cache=cache, rate=rate, image_options=opts, progress=prog,
-           warn=c.warn)
+           warn=c.warn, untrusted=c.policy())
     c.echo("Image committed.\n", quiet)

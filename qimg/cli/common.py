@@ -7,6 +7,15 @@ import sys
 import click
 
 
+def policy():
+    """The open policy of this run (set by the root group's global options)."""
+    from ..core.policy import Policy
+
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return obj if isinstance(obj, Policy) else Policy()
+
+
 def object_opt(f):
     return click.option("--object", "objects", multiple=True, help="object definition")(f)
 

@@ -72,7 +72,7 @@ def command(objects, image_opts, fmt1, fmt2, src_cache, progress, quiet, strict,
             raise QimgError(str(e), OPEN_ERROR) from None
         result = compare(name1, name2, fmt1=f1, fmt2=f2, strict=strict, src_cache=src_cache, image_options=o1,
                          image_options2=o2, progress=_Steps(prog) if prog is not None else None,
-                         report=lambda line: c.echo(line + "\n", quiet))
+                         report=lambda line: c.echo(line + "\n", quiet), untrusted=c.policy())
     finally:
         if prog is not None:
             prog.end()

@@ -62,4 +62,4 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, ski
             snapshot=snapshot_param, copy_offload=copy_offload, salvage=salvage, bitmaps=bitmaps,
             skip_broken_bitmaps=skip_broken_bitmaps, image_options=[s[2] for s in sources],
             target_options=target_options, trap_signals=True,
-            progress=Progress(0, enabled=progress and not quiet), warn=c.warn_report)
+            progress=Progress(0, enabled=progress and not quiet), warn=c.warn_report, untrusted=c.policy())

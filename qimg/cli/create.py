@@ -33,4 +33,4 @@ def command(objects, quiet, fmt, backing_file, backing_fmt, unsafe, options, fil
     if filename is None:
         raise UsageError("Expecting image file name")
     create(filename, size, fmt=fmt, options=opts, backing_file=backing_file, backing_fmt=backing_fmt, unsafe=unsafe,
-           announce=lambda line: (c.echo(line, quiet), sys.stdout.flush()))
+           announce=lambda line: (c.echo(line, quiet), sys.stdout.flush()), untrusted=c.policy())

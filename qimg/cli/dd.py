@@ -44,4 +44,5 @@ def command(objects, image_opts, fmt, out_fmt, force_share, help_, operands):
         sys.stderr.write(f"{PROG}: {message}\n")
 
     dd(name, values["of"], fmt=fmt, out_fmt=out_fmt, bs=values.get("bs", 512), count=values.get("count"),
-       skip=values.get("skip"), image_options={**opts, DISPLAY_NAME: values["if"]}, warn=warn)
+       skip=values.get("skip"), image_options={**opts, DISPLAY_NAME: values["if"]}, warn=warn,
+       untrusted=c.policy())

@@ -23,8 +23,9 @@ def command(objects, image_opts, fmt, output, backing_chain, force_share, help_,
     c.check_output(output)
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
-    infos = [i.to_dict() for i in info(name, fmt=fmt, backing_chain=True, image_options=opts)] if backing_chain \
-        else [info(name, fmt=fmt, image_options=opts).to_dict()]
+    policy = c.policy()
+    infos = [i.to_dict() for i in info(name, fmt=fmt, backing_chain=True, image_options=opts, untrusted=policy)] \
+        if backing_chain else [info(name, fmt=fmt, image_options=opts, untrusted=policy).to_dict()]
     if output == "json":
         c.echo(to_json(infos if backing_chain else infos[0]))
     else:

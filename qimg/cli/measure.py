@@ -56,7 +56,7 @@ def command(objects, image_opts, fmt, output, force_share, size, out_fmt, option
         name, fmt, opts = c.image_spec(filenames[0], fmt, image_opts)
     try:
         result = measure(name, size=size, fmt=fmt, out_fmt=out_fmt, options=list(options), snapshot=snapshot_param,
-                         image_options=opts)
+                         image_options=opts, untrusted=c.policy())
     except MeasureOptionsError as e:
         # the option's own message keeps qemu's unprefixed continuation lines
         first, _, rest = e.detail.partition("\n")

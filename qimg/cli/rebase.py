@@ -32,4 +32,4 @@ def command(objects, image_opts, force_share, quiet, fmt, cache, src_cache, prog
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
     prog = Progress(0, enabled=progress and not quiet)
     rebase(name, backing, fmt=fmt, backing_fmt=backing_fmt, unsafe=unsafe, cache=cache, src_cache=src_cache,
-           image_options=opts, progress=prog, warn=c.warn)
+           image_options=opts, progress=prog, warn=c.warn, untrusted=c.policy())

@@ -28,5 +28,6 @@ def command(objects, image_opts, fmt, prealloc, quiet, shrink, help_, args):
     filename, size_text = args
     c.load_objects(objects)
     name, fmt, opts = c.image_spec(filename, fmt, image_opts)
-    resize(name, size_text, fmt=fmt, shrink=shrink, preallocation=prealloc, image_options=opts, warn=c.warn)
+    resize(name, size_text, fmt=fmt, shrink=shrink, preallocation=prealloc, image_options=opts, warn=c.warn,
+           untrusted=c.policy())
     c.echo("Image resized.\n", quiet)

@@ -38,7 +38,8 @@ def command(objects, image_opts, force_share, quiet, do_list, apply_name, create
 
         c.load_objects(objects)
         fname, fmt, opts = c.image_spec(filename, fmt, image_opts)
-        registry.open_image(fname, fmt, writable=not force_share, options=opts, warn=c.warn).close()
+        registry.open_image(fname, fmt, writable=not force_share, options=opts, warn=c.warn,
+                            policy=c.policy()).close()
         return
     action, name = actions[0]
     if force_share and action != "list":
@@ -46,9 +47,9 @@ def command(objects, image_opts, force_share, quiet, do_list, apply_name, create
     c.load_objects(objects)
     fname, fmt, opts = c.image_spec(filename, fmt, image_opts)
     if action == "list":
-        snaps = snapshot_list(fname, fmt=fmt, image_options=opts)
+        snaps = snapshot_list(fname, fmt=fmt, image_options=opts, untrusted=c.policy())
         if snaps:
             c.echo("Snapshot list:\n" + "\n".join(snapshot_table([s.to_dict() for s in snaps])) + "\n", quiet)
         return
     run = {"create": edit.snapshot_create, "apply": edit.snapshot_apply, "delete": edit.snapshot_delete}[action]
-    run(fname, name, fmt=fmt, image_options=opts, warn=c.warn)
+    run(fname, name, fmt=fmt, image_options=opts, warn=c.warn, untrusted=c.policy())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util  # format_names() uses find_spec; not always imported at start-up
+import os
 
 from ..errors import OpenError
 
@@ -77,3 +78,14 @@ def protocol_for(filename: str) -> str | None:
         if filename.startswith(prefix):
             return prefix
     return None
+
+
+def resolve_backing(overlay_filename: str, backing_name: str) -> str:
+    """A backing name as qemu resolves it: relative to the overlay's directory (a C string: NUL ends it)."""
+    from ..io.remote import url_scheme
+
+    backing_name = backing_name.split("\0", 1)[0]
+    if protocol_for(backing_name) or os.path.isabs(backing_name) or url_scheme(backing_name):
+        return backing_name  # a URL is opened as named, never joined to the overlay's directory
+    base = os.path.dirname(overlay_filename)
+    return os.path.join(base, backing_name) if base else backing_name

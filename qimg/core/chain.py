@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from ..errors import BackingChainError, QimgError
 from . import registry
 from .extent import Extent, clip
+from .policy import TRUSTED_MAX_DEPTH, Guard, Policy, PolicyError
 
-MAX_CHAIN_DEPTH = 64
+MAX_CHAIN_DEPTH = TRUSTED_MAX_DEPTH
 
 
 class Chain:
@@ -18,6 +20,7 @@ class Chain:
         self.layers = layers
         self.filenames = filenames
         self._backing_checked: set[int] = set()
+        self.guard: Guard | None = None
 
     def _check_backing(self, depth: int) -> None:
         """Before layer ``depth`` first reads through to its backing file, let it refuse one that has
@@ -27,25 +30,40 @@ class Chain:
 
     @classmethod
     def open(cls, filename: str, fmt: str | None = None, writable: bool = False, backing: bool = True,
-             options: dict | None = None, warn=None, max_depth: int = MAX_CHAIN_DEPTH) -> Chain:
-        """Open an image and (unless backing=False) its whole backing chain, read-only below the top."""
-        top = registry.open_image(filename, fmt, writable, options, warn=warn)
+             options: dict | None = None, warn=None, max_depth: int | None = None, policy: Policy | None = None,
+             references: list | None = None) -> Chain:
+        """Open an image and (unless backing=False) its whole backing chain, read-only below the top.
+
+        Every file the chain reaches is admitted by ``policy`` (qimg.core.policy; default: qemu-img's
+        rules) and recorded, allowed or refused, in ``references`` (also ``Chain.references``)."""
+        policy = policy or Policy()
+        if max_depth is not None:
+            policy = replace(policy, max_depth=max_depth)
+        guard = Guard(policy, filename, references)
+        top = registry.open_image(filename, fmt, writable, options, warn=warn, guard=guard)
+        return cls.below_top(top, filename, guard, backing)
+
+    @classmethod
+    def below_top(cls, top, filename: str, guard: Guard, backing: bool = True) -> Chain:
+        """The chain of an opened top layer: its backing files opened (unless backing=False) under ``guard``,
+        each layer handed the guest view below it.  Closes ``top`` on failure."""
         layers = [top]
         names = [filename]
         chain = cls(layers, names)
+        chain.guard = guard
         try:
             seen = {_identity(top, filename)}
             cur, cur_name = top, filename
             while backing and cur.backing is not None and cur.backing.filename:
-                if len(layers) > max_depth:
-                    raise BackingChainError(
-                        f"Backing chain of '{filename}' is deeper than the limit of {max_depth} images")
-                name = registry.resolve_backing(cur_name, cur.backing.filename)
+                name, bfmt = registry.admit_backing(guard, cur_name, cur.backing.filename, cur.backing.fmt, len(layers),
+                                                    filename)
                 ident = _identity_path(name)
                 if ident is not None and ident in seen:
                     raise BackingChainError(f"Backing file '{name}' of '{cur_name}' loops back into the chain")
                 try:
-                    layer = registry.open_image(name, cur.backing.fmt, False)
+                    layer = registry.open_image(name, bfmt, False, guard=guard)
+                except PolicyError:
+                    raise
                 except QimgError as e:
                     # qemu's wording: the top image, one "Could not open backing file" per level, the file's error
                     inner = str(e).removeprefix(f"Could not open '{name}': ")
@@ -53,6 +71,7 @@ class Chain:
                                     + inner) from None
                 if ident is not None:
                     seen.add(ident)
+                cur.below = _Below(chain, len(layers))
                 layers.append(layer)
                 names.append(name)
                 cur, cur_name = layer, name
@@ -60,6 +79,11 @@ class Chain:
             chain.close()
             raise
         return chain
+
+    @property
+    def references(self) -> list:
+        """Every file this chain's images named, with where it resolved and the policy's verdict."""
+        return self.guard.references if self.guard is not None else []
 
     @property
     def top(self):
@@ -152,6 +176,21 @@ class Chain:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Below:
+    """The guest view of a chain from one layer down: what the layer above reads for copy-on-write."""
+
+    def __init__(self, chain: Chain, depth: int):
+        self.chain = chain
+        self.depth = depth
+
+    @property
+    def virtual_size(self) -> int:
+        return self.chain.layers[self.depth].virtual_size
+
+    def readinto(self, offset: int, buf) -> None:
+        self.chain.readinto(offset, buf, self.depth)
 
 
 def _identity(driver, filename):

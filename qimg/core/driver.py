@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import QimgError, Unsupported
+from ..errors import CorruptImage, QimgError, Unsupported
 from .extent import Extent
 
 
@@ -40,13 +40,26 @@ class CreateOptions:
 
 
 class Opener:
-    """Opens files beside an image (extents, data files) for a driver, relative to its directory."""
+    """The one way an image reaches the files it names (extents, data files, bundle storages).
 
-    def __init__(self, base_filename: str, writable: bool = False, open_image=None):
+    Relative names resolve in the image's directory.  Every reference is checked and recorded by the
+    open's ``Guard`` (qimg.core.policy) before anything is opened; the Guard also counts the
+    metadata memory the drivers of this open keep (``charge``)."""
+
+    def __init__(self, base_filename: str, writable: bool = False, open_image=None, guard=None,
+                 image: str | None = None, open_backing=None):
         self.base_filename = base_filename
         self.base_dir = os.path.dirname(base_filename)
         self.writable = writable
         self._open_image = open_image
+        self._open_backing = open_backing
+        self.guard = guard
+        self.image = image or base_filename
+
+    @property
+    def strict(self) -> bool:
+        """Untrusted mode: structure errors qemu-img reads past are refused."""
+        return self.guard is not None and self.guard.strict
 
     def resolve(self, name: str) -> str:
         """A sibling's path: relative names live in the image's directory (the image itself stays as named)."""
@@ -54,20 +67,40 @@ class Opener:
             return name
         return os.path.join(self.base_dir, name)
 
-    def open_file(self, name: str, writable: bool | None = None, create: bool = False, metadata: bool = False):
-        """A store over the sibling ``name``; ``metadata``: it has metadata of its own (a sparse VMDK
-        extent) and is locked as an image, else as a data file."""
+    def check(self, name: str, kind: str, resolved: str | None = None) -> str:
+        """Resolve a reference and let the policy refuse it (PolicyError); the path to open."""
+        path = self.resolve(name) if resolved is None else resolved
+        if self.guard is not None:
+            self.guard.reference(self.image, name, path, kind)
+        return path
+
+    def charge(self, what: str, nbytes: int) -> None:
+        """Count metadata this open keeps in memory against the policy's budget."""
+        if self.guard is not None:
+            self.guard.charge(self.image, what, nbytes)
+
+    def release(self, nbytes: int) -> None:
+        """Give back metadata memory (a cache entry dropped)."""
+        if self.guard is not None:
+            self.guard.release(nbytes)
+
+    def open_file(self, name: str, writable: bool | None = None, create: bool = False, metadata: bool = False,
+                  kind: str = "data file", resolved: str | None = None):
+        """A store over the file ``name`` the image names (or, with ``create``, one a create call makes),
+        admitted by the policy as a reference of ``kind``; ``metadata``: it has metadata of its own (a
+        sparse VMDK extent) and is locked as an image, else as a data file."""
         from ..io.store import FileStore
         from .catalog import get_driver, protocol_for
 
         w = self.writable if writable is None else writable
+        path = (resolved or self.resolve(name)) if create else self.check(name, kind, resolved)
         proto = protocol_for(name)
         if proto is not None and get_driver(proto).provides_store:
             # nbd and the like: "creating" means using the existing export
             return get_driver(proto).open_store(name, w, {})
         if create:
-            return FileStore(self.resolve(name), w, create=True)
-        store = FileStore(self.resolve(name), w, lock=None)
+            return FileStore(path, w, create=True)
+        store = FileStore(path, w, lock=None)
         try:
             from ..io import lock
 
@@ -78,10 +111,25 @@ class Opener:
             raise
         return store
 
-    def open_image(self, name: str, fmt: str | None = None, writable: bool | None = None):
+    def backing_path(self, name: str) -> str:
+        """Where the backing file ``name`` of this image resolves (relative to the image, as qemu does)."""
+        from .catalog import resolve_backing
+
+        return resolve_backing(self.image, name)
+
+    def open_backing(self, name: str, fmt: str | None = None, options: dict | None = None, backing: bool = True):
+        """The chain of a backing file this image (being created) names, opened under the same policy by
+        the ``open_backing(path, fmt, options, backing)`` its creator gave."""
+        if self._open_backing is None:
+            raise QimgError("cannot open backing files here")
+        return self._open_backing(self.backing_path(name), fmt, options, backing)
+
+    def open_image(self, name: str, fmt: str | None = None, writable: bool | None = None, kind: str = "storage"):
+        """A nested image the image names (a Parallels bundle's storage), opened under the same policy."""
         if self._open_image is None:
             raise QimgError("cannot open nested images here")
-        return self._open_image(self.resolve(name), fmt, self.writable if writable is None else writable)
+        path = self.check(name, kind)
+        return self._open_image(path, fmt, self.writable if writable is None else writable)
 
 
 class Driver:
@@ -121,6 +169,33 @@ class Driver:
         self.opener = opener
         self.virtual_size = 0
         self.backing: BackingRef | None = None
+        #: the guest view of the layers below (set by Chain): what copy-on-write reads
+        self.below = None
+
+    @property
+    def strict(self) -> bool:
+        """Untrusted mode: a table entry past EOF or misaligned is an error, not zeros."""
+        return self.opener is not None and self.opener.strict
+
+    def charge(self, what: str, nbytes: int) -> None:
+        """Count ``nbytes`` of metadata kept in memory against the open's budget (untrusted mode)."""
+        if self.opener is not None:
+            self.opener.charge(what, nbytes)
+
+    def read_below(self, offset: int, length: int) -> bytes:
+        """The backing chain's guest bytes at ``offset`` (zeros without one, or past its end)."""
+        buf = bytearray(length)
+        if self.below is not None and length > 0:
+            self.below.readinto(offset, buf)
+        return bytes(buf)
+
+    def readinto_below(self, offset: int, buf) -> None:
+        """Fill ``buf`` with the backing chain's guest bytes at ``offset`` (zeros without one)."""
+        if self.below is not None:
+            self.below.readinto(offset, buf)
+        else:
+            view = memoryview(buf).cast("B")
+            view[:] = bytes(len(view))
 
     # ----- probing, opening, creating -----
     @classmethod
@@ -218,6 +293,9 @@ class Driver:
             if ext.data and ext.offset is not None:
                 got = self.store.readinto(ext.offset, sub)
                 if got < n:
+                    if self.strict:
+                        raise CorruptImage(f"'{self.filename}': data at host offset {ext.offset + got} lies "
+                                           "past the end of the file")
                     sub[got:] = bytes(n - got)  # past the end of the host file reads as zeros
             else:
                 sub[:] = bytes(n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import OpenError, QimgError
-from .catalog import FORMATS, PROTOCOLS, _cache, format_names, get_driver, protocol_for
+from .catalog import FORMATS, PROTOCOLS, _cache, format_names, get_driver, protocol_for, resolve_backing
 
 __all__ = ["FORMATS", "PROTOCOLS", "_cache", "format_names", "get_driver", "protocol_for", "probe", "open_image",
            "bundle_descriptor", "resolve_backing"]
@@ -57,16 +57,23 @@ def probe(head: bytes, filename: str) -> str:
 
 
 def open_image(filename: str, fmt: str | None = None, writable: bool = False, options: dict | None = None,
-               warn=None):
+               warn=None, guard=None, policy=None):
     """Open one layer (no backing files): probe unless ``fmt`` is given.
 
+    The files the layer names (extents, data files) are admitted by ``guard`` (qimg.core.policy), or
+    by a new one for ``policy`` (None: qemu-img's rules) with ``filename`` as the top image.
     Open errors read "Could not open 'NAME': ...", NAME as the user gave it (DISPLAY_NAME: the
     whole --image-opts string, as qemu-img quotes it)."""
     from ..options import DISPLAY_NAME
+    from .policy import Guard, PolicyError
 
+    if guard is None:
+        guard = Guard(policy, filename)
     shown = (options or {}).get(DISPLAY_NAME)
     try:
-        return _open_image(filename, fmt, writable, options, warn)
+        return _open_image(filename, fmt, writable, options, warn, guard)
+    except PolicyError:
+        raise
     except QimgError as e:
         prefix = f"Could not open '{filename}': "
         msg = str(e)
@@ -75,13 +82,13 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
         raise type(e)(f"Could not open '{shown}': " + msg[len(prefix):], e.exit_code) from None
 
 
-def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | None, warn):
+def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | None, warn, guard):
     from ..io import lock
     from ..io.remote import url_scheme
     from ..io.store import FileStore
     from ..io.urls import open_url
     from ..options import NO_IO
-    from .driver import Opener
+    from .policy import PolicyError
 
     proto = protocol_for(filename)
     proto_cls = None
@@ -126,9 +133,12 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
         if locking and hasattr(store, "lock"):
             # taken once the format is known (qemu probes before it locks), before the driver reads on
             store.lock(*lock.image_perms(cls.lock_passthrough, writable, no_io, force_share, options))
-        opener = Opener(bundle_descriptor(filename), writable, open_image=lambda f, t, w: open_image(f, t, w))
+        opener = make_opener(filename, writable, guard)
         with lock.opening(no_io, force_share, locking):
             return cls.open(store, filename, writable=writable, opener=opener, options=options or {})
+    except PolicyError:
+        store.close()
+        raise
     except QimgError as e:
         store.close()
         msg = str(e)
@@ -140,6 +150,51 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
         raise
 
 
+def make_opener(filename: str, writable: bool, guard):
+    """The Opener of an image named ``filename``: its sibling files and nested images go through ``guard``."""
+    from .driver import Opener
+
+    return Opener(bundle_descriptor(filename), writable, guard=guard, image=filename,
+                  open_image=lambda f, t, w: open_image(f, t, w, guard=guard))
+
+
+def admit_backing(guard, image: str, name: str, fmt: str | None, depth: int,
+                  top: str | None = None) -> tuple[str, str | None]:
+    """Resolve, check and record the backing file ``name`` of ``image`` (at ``depth`` below the top image
+    ``top``) under ``guard``: (path to open, format).  Without a recorded format the untrusted mode
+    probes it here and refuses a guess of raw."""
+    from dataclasses import replace
+
+    from .policy import BACKING, PolicyError, refusal
+
+    guard.depth(top or image, depth)
+    resolved = resolve_backing(image, name)
+    ref = guard.policy.judge(image, name, resolved, BACKING)
+    if ref.allowed and fmt is None and guard.untrusted:
+        probed = probe_file(resolved)
+        if probed == "raw":
+            ref = replace(ref, allowed=False,
+                          reason="no backing format is recorded and the file would be probed as raw")
+        else:
+            fmt = probed
+    guard.references.append(ref)
+    if not ref.allowed:
+        raise PolicyError(refusal(ref), ref)
+    return resolved, fmt
+
+
+def probe_file(filename: str) -> str | None:
+    """The format ``filename`` probes as (None when it cannot be read: its open reports why)."""
+    from ..io.store import FileStore
+
+    try:
+        with FileStore(filename, lock=None) as store:
+            head = store.pread(0, PROBE_BYTES)
+    except QimgError:
+        return None
+    return probe(head, filename)
+
+
 def bundle_descriptor(filename: str) -> str:
     """A Parallels Desktop .hdd bundle (a directory) opens through its DiskDescriptor.xml."""
     if os.path.isdir(filename):
@@ -147,14 +202,3 @@ def bundle_descriptor(filename: str) -> str:
         if os.path.isfile(desc):
             return desc
     return filename
-
-
-def resolve_backing(overlay_filename: str, backing_name: str) -> str:
-    """A backing name as qemu resolves it: relative to the overlay's directory (a C string: NUL ends it)."""
-    from ..io.remote import url_scheme
-
-    backing_name = backing_name.split("\0", 1)[0]
-    if protocol_for(backing_name) or os.path.isabs(backing_name) or url_scheme(backing_name):
-        return backing_name
-    base = os.path.dirname(overlay_filename)
-    return os.path.join(base, backing_name) if base else backing_name

@@ -70,6 +70,7 @@ class BochsDriver(Driver):
         check_limit("bochs catalog entries", catalog, MAX_CATALOG_ENTRIES, "bochs header")
         check_limit("bochs extent size", extent, MAX_EXTENT_BYTES, "bochs header")
         check_limit("bochs bitmap size", bitmap, MAX_BITMAP_BYTES, "bochs header")
+        self.charge("bochs catalog", catalog * 4)
         if extent < SECTOR or extent % SECTOR:
             raise CorruptImage(f"Extent size {extent} must be a non-zero multiple of {SECTOR}")
         if bitmap == 0 or bitmap * 8 < extent // SECTOR:

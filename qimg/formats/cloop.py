@@ -48,6 +48,7 @@ class CloopDriver(Driver):
             raise CorruptImage(f"block_size {block_size} must be a multiple of 512")
         check_limit("cloop block_size", block_size, MAX_BLOCK_SIZE, "cloop header")
         check_limit("cloop n_blocks", n_blocks, MAX_BLOCKS, "cloop header")
+        self.charge("cloop block offsets", (n_blocks + 1) * 8)
         table = 8 * (n_blocks + 1)
         file_size = self.store.size()
         if HEADER_SIZE + 8 + table > file_size:

@@ -30,7 +30,6 @@ from ..core.extent import Extent
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT
 from ..units import round_up
-from .qcow import BackingReader
 
 COW_MAGIC = 0x4F4F4F4D
 COW_VERSION = 3
@@ -125,7 +124,6 @@ class CowDriver(Driver):
         name = c_string(name)
         if name:
             self.backing = BackingRef(name, None)
-        self._below = BackingReader(self)
 
     # ----- metadata -----
     def info_extra(self) -> dict:
@@ -207,7 +205,7 @@ class CowDriver(Driver):
         bits = self._bits(sector, 1)
         if len(bits) and bits[0]:
             return self.store.pread_full(self.data_off + sector * ss, ss)
-        return self._below.read(sector * ss, ss)
+        return self.read_below(sector * ss, ss)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         end = min(offset + length, self.virtual_size)
@@ -236,13 +234,6 @@ class CowDriver(Driver):
         field = {1: 8, 2: 8, 3: V3.size - PATH_LEN_V3}[self.version]
         self.store.pwrite(field, name.ljust(limit, b"\0"))
         self.backing = BackingRef(filename, None) if name else None
-        self._below.close()
-
-    def close(self) -> None:
-        below = getattr(self, "_below", None)
-        if below is not None:
-            below.close()
-        super().close()
 
     # ----- create -----
     @classmethod
@@ -252,10 +243,8 @@ class CowDriver(Driver):
             raise QimgError("Backing file name too long")
         mtime = 0
         if opts.backing_file:
-            from ..core import registry
-
             try:
-                mtime = int(os.stat(registry.resolve_backing(filename, opts.backing_file)).st_mtime) & 0xFFFFFFFF
+                mtime = int(os.stat(opener.backing_path(opts.backing_file)).st_mtime) & 0xFFFFFFFF
             except OSError:
                 mtime = 0
         size = opts.size or 0

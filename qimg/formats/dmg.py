@@ -171,6 +171,7 @@ class DmgDriver(Driver):
             n = struct.unpack_from(">I", blk, 200)[0]
             total += n
             check_limit("dmg chunks", total, MAX_CHUNKS)
+            self.charge("dmg chunk table", 40 * n)
             if MISH_HEADER + 40 * n > len(blk):
                 raise CorruptImage("dmg mish block is shorter than its chunk count")
             for t, _c, sec, cnt, coff, clen in CHUNK.iter_unpack(blk[MISH_HEADER:MISH_HEADER + 40 * n]):

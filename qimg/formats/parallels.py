@@ -90,6 +90,7 @@ class ParallelsDriver(Driver):
             raise CorruptImage("Invalid image: Zero sectors per track")
         check_limit("parallels cluster sectors", tracks, MAX_CLUSTER_SECTORS, "parallels header")
         check_limit("parallels BAT entries", bat_entries, MAX_BAT_ENTRIES, "parallels header")
+        self.charge("parallels BAT", bat_entries * 4)
         if not self.ext:
             nb_sectors &= 0xFFFFFFFF  # only the low half counts in old images
         self.tracks = tracks

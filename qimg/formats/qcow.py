@@ -50,49 +50,6 @@ MIN_L2_BITS, MAX_L2_BITS = 6, 13
 MAX_L1_ENTRIES = ((1 << 31) - 1) // 8   # qemu's bound: the L1 table size must fit an int
 MAX_VIRTUAL_SIZE = (1 << 63) - 1
 
-# --------------------------------------------------------------------------------------
-# pieces shared with the other copy-on-write drivers of this package (qed, parallels, cow)
-# --------------------------------------------------------------------------------------
-
-class BackingReader:
-    """Reads the guest view of a driver's backing chain, opened lazily on first use.
-
-    Partial-cluster writes into an overlay must copy the rest of the cluster from the
-    backing file; drivers know one layer, so this opens the chain below on demand.
-    """
-
-    def __init__(self, driver):
-        self.driver = driver
-        self.chain = None
-
-    def read(self, offset: int, length: int) -> bytes:
-        drv = self.driver
-        if drv.backing is None or not drv.backing.filename or length <= 0:
-            return bytes(length)
-        if self.chain is None:
-            from ..core import registry
-            from ..core.chain import Chain
-
-            name = registry.resolve_backing(drv.filename, drv.backing.filename)
-            try:
-                self.chain = Chain.open(name, drv.backing.fmt)
-            except QimgError as e:
-                raise QimgError(f"Could not open backing file: {e}") from None
-        size = self.chain.virtual_size
-        if offset >= size:
-            return bytes(length)
-        n = min(length, size - offset)
-        data = self.chain.read(offset, n)
-        if n < length:
-            data += bytes(length - n)
-        return data
-
-    def close(self) -> None:
-        if self.chain is not None:
-            self.chain.close()
-            self.chain = None
-
-
 _ZEROS: dict[int, bytes] = {}
 
 
@@ -161,6 +118,7 @@ class QcowDriver(Driver):
         shift = cluster_bits + l2_bits
         self.l1_entries = (size + (1 << shift) - 1) >> shift
         check_limit("L1 table entries", self.l1_entries, MAX_L1_ENTRIES, "qcow header")
+        self.charge("qcow L1 table", self.l1_entries * 8)
         file_size = self.store.size()
         if l1_off + self.l1_entries * 8 > max(file_size, HEADER_SIZE):
             raise CorruptImage(f"L1 table offset {l1_off} (+{self.l1_entries * 8} bytes) lies outside the file")
@@ -179,7 +137,6 @@ class QcowDriver(Driver):
         self._l1 = None  # loaded on first use: info needs no table (and no numpy)
         self._l2_cache: dict[int, object] = {}
         self._zbuf = (None, None)  # (host entry, decompressed cluster)
-        self._below = BackingReader(self)
         self.cipher = None
         if crypt == QCOW_CRYPT_AES:
             secret = options.get("encrypt.key-secret")
@@ -382,7 +339,7 @@ class QcowDriver(Driver):
         cs = self.cluster_bytes
         entry = self._entry(cluster)
         if entry == 0:
-            return self._below.read(cluster * cs, cs)
+            return self.read_below(cluster * cs, cs)
         if entry & QCOW_OFLAG_COMPRESSED:
             return self._decompress(entry)
         return self.pread(cluster * cs, cs)
@@ -510,12 +467,6 @@ class QcowDriver(Driver):
         self._zbuf = (None, None)
         self.store.truncate(self.l1_offset + round_up(l1_bytes, SECTOR))
         self._eof = None
-
-    def close(self) -> None:
-        below = getattr(self, "_below", None)
-        if below is not None:
-            below.close()
-        super().close()
 
     # ----- create -----
     @classmethod

@@ -26,7 +26,6 @@ from ..core.extent import Extent, split_at
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT, OptSpec, parse_opt_size
 from ..units import round_up
-from .qcow import BackingReader
 from .spans import write_span
 
 QED_MAGIC = 0x00444551  # "QED\0" little-endian
@@ -102,6 +101,7 @@ class QedDriver(Driver):
         self.autoclear = autoclear
         self.table_bytes = ts * cs
         check_limit("QED table bytes", self.table_bytes, MAX_TABLE_BYTES, "QED header")
+        self.charge("QED L1 table", self.table_bytes)
         check_limit("QED header bytes", hs * cs, MAX_HEADER_BYTES, "QED header")
         self.table_entries = self.table_bytes // 8
         if size % SECTOR or size > max_image_size(cs, ts):
@@ -122,7 +122,6 @@ class QedDriver(Driver):
             self.backing = BackingRef(name, fmt)
         self._l1 = None  # loaded on first use: info needs no table (and no numpy)
         self._l2_cache: dict[int, object] = {}
-        self._below = BackingReader(self)
         self._eof = None
         self._need_check_set = False
         if self.writable:
@@ -241,7 +240,7 @@ class QedDriver(Driver):
         cs = self.cluster_bytes
         e = self._entry(cluster)
         if e == 0:
-            return self._below.read(cluster * cs, cs)
+            return self.read_below(cluster * cs, cs)
         if e == QED_CLUSTER_ZERO:
             return bytes(cs)
         return self.store.pread_full(e, cs)
@@ -363,7 +362,6 @@ class QedDriver(Driver):
         self.store.pwrite(0, HEADER.pack(*h) + name)
         self.features = features
         self.backing = BackingRef(filename, "raw" if fmt == "raw" else None) if name else None
-        self._below.close()
 
     def make_empty(self) -> None:
         import numpy as np
@@ -389,9 +387,6 @@ class QedDriver(Driver):
             self.features &= ~QED_F_NEED_CHECK
             self._write_header()
             self._need_check_set = False
-        below = getattr(self, "_below", None)
-        if below is not None:
-            below.close()
         super().close()
 
     # ----- check -----

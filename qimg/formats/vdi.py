@@ -145,6 +145,7 @@ class VdiDriver(Driver):
         # a block map claimed past the end of the file is refused before any buffer is sized for it
         if h["offset_bmap"] + n * 4 > self.store.size():
             raise CorruptImage("Could not read VDI block map: image is truncated")
+        self.charge("VDI block map", n * 4)
         raw = self.store.pread(h["offset_bmap"], n * 4)
         if len(raw) < n * 4:
             raise CorruptImage("Could not read VDI block map: image is truncated")

@@ -228,6 +228,7 @@ class VpcDriver(Driver):
         from array import array
 
         bat = array("I")
+        self.charge("VHD block allocation table", bat_bytes)
         bat.frombytes(store.pread(table_offset, bat_bytes))
         if bat.itemsize != 4:  # pragma: no cover - exotic platforms
             raise QimgError("unsupported platform: 32-bit unsigned array items are not 4 bytes")

@@ -10,10 +10,13 @@ def amend_help(fmt: str) -> str:
 
 
 def amend(filename: str, options: dict, fmt: str | None = None, force: bool = False, open_options=None,
-          warn=None) -> None:
-    drv = registry.open_image(filename, fmt, writable=True, options=open_options, warn=warn)
+          warn=None, policy=None) -> None:
+    from .commit import open_chain
+
+    chain = open_chain(filename, fmt, writable=True, options=open_options, warn=warn, policy=policy)  # as qemu-img
+    drv = chain.top
     try:
         drv.amend(options, force)
         drv.flush()
     finally:
-        drv.close()
+        chain.close()

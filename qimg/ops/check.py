@@ -14,14 +14,14 @@ def validate_repair(repair: str | None) -> None:
 
 
 def check_image(filename: str, fmt: str | None = None, repair: str | None = None, options: dict | None = None,
-                warn=None):
+                warn=None, policy=None):
     """(result, format name): result has corruptions/leaks/... and exit_code, like qemu's BdrvCheckResult.
 
     The image is opened once, with its backing chain (qemu-img check fails when a backing file is
     missing), writable only for a repair."""
     from .commit import open_chain
 
-    chain = open_chain(filename, fmt, writable=bool(repair), options=options, warn=warn)
+    chain = open_chain(filename, fmt, writable=bool(repair), options=options, warn=warn, policy=policy)
     try:
         drv = chain.top
         return drv.check(repair), drv.format_name

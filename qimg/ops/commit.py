@@ -33,12 +33,13 @@ def open_chain(filename: str, fmt: str | None = None, **kw) -> Chain:
 
 
 def commit(filename: str, fmt: str | None = None, base: str | None = None, drop: bool = False,
-           options: dict | None = None, progress=None, warn=None) -> None:
+           options: dict | None = None, progress=None, warn=None, policy=None) -> None:
     """qemu-img commit: data above ``base`` (default: the backing file) goes into ``base``.
 
     Order for crash safety: the base is written and flushed (fdatasync) before the overlay is
     emptied, so the overlay's guest view never changes."""
-    chain = open_chain(filename, fmt, writable=True, options=options, warn=warn)  # qemu-img opens it read-write
+    # qemu-img opens it read-write
+    chain = open_chain(filename, fmt, writable=True, options=options, warn=warn, policy=policy)
     try:
         top = chain.top
         if top.backing is None or len(chain.layers) < 2:
@@ -61,9 +62,11 @@ def commit(filename: str, fmt: str | None = None, base: str | None = None, drop:
         base_fmt = chain.layers[depth].format_name
         size = chain.virtual_size
         try:
-            base_drv = registry.open_image(base_name, base_fmt, writable=True)
+            # reopened read-write as a chain of its own: its backing layers hand it what copy-on-write needs
+            base_chain = Chain.open(base_name, base_fmt, writable=True, policy=chain.guard.policy)
         except LockError as e:  # qemu reopens the base read-write: its lock error names no file first
             raise LockError(str(e).removeprefix(f"Could not open '{base_name}': "), e.exit_code) from None
+        base_drv = base_chain.top
         try:
             if base_drv.virtual_size < size:
                 base_drv.truncate(size, shrink=False, prealloc="off")
@@ -74,18 +77,18 @@ def commit(filename: str, fmt: str | None = None, base: str | None = None, drop:
                        cluster_size=base_drv.cluster_size)
             base_drv.flush()
         finally:
-            base_drv.close()
+            base_chain.close()
         top_fmt = top.format_name
     finally:
         chain.close()
     if not drop:
-        drv = registry.open_image(filename, top_fmt, writable=True, options=options)
+        top_chain = Chain.open(filename, top_fmt, writable=True, options=options, policy=policy)
         try:
-            drv.make_empty()
-            drv.flush()
+            top_chain.top.make_empty()
+            top_chain.top.flush()
         except Unsupported:
             pass  # qemu-img leaves an overlay it cannot empty as it is
         finally:
-            drv.close()
+            top_chain.close()
     if progress is not None:
         progress.finish()

@@ -32,6 +32,7 @@ class CompareRequest:
     options2: dict = field(default_factory=dict)
     strict: bool = False
     workers: int = 2
+    policy: object = None  # qimg.core.policy.Policy (untrusted mode); None: qemu-img's rules
 
 
 class CompareFailed(QimgError):
@@ -120,8 +121,8 @@ def compare(req: CompareRequest, progress=None, report=None) -> int:
     chain1 = chain2 = None
     try:
         try:
-            chain1 = Chain.open(req.filename1, req.fmt1, options=dict(req.options1))
-            chain2 = Chain.open(req.filename2, req.fmt2, options=dict(req.options2))
+            chain1 = Chain.open(req.filename1, req.fmt1, options=dict(req.options1), policy=req.policy)
+            chain2 = Chain.open(req.filename2, req.fmt2, options=dict(req.options2), policy=req.policy)
         except QimgError as e:
             raise CompareFailed(str(e), OPEN_ERROR) from None
         total1, total2 = chain1.virtual_size, chain2.virtual_size

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..core import registry
 from ..core.chain import Chain
+from ..core.policy import Policy
 from ..engine.copy import ChainSource, ConcatSource, CopyOptions, copy_range
 from ..errors import OpenError, QimgError
 from ..options import CACHE_UNSAFE
@@ -37,6 +38,7 @@ class ConvertRequest:
     bitmaps: bool = False       # --bitmaps
     skip_broken_bitmaps: bool = False
     trap_signals: bool = False  # the command line's: SIGTERM/SIGHUP stop the copy and remove the partial target
+    policy: Policy | None = None  # untrusted mode (qimg.core.policy); None: qemu-img's rules
 
 
 def convert(req: ConvertRequest, progress=None, warn=None) -> int:
@@ -57,7 +59,8 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> int:
         if req.snapshot is not None and len(req.sources) > 1:
             raise QimgError("No support for concatenating multiple snapshot")
         for source in req.sources:
-            chains.append(source() if callable(source) else Chain.open(source[0], source[1], options=dict(source[2])))
+            chains.append(source() if callable(source) else
+                          Chain.open(source[0], source[1], options=dict(source[2]), policy=req.policy))
         if req.snapshot is not None:
             from .measure import _load_snapshot
 
@@ -143,10 +146,13 @@ def _write_into(req, src, total, progress, bitmaps=None):
     except QimgError as e:
         raise OpenError(f"Could not open '{req.target}': {e}", e.exit_code) from None
     try:
-        tgt = registry.open_image(req.target, req.out_fmt, writable=True, options=req.target_options)
+        # as a chain: a target whose backing file is missing is refused, as qemu-img refuses it, and the
+        # layers below hand the target what copy-on-write needs
+        tgt_chain = Chain.open(req.target, req.out_fmt, writable=True, options=req.target_options, policy=req.policy)
     finally:
         if guard is not None:
             guard.release()
+    tgt = tgt_chain.top
     try:
         if tgt.virtual_size < total:
             raise QimgError(f"Could not write to '{req.target}': target image is smaller than the source")
@@ -158,7 +164,7 @@ def _write_into(req, src, total, progress, bitmaps=None):
         if progress is not None:
             progress.finish()
     finally:
-        tgt.close()
+        tgt_chain.close()
 
 
 def _maybe_base(req, src):
@@ -186,7 +192,9 @@ def _create_and_write(req, src, total, progress, bitmaps=None):
         _create_target(req, tmp, total)
         # like qemu-img, the secrets given for creation also unlock the new image
         secrets = {k: v for k, v in req.options.items() if k.endswith("key-secret")}
-        tgt = registry.open_image(tmp, req.out_fmt, writable=True, options={**secrets, CACHE_UNSAFE: True})
+        tgt_chain = Chain.open(tmp, req.out_fmt, writable=True, options={**secrets, CACHE_UNSAFE: True},
+                               policy=req.policy)
+        tgt = tgt_chain.top
         try:
             _prepare_bitmaps(req, tgt, bitmaps)
             zero_init = tgt.has_zero_init and not req.backing
@@ -196,7 +204,7 @@ def _create_and_write(req, src, total, progress, bitmaps=None):
             if bitmaps:
                 tgt.add_bitmaps(bitmaps)
         finally:
-            tgt.close()
+            tgt_chain.close()
         if tmp != target:
             os.replace(tmp, target)
         created.clear()
@@ -223,7 +231,8 @@ def _create_target(req, tmp, total):
         raise QimgError(str(e).removeprefix(": "), e.exit_code) from None
     try:
         create_image(tmp, req.out_fmt, total, dict(req.options), req.backing, req.backing_fmt,
-                     unsafe=req.backing is not None and req.backing_fmt is None, display_name=req.target)
+                     unsafe=req.backing is not None and req.backing_fmt is None, display_name=req.target,
+                     policy=req.policy)
     except QimgError as e:
         msg = str(e).removeprefix(f"{req.target}: ")
         raise type(e)(f"{req.target}: error while converting {req.out_fmt}: {msg}", e.exit_code) from None

@@ -67,7 +67,7 @@ def format_line(cls, filename: str, opts: CreateOptions) -> str:
 
 def create_image(filename: str, fmt: str, size: int | None, options: dict | None = None,
                  backing_file: str | None = None, backing_fmt: str | None = None,
-                 unsafe: bool = False, announce=None, display_name: str | None = None) -> str:
+                 unsafe: bool = False, announce=None, display_name: str | None = None, policy=None) -> str:
     """Create ``filename``; returns the "Formatting ..." line qemu-img prints.
 
     ``announce(line)`` is called with that line just before the driver writes anything,
@@ -95,7 +95,7 @@ def create_image(filename: str, fmt: str, size: int | None, options: dict | None
             raise QimgError(f"{shown}: Backing file specified without backing format\n"
                             f"Detected format of {detected}.")
         if not unsafe or size is None:
-            backing_size = _backing_size(filename, backing_file, backing_fmt, shown)
+            backing_size = _backing_size(filename, backing_file, backing_fmt, shown, policy)
         if size is None:
             size = backing_size
     if size is None:
@@ -111,7 +111,15 @@ def create_image(filename: str, fmt: str, size: int | None, options: dict | None
     if announce is not None:
         announce(line)
     try:
-        cls.create(filename, opts, Opener(filename, writable=True))
+        from ..core.chain import Chain
+        from ..core.policy import Guard
+
+        # the backing file a driver reads while creating (a VMDK parent's CID) opens under the same policy
+        def open_backing(path, bfmt, open_options, backing):
+            return Chain.open(path, bfmt, options=open_options, backing=backing, policy=policy)
+
+        cls.create(filename, opts, Opener(filename, writable=True, guard=Guard(policy, filename),
+                                          open_backing=open_backing))
     except QimgError as e:
         msg = str(e)
         if not msg.startswith(shown + ":"):
@@ -129,21 +137,15 @@ def _resolve(filename, backing_file):
 
 
 def _detect_backing(filename, backing_file) -> str:
-    path = _resolve(filename, backing_file)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(registry.PROBE_BYTES)
-    except OSError:
-        return "unknown"
-    return registry.probe(head, path)
+    return registry.probe_file(_resolve(filename, backing_file)) or "unknown"
 
 
-def _backing_size(filename, backing_file, backing_fmt, shown=None) -> int:
+def _backing_size(filename, backing_file, backing_fmt, shown=None, policy=None) -> int:
     from ..core.chain import Chain
 
     path = _resolve(filename, backing_file)
     try:
-        with Chain.open(path, backing_fmt, options={NO_IO: True}) as chain:
+        with Chain.open(path, backing_fmt, options={NO_IO: True}, policy=policy) as chain:
             return chain.virtual_size
     except QimgError as e:
         raise QimgError(f"{shown or filename}: Could not open backing image: {e}") from None

@@ -39,6 +39,7 @@ class DdRequest:
     skip: int | None = None
     workers: int = 2
     display_name: str | None = None  # the if= operand as given (an --image-opts string stays one)
+    policy: object = None  # qimg.core.policy.Policy (untrusted mode); None: qemu-img's rules
 
 
 def plan(input_size: int, bs: int, count: int | None, skip: int | None) -> tuple[int, int, bool]:
@@ -59,7 +60,7 @@ def dd(req: DdRequest, warn=None) -> None:
 
     if req.input == "":
         raise QimgError("Could not open '': The 'file' block driver requires a file name")
-    with Chain.open(req.input, req.fmt, options=dict(req.input_options)) as chain:
+    with Chain.open(req.input, req.fmt, options=dict(req.input_options), policy=req.policy) as chain:
         if req.out_fmt not in registry.FORMATS:
             raise QimgError("Unknown file format")
         try:
@@ -77,7 +78,8 @@ def dd(req: DdRequest, warn=None) -> None:
         except QimgError as e:
             raise QimgError(f"{req.output}: error while creating output image: {_create_reason(e, req.output)}",
                             e.exit_code) from None
-        tgt = registry.open_image(req.output, req.out_fmt, writable=True, options={CACHE_UNSAFE: True})
+        tgt = registry.open_image(req.output, req.out_fmt, writable=True, options={CACHE_UNSAFE: True},
+                                  policy=req.policy)
         try:
             if beyond:
                 if warn is not None:

@@ -49,8 +49,14 @@ def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
 
 
 def image_info(filename: str, fmt: str | None = None, backing_chain: bool = False, options: dict | None = None,
-               open_image=None) -> list[dict]:
-    """ImageInfo for an image, and for each backing file with ``backing_chain``."""
+               policy=None) -> list[dict]:
+    """ImageInfo for an image, and for each backing file with ``backing_chain``.
+
+    Each layer opens metadata-only (qemu's BDRV_O_NO_IO); backing files are admitted by ``policy``
+    (qimg.core.policy) as a chain's are."""
+    from ..core.policy import Guard
+
+    guard = Guard(policy, filename)
     infos = []
     name, cur_fmt = filename, fmt
     seen = set()
@@ -59,7 +65,7 @@ def image_info(filename: str, fmt: str | None = None, backing_chain: bool = Fals
         # metadata only (qemu's BDRV_O_NO_IO): encrypted images open without their keys
         layer_opts = dict(options or {}) if depth == 0 else {}
         layer_opts[NO_IO] = True
-        drv = (open_image or registry.open_image)(name, cur_fmt, False, layer_opts)
+        drv = registry.open_image(name, cur_fmt, False, layer_opts, guard=guard)
         try:
             infos.append(layer_info(drv, name))
             backing = drv.backing
@@ -72,7 +78,8 @@ def image_info(filename: str, fmt: str | None = None, backing_chain: bool = Fals
             seen.add((st.st_dev, st.st_ino))
         except OSError:
             pass
-        nxt = registry.resolve_backing(name, backing.filename)
+        depth += 1
+        nxt, nxt_fmt = registry.admit_backing(guard, name, backing.filename, backing.fmt, depth, filename)
         try:
             st = os.stat(nxt)
             if (st.st_dev, st.st_ino) in seen:
@@ -81,10 +88,5 @@ def image_info(filename: str, fmt: str | None = None, backing_chain: bool = Fals
                 raise BackingChainError(f"Backing file '{nxt}' of '{name}' loops back into the chain")
         except OSError:
             pass
-        depth += 1
-        if depth > 64:
-            from ..errors import BackingChainError
-
-            raise BackingChainError("Backing chain is deeper than the limit of 64 images")
-        name, cur_fmt = nxt, backing.fmt
+        name, cur_fmt = nxt, nxt_fmt
     return infos

@@ -99,6 +99,6 @@ def check_human(entry: MapEntry) -> None:
         raise QimgError("File contains external, encrypted or compressed clusters.")
 
 
-def open_for_map(filename: str, fmt: str | None = None, options: dict | None = None) -> Chain:
+def open_for_map(filename: str, fmt: str | None = None, options: dict | None = None, policy=None) -> Chain:
     """The chain ``map`` walks (the image and its backing files, read-only)."""
-    return Chain.open(filename, fmt, options=options)
+    return Chain.open(filename, fmt, options=options, policy=policy)

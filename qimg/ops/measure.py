@@ -51,6 +51,7 @@ class MeasureRequest:
     options: list = field(default_factory=list)  # the -o strings
     snapshot: dict | None = None
     image_opts_used: bool = False
+    policy: object = None  # qimg.core.policy.Policy (untrusted mode); None: qemu-img's rules
 
 
 def measure(req: MeasureRequest) -> dict:
@@ -65,7 +66,7 @@ def measure(req: MeasureRequest) -> dict:
     try:
         if req.filename is not None:
             opts = dict(req.image_opts)
-            chain = Chain.open(req.filename, req.fmt, options=opts)
+            chain = Chain.open(req.filename, req.fmt, options=opts, policy=req.policy)
             if req.snapshot is not None:
                 _load_snapshot(chain, req.snapshot)
         return _measure(req, chain)

@@ -11,7 +11,7 @@ SECTOR = 512
 
 
 def rebase(filename: str, backing: str | None, backing_fmt: str | None = None, fmt: str | None = None,
-           unsafe: bool = False, options: dict | None = None, progress=None, warn=None) -> None:
+           unsafe: bool = False, options: dict | None = None, progress=None, warn=None, policy=None) -> None:
     """qemu-img rebase.  ``backing`` '' (or None with unsafe) removes the backing file.
 
     Safe mode: every range the overlay does not hold itself is read through the old and the new
@@ -22,11 +22,12 @@ def rebase(filename: str, backing: str | None, backing_fmt: str | None = None, f
     new_name = backing or None
     if new_name and not backing_fmt:
         # qemu 7.2 refuses to record a backing file without its format
-        drv = registry.open_image(filename, fmt, writable=True, options=options, warn=warn)
+        drv = registry.open_image(filename, fmt, writable=True, options=options, warn=warn, policy=policy)
         drv.close()
         raise QimgError(f"Could not change the backing file to '{backing}': backing format must be specified")
     if unsafe:
-        drv = registry.open_image(filename, fmt, writable=True, options=options, warn=warn)
+        # -u: the image alone (qemu-img opens it without its backing file)
+        drv = registry.open_image(filename, fmt, writable=True, options=options, warn=warn, policy=policy)
         try:
             _set_backing(drv, backing, new_name, backing_fmt)
         finally:
@@ -34,14 +35,14 @@ def rebase(filename: str, backing: str | None, backing_fmt: str | None = None, f
         return
     from .commit import open_chain
 
-    chain = open_chain(filename, fmt, writable=True, options=options, warn=warn)
+    chain = open_chain(filename, fmt, writable=True, options=options, warn=warn, policy=policy)
     try:
         top = chain.top
         new_chain = None
         if new_name:
             path = registry.resolve_backing(filename, new_name)
             try:
-                new_chain = Chain.open(path, backing_fmt)
+                new_chain = Chain.open(path, backing_fmt, policy=chain.guard.policy)
             except QimgError as e:
                 inner = str(e).removeprefix(f"Could not open '{path}': ")  # qemu names the file once
                 raise QimgError(f"Could not open new backing file '{path}': {inner}") from None

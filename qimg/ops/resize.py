@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..core import registry
 from ..errors import QimgError, UsageError
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
@@ -33,12 +32,15 @@ def parse_resize_size(text: str) -> tuple[int, int]:
 
 
 def resize(filename: str, size_text: str, fmt: str | None = None, shrink: bool = False,
-           prealloc: str | None = None, options: dict | None = None, warn=None) -> int:
+           prealloc: str | None = None, options: dict | None = None, warn=None, policy=None) -> int:
     """Resize; returns the new virtual size."""
     if prealloc is not None and prealloc not in PREALLOC_MODES:
         raise QimgError(f"Invalid preallocation mode '{prealloc}'")
     sign, value = parse_resize_size(size_text)
-    drv = registry.open_image(filename, fmt, writable=True, options=options, warn=warn)
+    from .commit import open_chain
+
+    chain = open_chain(filename, fmt, writable=True, options=options, warn=warn, policy=policy)  # as qemu-img
+    drv = chain.top
     try:
         current = drv.virtual_size
         total = current + sign * value if sign else value
@@ -52,4 +54,4 @@ def resize(filename: str, size_text: str, fmt: str | None = None, shrink: bool =
         drv.flush()
         return total
     finally:
-        drv.close()
+        chain.close()

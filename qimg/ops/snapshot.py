@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-from ..core import registry
+
+def _open(filename, fmt, writable, options, warn, policy):
+    """The image's chain: like qemu-img, snapshot refuses an image whose backing file is missing."""
+    from .commit import open_chain
+
+    return open_chain(filename, fmt, writable=writable, options=options, warn=warn if writable else None,
+                      policy=policy)
 
 
-def _open(filename, fmt, writable, options, warn):
-    return registry.open_image(filename, fmt, writable=writable, options=options, warn=warn if writable else None)
-
-
-def list_snapshots(filename: str, fmt: str | None = None, options: dict | None = None) -> list[dict]:
+def list_snapshots(filename: str, fmt: str | None = None, options: dict | None = None,
+                   policy=None) -> list[dict]:
     """SnapshotInfo dicts (id, name, vm-state-size, date-sec/-nsec, vm-clock-sec/-nsec, icount)."""
-    drv = _open(filename, fmt, False, options, None)
+    chain = _open(filename, fmt, False, options, None, policy)
+    drv = chain.top
     try:
         return drv.snapshot_infos()
     finally:
-        drv.close()
+        chain.close()
 
 
 def snapshot(action: str, name: str, filename: str, fmt: str | None = None, options: dict | None = None,
-             warn=None) -> None:
+             warn=None, policy=None) -> None:
     """Run -c/-a/-d ``name`` on the image."""
-    drv = _open(filename, fmt, True, options, warn)
+    chain = _open(filename, fmt, True, options, warn, policy)
+    drv = chain.top
     try:
         if action == "create":
             drv.snapshot_create(name)
@@ -31,4 +36,4 @@ def snapshot(action: str, name: str, filename: str, fmt: str | None = None, opti
             drv.snapshot_delete(name)
         drv.flush()
     finally:
-        drv.close()
+        chain.close()

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tests.conftest import guest_sha256, run_qimg, sha256_file, write_pattern
+from tests.conftest import open_rw, guest_sha256, run_qimg, sha256_file, write_pattern
 
 MAGIC = 0x4F4F4F4D
 
@@ -87,7 +87,7 @@ def test_create_write_commit(tmp_path):
     from qimg.core import registry
 
     expect = bytearray(base.read_bytes())
-    drv = registry.open_image(str(img), "cow", writable=True)
+    drv = open_rw(str(img), "cow")
     try:
         for off, data in ((100, b"A" * 50), (1000, b"B" * 5000), ((4 << 20) - 3, b"C" * 3)):
             drv.pwrite(off, data)
@@ -104,7 +104,7 @@ def test_create_write_commit(tmp_path):
     hdr = img.read_bytes()[:40]
     assert struct.unpack_from(">IIIQIII", hdr) [:2] == (MAGIC, 3)
     # emptying drops the overlay data
-    drv = registry.open_image(str(img), "cow", writable=True)
+    drv = open_rw(str(img), "cow")
     drv.make_empty()
     drv.close()
     assert guest_sha256(img) == sha256_file(base)
@@ -126,7 +126,7 @@ def test_set_backing(tmp_path):
     assert run_qimg("create", "-f", "cow", "-b", "a.raw", "-F", "raw", img).rc == 0
     from qimg.core import registry
 
-    drv = registry.open_image(str(img), "cow", writable=True)
+    drv = open_rw(str(img), "cow")
     drv.set_backing("b.raw", "raw")
     drv.close()
     assert guest_sha256(img) == sha256_file(tmp_path / "b.raw")

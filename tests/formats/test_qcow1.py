@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tests.conftest import guest_sha256, qemu, run_qimg, sha256_file, write_pattern
+from tests.conftest import open_rw, guest_sha256, qemu, run_qimg, sha256_file, write_pattern
 
 KEY = ["--object", "secret,id=s0,data=abc"]
 
@@ -147,7 +147,7 @@ def test_overlay_partial_cluster_writes(tmp_path, oracle):
     assert run_qimg("create", "-f", "qcow", "-b", "base.qcow", "-F", "qcow", top).rc == 0
     expect = bytearray(src.read_bytes())
     writes = [(100, b"A" * 50), (1 << 20, b"B" * 7000), ((2 << 20) - 10, b"C" * 20), (4190000, b"D" * 4304)]
-    drv = registry.open_image(str(top), "qcow", writable=True)
+    drv = open_rw(str(top), "qcow")
     try:
         for off, data in writes:
             drv.pwrite(off, data)
@@ -168,7 +168,7 @@ def test_commit_style_make_empty(tmp_path, oracle):
     img = tmp_path / "m.qcow"
     src = make_src(tmp_path)
     oracle("convert", "-O", "qcow", src, img)
-    drv = registry.open_image(str(img), "qcow", writable=True)
+    drv = open_rw(str(img), "qcow")
     drv.make_empty()
     drv.close()
     assert qemu_map(img) == [{"start": 0, "length": 4 << 20, "depth": 0, "present": False, "zero": True,
@@ -216,7 +216,7 @@ def test_aes_partial_writes(tmp_path, oracle):
     assert run_qimg("convert", *KEY, "-O", "qcow", "-o", "encrypt.format=aes,encrypt.key-secret=s0", src, img).rc == 0
     add_object("secret,id=s0,data=abc")
     expect = bytearray(src.read_bytes())
-    drv = registry.open_image(str(img), "qcow", writable=True, options={"encrypt.key-secret": "s0"})
+    drv = open_rw(str(img), "qcow", options={"encrypt.key-secret": "s0"})
     try:
         for off, data in ((100, b"A" * 50), ((1 << 20) + 4000, b"B" * 70000), ((2 << 20) - 10, b"C" * 20)):
             drv.pwrite(off, data)

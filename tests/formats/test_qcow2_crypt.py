@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import qemu, qemu_create_pbkdf, run_qimg, sha256_file, write_pattern
+from tests.conftest import open_rw, qemu, qemu_create_pbkdf, run_qimg, sha256_file, write_pattern
 
 KEY = "secret,id=s0,data=x"
 WRONG = "secret,id=s0,data=not-the-key"
@@ -115,7 +115,7 @@ def test_driver_partial_writes_into_qemu_image(tmp_path, qemu_io, fmt, extra):
                                                                         else "") + extra)
     qemu_io(img, *WRITES)
     add_object(KEY)
-    drv = registry.open_image(str(img), "qcow2", writable=True, options={"encrypt.key-secret": "s0"})
+    drv = open_rw(str(img), "qcow2", options={"encrypt.key-secret": "s0"})
     try:
         drv.pwrite(700, b"\x77" * 900)
         drv.pwrite(300000, b"\x88" * 5000)
@@ -257,7 +257,6 @@ def test_luks_create_like_qemu(tmp_path, oracle, prealloc):
 
 def test_aes_data_file_and_backing(tmp_path, qemu_io, monkeypatch):
     """AES with an external data file, and an AES overlay whose partial writes copy up from a plain backing file."""
-    from qimg.core import registry
     from qimg.objects import add_object
 
     monkeypatch.chdir(tmp_path)
@@ -275,7 +274,7 @@ def test_aes_data_file_and_backing(tmp_path, qemu_io, monkeypatch):
              "-b", "base.qcow2", "-F", "qcow2", name)
     qemu_io("q.qcow2", "write -P 5 1000 3000")
     add_object(KEY)
-    drv = registry.open_image("m.qcow2", "qcow2", writable=True, options={"encrypt.key-secret": "s0"})
+    drv = open_rw("m.qcow2", "qcow2", options={"encrypt.key-secret": "s0"})
     try:
         drv.pwrite(1000, b"\x05" * 3000)
     finally:

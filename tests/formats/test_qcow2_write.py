@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import qemu, qemu_create_pbkdf, qemu_img_path, run_qimg
+from tests.conftest import open_rw, qemu, qemu_create_pbkdf, qemu_img_path, run_qimg
 
 MiB = 1 << 20
 
@@ -296,7 +296,6 @@ WRITE_CASES = [
 @pytest.mark.parametrize("opts,backing", WRITE_CASES)
 def test_random_writes(tmp_path, oracle, monkeypatch, opts, backing):
     """Odd-sized writes, zero writes (unmapping or not) and compressed writes against a bytearray model."""
-    from qimg.core import registry
 
     monkeypatch.chdir(tmp_path)
     size = 3 * MiB + 1536
@@ -310,7 +309,7 @@ def test_random_writes(tmp_path, oracle, monkeypatch, opts, backing):
     r = run_qimg("create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), *args, "t.qcow2", size)
     assert r.rc == 0, r.err
     rnd = random.Random(opts + str(backing))
-    with registry.open_image("t.qcow2", "qcow2", writable=True) as drv:
+    with open_rw("t.qcow2", "qcow2") as drv:
         cs = drv.cluster_size
         for i in range(80):
             off = rnd.randrange(0, size)
@@ -400,7 +399,6 @@ def test_convert_to_encrypted(sources, tmp_path, monkeypatch, src):
 
 def test_encrypted_random_writes(tmp_path, oracle, monkeypatch):
     from qimg import objects
-    from qimg.core import registry
 
     monkeypatch.chdir(tmp_path)
     objects.add_object("secret,id=s0,data=pw")
@@ -408,7 +406,7 @@ def test_encrypted_random_writes(tmp_path, oracle, monkeypatch):
     assert run_qimg("create", "-q", *SECRET, "-f", "qcow2", "-o", ENC_OPTS, "t.qcow2", size).rc == 0
     model = bytearray(size)
     rnd = random.Random(5)
-    with registry.open_image("t.qcow2", "qcow2", writable=True, options={"encrypt.key-secret": "s0"}) as drv:
+    with open_rw("t.qcow2", "qcow2", options={"encrypt.key-secret": "s0"}) as drv:
         for _ in range(40):
             off = rnd.randrange(0, size)
             n = rnd.randrange(1, min(150000, size - off) + 1)

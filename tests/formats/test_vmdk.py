@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from tests.conftest import decompress_to, oracle_raw, qemu, run_qimg, sha256_file, write_pattern
+from tests.conftest import open_rw, decompress_to, oracle_raw, qemu, run_qimg, sha256_file, write_pattern
 
 MiB = 1 << 20
 GRAIN = 65536
@@ -315,7 +315,7 @@ def test_partial_grain_writes_copy_from_backing(oracle, tmp_path):
     subprocess_io(base, "write -P 0x44 0 2M")
     top = tmp_path / "top.vmdk"
     assert run_qimg("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", top).rc == 0
-    drv = registry.open_image(str(top), "vmdk", writable=True)
+    drv = open_rw(str(top), "vmdk")
     try:
         drv.pwrite(GRAIN + 100, b"\x55" * 300)
         drv.pwrite(3 * GRAIN - 10, b"\x66" * 20)
@@ -336,7 +336,7 @@ def test_zeroed_grain_write_zeroes(oracle, tmp_path):
 
     img = tmp_path / "z.vmdk"
     assert run_qimg("create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", img, "2M").rc == 0
-    drv = registry.open_image(str(img), "vmdk", writable=True)
+    drv = open_rw(str(img), "vmdk")
     try:
         drv.pwrite(0, b"\x77" * (4 * GRAIN))
         drv.write_zeroes(GRAIN, 2 * GRAIN)
@@ -688,7 +688,7 @@ def test_first_write_changes_cid(oracle, tmp_path, subformat):
     img = tmp_path / "c.vmdk"
     assert run_qimg("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", img, "1M").rc == 0
     before = info_cid(img)
-    drv = registry.open_image(str(img), "vmdk", writable=True)
+    drv = open_rw(str(img), "vmdk")
     try:
         drv.pwrite(0, b"\x01" * 512)
         drv.pwrite(512, b"\x02" * 512)

@@ -38,23 +38,35 @@ def encode_descriptor(offset: int, length: int, cluster_bits: int) -> int:
     return offset | (nb_sectors << shift)
 
 
-def decompress(data: bytes, cluster_size: int, compression_type: int) -> bytes:
-    """Inflate one cluster; exactly ``cluster_size`` bytes or CorruptImage."""
+def decompress(data: bytes, cluster_size: int, compression_type: int, exact: bool = False) -> bytes:
+    """Inflate one cluster; exactly ``cluster_size`` bytes or CorruptImage.  Output is bounded by the
+    cluster size (a bomb stops there); with ``exact`` (untrusted mode) a stream that would inflate to
+    more is refused too."""
     try:
         if compression_type == COMPRESSION_TYPE_ZSTD:
             import zstandard
 
-            d = zstandard.ZstdDecompressor().decompressobj()
-            out = d.decompress(data)
+            # bounded output, and only the first frame: the sectors of a compressed cluster may also hold the
+            # start of the next cluster's frame (a read stops where a frame ends)
+            with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as r:
+                out = b""
+                while len(out) <= cluster_size:
+                    want = cluster_size + 1 - len(out)
+                    piece = r.read(want)
+                    out += piece
+                    if len(piece) < want:
+                        break
         else:
             import zlib
 
             d = zlib.decompressobj(-15)
-            out = d.decompress(data, cluster_size)
+            out = d.decompress(data, cluster_size + 1)
     except Exception as e:  # noqa: BLE001  (zlib.error, zstandard.ZstdError: hostile data)
         raise CorruptImage(f"Could not decompress a compressed cluster: {e}") from None
     if len(out) < cluster_size:
         raise CorruptImage("Could not decompress a compressed cluster: the data is truncated")
+    if exact and len(out) > cluster_size:
+        raise CorruptImage(f"Compressed cluster inflates to more than the cluster size ({cluster_size} bytes)")
     return out[:cluster_size]
 
 

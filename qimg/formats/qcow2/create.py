@@ -322,10 +322,8 @@ def write_new_image(cls, filename: str, spec: Qcow2CreateSpec, opener) -> None:
         h.backing_file = spec.backing_file
         h.backing_format = spec.backing_fmt
     if spec.data_file:
-        from ...io.store import FileStore
-
         # qemu-img creates (and later opens) a relative data file name from the current directory
-        with FileStore(spec.data_file, writable=True, create=True) as ds:
+        with opener.open_file(spec.data_file, writable=True, create=True, resolved=spec.data_file) as ds:
             ds.truncate(spec.size)
     # layout: header, refcount table, refcount blocks, L1 table (sized so the blocks cover all of it)
     l2_entries = cs // (16 if spec.extended_l2 else 8)

@@ -15,10 +15,11 @@ from bisect import bisect_left
 
 from ...core.driver import BackingRef, Driver
 from ...core.extent import Extent
+from ...core.policy import PolicyError, short_read
 from ...errors import CorruptImage, OpenError, QimgError, Unsupported
-from ...io.store import FileStore
 from ...options import NO_IO
 from . import compress as qcompress
+from . import strict
 from .header import (
     COMPRESSION_NAMES,
     QCOW2_AUTOCLEAR_BITMAPS,
@@ -125,7 +126,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                                f"(size {self.file_size})")
         self._l1 = None  # read on first use: info needs the header, extensions and snapshots only
         self._l1_nonzero = None
-        self.cache = L2Cache()
+        self.cache = L2Cache(budget=self.opener)
+        strict.open_checks(self)  # the metadata budget; in untrusted mode, overlapping tables
         self._ccache: dict = {}
         self._clock = threading.Lock()
         self._cipher = cipher
@@ -151,12 +153,19 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                 raise OpenError("'data-file' is required for this image")
             path = self._data_file_path(name)
             if (options or {}).get(NO_IO):
-                # as qemu-img info: metadata only, the data file is neither opened nor locked
+                # as qemu-img info: metadata only, the data file is neither opened nor locked (but the policy,
+                # which refuses what it would refuse to open, still sees the reference)
+                if self.opener is not None:
+                    self.opener.check(name, "data file", path)
                 self.data_store = None
                 self._data_error = "qcow2: the external data file was not opened (metadata only)"
             else:
+                if self.opener is None:
+                    raise OpenError("qcow2: the external data file can only be opened through the core")
                 try:
-                    self.data_store = FileStore(path, self.writable)
+                    self.data_store = self.opener.open_file(name, self.writable, kind="data file", resolved=path)
+                except PolicyError:
+                    raise
                 except QimgError as e:
                     raise OpenError(str(e)) from None
             self.data_filename = path
@@ -212,7 +221,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         if self._l1 is None:
             # standard L2 entries: tables are plain ``array('Q')`` (no numpy); extended L2 uses numpy
             rd = read_table if self.extended else read_table_array
-            self._l1 = rd(self.store, self.h.l1_table_offset, self.h.l1_size, "L1 table", self.file_size)
+            self._l1 = rd(self.store, self.h.l1_table_offset, self.h.l1_size, "L1 table", self.file_size, self.strict,
+                          self.filename)
         return self._l1
 
     @l1.setter
@@ -259,9 +269,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         if l2_offset >= max(self.file_size, self.store.size()):
             raise CorruptImage(f"L2 table at offset {l2_offset:#x} lies outside the image file")
         n = self.l2_entries * (2 if self.extended else 1)
-        raw = self.store.pread(l2_offset, n * 8)
-        if len(raw) < n * 8:
-            raw = raw + bytes(n * 8 - len(raw))
+        raw = short_read(self.store.pread(l2_offset, n * 8), n * 8, self.strict, self.filename, "L2 table", l2_offset)
         if not self.extended:
             return be_u64_array(raw)  # decoded in plain Python (tables.decode_l2)
         return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
@@ -295,6 +303,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         if kind == COMPRESSED:
             return Extent(offset, n, data=True, zero=False, present=True, compressed=True)
         host = d.host(u) + (offset - base - (u << self.unit_bits))
+        if self.strict and not self.encrypted:
+            strict.check_host(self, d.host(u), 1 << self.unit_bits, offset)
         if kind == ZERO_ALLOC:
             if self.encrypted:  # qemu reports no host offset for encrypted images
                 return Extent(offset, n, data=False, zero=True, present=True)
@@ -458,7 +468,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         if host >= size:
             raise CorruptImage(f"Compressed cluster at host offset {host:#x} lies outside the image file")
         raw = self.store.pread(host, min(length, size - host))
-        data = qcompress.decompress(raw, self.cs, self.h.compression_type)
+        data = qcompress.decompress(raw, self.cs, self.h.compression_type, exact=self.strict)
         with self._clock:
             if len(self._ccache) >= 8:
                 self._ccache.pop(next(iter(self._ccache)))

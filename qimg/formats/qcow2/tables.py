@@ -17,6 +17,7 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 
+from ...core.policy import short_read
 from ...errors import CorruptImage
 
 
@@ -247,8 +248,11 @@ def _add_host_breaks(d: DecodedL2, chosts: np.ndarray, cs: int, shift: int) -> N
 class L2Cache:
     """A bounded LRU of decoded L2 tables, safe for the reader threads of the copy engine."""
 
-    def __init__(self, max_bytes: int = L2_CACHE_BYTES):
+    def __init__(self, max_bytes: int = L2_CACHE_BYTES, budget=None):
+        """``budget``: the open's Opener (charge/release); under a tight metadata budget the cache
+        evicts instead of failing, and fails only when one table alone does not fit."""
         self.max_bytes = max_bytes
+        self.budget = budget
         self.bytes = 0
         self.tables: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
@@ -264,44 +268,56 @@ class L2Cache:
         with self.lock:
             old = self.tables.pop(key, None)
             if old is not None:
-                self.bytes -= old.nbytes
+                self._freed(old.nbytes)
+            while self.budget is not None:
+                try:
+                    self.budget.charge("L2 table cache", table.nbytes)
+                    break
+                except Exception:
+                    if not self.tables:
+                        raise
+                    self._freed(self.tables.popitem(last=False)[1].nbytes)
             self.tables[key] = table
             self.bytes += table.nbytes
             while self.bytes > self.max_bytes and len(self.tables) > 1:
                 _k, t = self.tables.popitem(last=False)
-                self.bytes -= t.nbytes
+                self._freed(t.nbytes)
+
+    def _freed(self, nbytes: int) -> None:
+        self.bytes -= nbytes
+        if self.budget is not None:
+            self.budget.release(nbytes)
 
     def drop(self, key) -> None:
         with self.lock:
             old = self.tables.pop(key, None)
             if old is not None:
-                self.bytes -= old.nbytes
+                self._freed(old.nbytes)
 
     def clear(self) -> None:
         with self.lock:
             self.tables.clear()
-            self.bytes = 0
+            self._freed(self.bytes)
 
 
-def read_table(store, offset: int, entries: int, name: str, file_size: int) -> np.ndarray:
-    """Read a big-endian u64 table as a writable native array; bytes past EOF read as zero."""
+def read_table(store, offset: int, entries: int, name: str, file_size: int, strict: bool = False,
+               image: str = "") -> np.ndarray:
+    """Read a big-endian u64 table as a writable native array; bytes past EOF read as zero (refused
+    when ``strict``)."""
     nbytes = entries * 8
     if offset >= file_size and entries:
         raise CorruptImage(f"{name} at offset {offset:#x} lies outside the image file (size {file_size})")
-    raw = store.pread(offset, nbytes)
-    if len(raw) < nbytes:
-        raw = raw + bytes(nbytes - len(raw))
+    raw = short_read(store.pread(offset, nbytes), nbytes, strict, image, name, offset)
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
 
-def read_table_array(store, offset: int, entries: int, name: str, file_size: int) -> array:
+def read_table_array(store, offset: int, entries: int, name: str, file_size: int, strict: bool = False,
+                     image: str = "") -> array:
     """read_table as a plain ``array('Q')`` in host byte order (no numpy)."""
     nbytes = entries * 8
     if offset >= file_size and entries:
         raise CorruptImage(f"{name} at offset {offset:#x} lies outside the image file (size {file_size})")
-    raw = store.pread(offset, nbytes)
-    if len(raw) < nbytes:
-        raw = raw + bytes(nbytes - len(raw))
+    raw = short_read(store.pread(offset, nbytes), nbytes, strict, image, name, offset)
     return be_u64_array(raw)
 
 

@@ -44,7 +44,6 @@ class Qcow2Writer:
         self._l2_dirty: dict[int, np.ndarray] = {}
         self._l1_dirty = False
         self._header_dirty = False
-        self._backing_chain = None
         self._cpos = None  # byte pointer for packing compressed clusters
         self._pending = None  # (guest cluster offset, bytearray): a cluster being assembled for compression
         # refcount decrements wait until no L2/L1 entry on disk references the clusters any more
@@ -131,13 +130,7 @@ class Qcow2Writer:
         if self.backing is None or not self.backing.filename:
             view[:] = bytes(len(view))
             return
-        if self._backing_chain is None:
-            from ...core import registry
-            from ...core.chain import Chain
-
-            name = registry.resolve_backing(self.filename, self.backing.filename)
-            self._backing_chain = Chain.open(name, self.backing.fmt)
-        self._backing_chain.readinto(offset, view)
+        self.readinto_below(offset, view)  # the chain this image was opened in hands it the layers below
 
     def _guest_read(self, offset: int, n: int) -> bytearray:
         """The current guest view (this layer over its backing chain) of a small range."""
@@ -750,9 +743,6 @@ class Qcow2Writer:
         if self.writable and self.store is not None:
             self._flush_pending()
         self._flush_metadata(sync=False)
-        if self._backing_chain is not None:
-            self._backing_chain.close()
-            self._backing_chain = None
 
 
 def _prealloc_method(self, mode: str) -> None:

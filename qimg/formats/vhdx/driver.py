@@ -235,6 +235,7 @@ class VhdxDriver(VhdxLogMixin, Driver):
         self.chunk_ratio = (1 << 23) * lss // block_size
         self.data_blocks = (vsize + block_size - 1) // block_size
         self.bat_entries = self.data_blocks + (self.data_blocks - 1) // self.chunk_ratio if self.data_blocks else 0
+        self.charge("VHDX block allocation table", self.bat_entries * 8)
         if self.bat_entries * 8 > self.bat_length:
             raise CorruptImage("VHDX BAT region (%u bytes) is too small for %u entries"
                                % (self.bat_length, self.bat_entries))

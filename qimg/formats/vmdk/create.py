@@ -192,22 +192,17 @@ def new_cid() -> int:
             return cid
 
 
-def _parent_cid(filename: str, backing_file: str, backing_fmt: str | None) -> int:
-    from ...core import registry
-
-    path = registry.resolve_backing(filename, backing_file)
+def _parent_cid(opener, backing_file: str, backing_fmt: str | None) -> int:
     if backing_fmt not in (None, "vmdk"):
         raise QimgError("backing_file must be a vmdk image")
     try:
-        drv = registry.open_image(path, None, False)
+        chain = opener.open_backing(backing_file, None, backing=False)  # the parent alone, as qemu-img
     except QimgError as e:
         raise QimgError(f"Could not open backing file: {e}") from None
-    try:
-        if drv.format_name != "vmdk":
+    with chain:
+        if chain.top.format_name != "vmdk":
             raise QimgError("backing_file must be a vmdk image")
-        return drv.cid
-    finally:
-        drv.close()
+        return chain.top.cid
 
 
 def create(filename: str, opts, opener) -> None:
@@ -232,7 +227,7 @@ def create(filename: str, opts, opener) -> None:
     if opts.backing_file:
         if subformat == "streamOptimized":
             raise QimgError("streamOptimized images cannot have a backing file")
-        parent_cid = _parent_cid(filename, opts.backing_file, opts.backing_fmt)
+        parent_cid = _parent_cid(opener, opts.backing_file, opts.backing_fmt)
     cid = new_cid()
     stream = subformat == "streamOptimized"
     names = extent_names(filename, subformat, size)

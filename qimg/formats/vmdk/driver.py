@@ -66,7 +66,6 @@ class VmdkDriver(Driver):
         self.starts = []
         self.desc = None
         self.stream_writer = None
-        self._base_chain = None
         self._desc_area = None  # (offset, bytes available or None for a whole descriptor file)
         self._cid_updated = False
         self.monolithic = True
@@ -127,6 +126,8 @@ class VmdkDriver(Driver):
 
             self.stream_writer = StreamWriter(self.store, hdr, hdr.overhead)
             self.store.truncate(hdr.overhead * SECTOR)
+        l1 = getattr(ext, "l1", None)
+        self.charge("VMDK grain directory", 0 if l1 is None else l1.nbytes)
         self.extents.append(ext)
 
     def _stream_is_empty(self, hdr) -> bool:
@@ -164,6 +165,7 @@ class VmdkDriver(Driver):
             # many extent lines naming one big sparse file must not multiply its tables in memory
             l1 = getattr(ext, "l1", None)
             table_bytes += 0 if l1 is None else l1.nbytes
+            self.charge("VMDK grain directory", 0 if l1 is None else l1.nbytes)
             if table_bytes > MAX_TABLE_BYTES:
                 raise LimitExceeded(f"grain directories of all extents ({table_bytes} bytes) exceed the limit "
                                     f"{MAX_TABLE_BYTES}")
@@ -175,7 +177,7 @@ class VmdkDriver(Driver):
             return ZeroExtent(line.sectors * SECTOR)
         if self.opener is None:
             raise OpenError("cannot open VMDK extents here")
-        path = self.opener.resolve(line.filename)
+        path = self.opener.check(line.filename, "extent")  # the policy first: not even a stat outside it
         if os.path.abspath(path) == os.path.abspath(self.filename):
             raise CorruptImage(f"extent '{line.filename}' is the descriptor itself")
         try:
@@ -187,7 +189,8 @@ class VmdkDriver(Driver):
             raise CorruptImage(f"extent '{path}' is not a regular file or block device")
         try:
             # a hosted sparse extent has metadata of its own: it is locked as an image
-            store = self.opener.open_file(line.filename, self.writable, metadata=line.type in _SPARSE_TYPES)
+            store = self.opener.open_file(line.filename, self.writable, metadata=line.type in _SPARSE_TYPES,
+                                          kind="extent")
         except QimgError as e:
             msg = str(e)
             raise QimgError(msg if msg.startswith("Could not open") else f"Could not open '{path}': {msg}") from None
@@ -299,22 +302,8 @@ class VmdkDriver(Driver):
             return None
 
         def read(off, n):
-            chain = self._backing_chain()
-            if chain is None:
-                return bytes(n)
-            return chain.read(base + off, n) if base + off < chain.virtual_size else bytes(n)
+            return self.read_below(base + off, n)  # the chain this image was opened in hands it the parent
         return read
-
-    def _backing_chain(self):
-        if self._base_chain is None and self.backing is not None:
-            from ...core.chain import Chain
-
-            path = self.opener.resolve(self.backing.filename) if self.opener else self.backing.filename
-            try:
-                self._base_chain = Chain.open(path, self.backing.fmt)
-            except QimgError:
-                self._base_chain = False
-        return self._base_chain or None
 
     def _check_writable(self):
         if not self.writable:
@@ -414,9 +403,6 @@ class VmdkDriver(Driver):
             for ext in getattr(self, "extents", []):
                 if ext.store is not None and ext.store is not self.store:
                     ext.close()
-            if self._base_chain:
-                self._base_chain.close()
-            self._base_chain = None
             super().close()
 
     # ----- create -----
