@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tests.conftest import open_rw, guest_sha256, run_qimg, sha256_file, write_pattern
+from tests.conftest import guest_sha256, open_rw, run_qimg, sha256_file, write_pattern
 
 MAGIC = 0x4F4F4F4D
 
@@ -84,7 +84,6 @@ def test_create_write_commit(tmp_path):
     assert r.rc == 0, r.err
     assert r.out == f"Formatting '{img}', fmt=cow size=4194304 backing_file=base.raw backing_fmt=raw\n"
     assert guest_sha256(img) == sha256_file(base)
-    from qimg.core import registry
 
     expect = bytearray(base.read_bytes())
     drv = open_rw(str(img), "cow")
@@ -124,7 +123,6 @@ def test_set_backing(tmp_path):
     write_pattern(tmp_path / "b.raw", 1 << 20, [(0, 4096)], seed=8)
     img = tmp_path / "o.cow"
     assert run_qimg("create", "-f", "cow", "-b", "a.raw", "-F", "raw", img).rc == 0
-    from qimg.core import registry
 
     drv = open_rw(str(img), "cow")
     drv.set_backing("b.raw", "raw")

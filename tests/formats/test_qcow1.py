@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tests.conftest import open_rw, guest_sha256, qemu, run_qimg, sha256_file, write_pattern
+from tests.conftest import guest_sha256, open_rw, qemu, run_qimg, sha256_file, write_pattern
 
 KEY = ["--object", "secret,id=s0,data=abc"]
 
@@ -138,7 +138,6 @@ def test_convert_plain_and_back(tmp_path, oracle):
 
 
 def test_overlay_partial_cluster_writes(tmp_path, oracle):
-    from qimg.core import registry
 
     base = tmp_path / "base.qcow"
     src = make_src(tmp_path)
@@ -163,7 +162,6 @@ def test_overlay_partial_cluster_writes(tmp_path, oracle):
 
 
 def test_commit_style_make_empty(tmp_path, oracle):
-    from qimg.core import registry
 
     img = tmp_path / "m.qcow"
     src = make_src(tmp_path)
@@ -208,7 +206,6 @@ def test_aes_roundtrip(tmp_path, oracle):
 
 def test_aes_partial_writes(tmp_path, oracle):
     """Writes into an encrypted image go out as whole encrypted clusters, old content merged in."""
-    from qimg.core import registry
     from qimg.objects import add_object
 
     src = make_src(tmp_path)

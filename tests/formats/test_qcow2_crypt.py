@@ -107,7 +107,6 @@ def test_aes_written_by_qimg_reads_in_qemu(tmp_path, oracle, extra):
 @pytest.mark.parametrize("extra", ["", ",extended_l2=on"])
 def test_driver_partial_writes_into_qemu_image(tmp_path, qemu_io, fmt, extra):
     """Unaligned writes (read, decrypt, patch, encrypt) into clusters qemu wrote and into fresh ones."""
-    from qimg.core import registry
     from qimg.objects import add_object
 
     img = tmp_path / "a.qcow2"

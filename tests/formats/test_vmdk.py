@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from tests.conftest import open_rw, decompress_to, oracle_raw, qemu, run_qimg, sha256_file, write_pattern
+from tests.conftest import decompress_to, open_rw, oracle_raw, qemu, run_qimg, sha256_file, write_pattern
 
 MiB = 1 << 20
 GRAIN = 65536
@@ -308,7 +308,6 @@ def info_cid(path):
 
 
 def test_partial_grain_writes_copy_from_backing(oracle, tmp_path):
-    from qimg.core import registry
 
     base = tmp_path / "base.vmdk"
     oracle("create", "-q", "-f", "vmdk", base, "2M")
@@ -332,7 +331,6 @@ def test_partial_grain_writes_copy_from_backing(oracle, tmp_path):
 
 
 def test_zeroed_grain_write_zeroes(oracle, tmp_path):
-    from qimg.core import registry
 
     img = tmp_path / "z.vmdk"
     assert run_qimg("create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", img, "2M").rc == 0
@@ -683,7 +681,6 @@ def test_read_only_open_never_writes(tmp_path):
 
 @pytest.mark.parametrize("subformat", ["monolithicSparse", "monolithicFlat"])
 def test_first_write_changes_cid(oracle, tmp_path, subformat):
-    from qimg.core import registry
 
     img = tmp_path / "c.vmdk"
     assert run_qimg("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", img, "1M").rc == 0
