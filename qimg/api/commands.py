@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ..errors import QimgError, Unsupported, UsageError
 from .args import ProgressCallback, as_opts, check_cache, check_src_cache, engine_progress, snapshot_spec
 from .results import CompareResult, ConvertResult, CreateResult, MeasureResult
-from .sources import BinaryFile, Source, as_policy, call_scope, default_warn, is_url, open_chain, path_of, source_name
+from .sources import BinaryFile, Source, as_policy, call_scope, default_warn, open_chain, path_of, source_name
 
 WarnCallback = Callable[[str], None]
 
@@ -28,10 +28,8 @@ def _source_entry(source: Source, fmt: str | None, image_options: dict | None, u
 
     opts = dict(image_options or {})
     if not is_file_object(source):
-        name = path_of(source)
-        if not is_url(name):
-            # qemu-img convert keeps writers off its sources while it copies (even raw ones), unless -U
-            return (name, fmt, {**opts, EXCLUSIVE_READ: True})
+        # a path or a URL; qemu-img convert keeps writers off its sources while it copies (even raw ones)
+        return (path_of(source), fmt, {**opts, EXCLUSIVE_READ: True})
     return lambda: open_chain(source, fmt, options=opts, untrusted=untrusted)
 
 

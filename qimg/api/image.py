@@ -41,7 +41,7 @@ def open(source: Source, fmt: str | None = None, *, writable: bool = False, back
     """Open a disk image as an :class:`Image` (a binary stream over its guest view).
 
     Args:
-        source: a path (``str`` or ``os.PathLike``), a URL (``nbd://``; others through fsspec), or a
+        source: a path (``str`` or ``os.PathLike``), a URL (``http(s)://``, ``nbd://``, fsspec URLs), or a
             binary file object with ``seek`` and ``readinto`` (an open file, ``io.BytesIO``, an fsspec
             file) holding the image.
         fmt: the format (``"qcow2"``, ``"vmdk"``, ...); probed from the first bytes when None.

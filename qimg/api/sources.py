@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Union
 
-from ..errors import InvalidArgument, OpenError, QimgError, QimgWarning, Unsupported
+from ..errors import InvalidArgument, QimgError, QimgWarning, Unsupported
 
 if TYPE_CHECKING:
     from ..core.chain import Chain
@@ -33,8 +32,6 @@ class BinaryFile(Protocol):
 
 #: what ``qimg.open`` and every command accept as an image
 Source = Union[str, "os.PathLike[str]", BinaryFile]
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def default_warn(message: str) -> None:
@@ -62,17 +59,6 @@ def path_of(source: Source, what: str = "image") -> str:
     except TypeError:
         raise InvalidArgument(f"Could not open {source!r}: not a file name, URL or binary file object") from None
 
-
-def is_url(name: str) -> bool:
-    """A URL that the registry does not open itself (read here through fsspec)."""
-    import importlib.util
-
-    from ..core import registry
-
-    if not _URL.match(name) or registry.protocol_for(name) is not None:
-        return False
-    # with the remote stores (qimg.io.remote) the registry opens http(s) and fsspec URLs by name
-    return importlib.util.find_spec("qimg.io.remote") is None
 
 
 @contextlib.contextmanager
@@ -117,30 +103,9 @@ def open_chain(source: Source, fmt: str | None = None, *, writable: bool = False
         store = FileObjStore(source, writable=writable)
         return chain_on_store(store, fmt, writable=writable, backing=backing, options=options, warn=warn,
                               policy=policy)
-    name = path_of(source)
-    if is_url(name) and not policy.untrusted:
-        return chain_on_store(_url_store(name, writable), fmt, writable=writable, backing=backing,
-                              options=options, warn=warn, policy=policy)
-    return Chain.open(name, fmt, writable=writable, backing=backing, options=dict(options or {}), warn=warn,
-                      policy=policy)
-
-
-def _url_store(url: str, writable: bool) -> Store:
-    """A URL qimg has no store of its own for, through fsspec (http, s3, gcs, ... as installed)."""
-    if writable:
-        raise Unsupported(f"Could not open '{url}': URLs open read-only")
-    try:
-        import fsspec
-    except ImportError:
-        raise OpenError(f"Could not open '{url}': URLs need the fsspec package") from None
-    from ..io.fileobj import FileObjStore
-
-    try:
-        fileobj = fsspec.open(url, "rb").open()
-    except (OSError, ValueError, ImportError) as e:
-        raise OpenError(f"Could not open '{url}': {e}") from None
-    return FileObjStore(fileobj, filename=url, close=True)
-
+    # a path, or a URL: the registry opens http(s) and fsspec URLs through the remote stores
+    return Chain.open(path_of(source), fmt, writable=writable, backing=backing, options=dict(options or {}),
+                      warn=warn, policy=policy)
 
 def chain_on_store(store: Store, fmt: str | None, *, writable: bool = False, backing: bool = True,
                    options: dict | None = None, warn: Callable[[str], None] | None = None,

@@ -84,7 +84,11 @@ def test_two_converts_at_once_in_threads(tmp_path, source, oracle):
 @pytest.mark.parametrize("stored", ["qcow2/snapshot.qcow2.gz", "vmdk/image.vmdk", "vhdx/dynamic.vhdx.gz",
                                     "vpc/dynamic.vhd.gz", "vdi/basic.vdi.gz"])
 def test_info_to_dict_is_the_command_json(shared_images, tmp_path, stored, oracle):
+    import os
+
     path = decompress_to(shared_images / stored, tmp_path)
+    with open(path, "rb+") as f:  # settle delayed allocation: "actual-size" is read three times below
+        os.fsync(f.fileno())
     cli = run_qimg("info", "--output=json", path)
     assert cli.rc == 0
     info = qimg.info(path)
