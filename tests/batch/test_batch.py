@@ -149,6 +149,8 @@ def test_bad_lines_get_one_error_result_each(images, cluster, tmp_path):
         import qimg.ops.inspect  # noqa: F401
     except ImportError:
         assert rows["insp"]["error"].startswith("unknown op 'inspect'")
+    else:
+        assert rows["insp"]["status"] == "ok" and isinstance(rows["insp"]["result"], dict), rows["insp"]
     # confined, or refused where this build has no untrusted mode: never opened with the trusting rules
     assert rows["unt"]["status"] == "ok" or "untrusted mode is not available" in rows["unt"]["error"]
     for x in rows.values():
