@@ -69,13 +69,12 @@ def connect(address: str | None, workers: int | None = None, retries: int = DEFA
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise BatchError(f"Could not connect to the Dask scheduler at '{address}': {reason}") from None
     n = workers or os.cpu_count() or 1
-    dashboard = ":0" if has_dashboard() else None
     settings = {"distributed.scheduler.allowed-failures": max(retries, 0)}
     if start_method:
         settings["distributed.worker.multiprocessing-method"] = start_method
     with dask.config.set(settings):
         cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                    dashboard_address=dashboard, silence_logs=logging.ERROR)
+                                    dashboard_address=":0", silence_logs=logging.ERROR)
     try:
         return dist.Client(cluster, set_as_default=False), cluster
     except BaseException:
