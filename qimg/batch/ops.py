@@ -95,9 +95,10 @@ def one_line(e: BaseException) -> str:
     return f"internal error: {type(e).__name__}: {e}".replace("\n", " ")
 
 
-def call(job: dict, dst: str | None = None, untrusted: bool = False):
+def call(job: dict, dst: str | None = None, untrusted=False):
     """Run one validated job here: (result, exit_code, error).  ``dst`` overrides a convert's destination
-    (the temporary name written before the commit).  QimgError propagates to the caller."""
+    (the temporary name written before the commit); ``untrusted`` is False (qemu-img's rules), True or
+    an open Policy (the command line's, with its folders and limits).  QimgError propagates."""
     op = job["op"]
     fn = function(op)
     params = _parameters(op)
@@ -109,11 +110,11 @@ def call(job: dict, dst: str | None = None, untrusted: bool = False):
         kwargs["dst"] = dst
     if op == "convert":
         kwargs.setdefault("coroutines", 1)  # the batch runs jobs side by side: one copy thread each
-    if untrusted:
+    if untrusted is not False:
         if "untrusted" not in params:
             # never a hostile image opened with the trusting rules because a build lacks the mode
             raise QimgError(f"the untrusted mode is not available for op {op} in this build")
-        kwargs["untrusted"] = True
+        kwargs["untrusted"] = untrusted
     try:
         result = fn(**kwargs)
     except TypeError as e:  # a value of the wrong kind for the library (a list where a size goes...)
