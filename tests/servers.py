@@ -121,9 +121,9 @@ class MotoS3:
     def __init__(self, workdir):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(str(workdir), "moto.log"), "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(os.path.join(str(workdir), "moto.log"), "wb"))
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log)
         wait_listening(self.port, self.proc, "moto server")
         # moto answers once its app is loaded
         deadline = time.monotonic() + 30
@@ -149,6 +149,7 @@ class MotoS3:
 
     def close(self) -> None:
         stop(self.proc)
+        self.log.close()
 
 
 class Misbehaving:

@@ -69,13 +69,12 @@ def connect(address: str | None, workers: int | None = None, retries: int = DEFA
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise BatchError(f"Could not connect to the Dask scheduler at '{address}': {reason}") from None
     n = workers or os.cpu_count() or 1
-    dashboard = ":0" if has_dashboard() else None
     settings = {"distributed.scheduler.allowed-failures": max(retries, 0)}
     if start_method:
         settings["distributed.worker.multiprocessing-method"] = start_method
     with dask.config.set(settings):
         cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                    dashboard_address=dashboard, silence_logs=logging.ERROR)
+                                    dashboard_address=":0", silence_logs=logging.ERROR)
     try:
         return dist.Client(cluster, set_as_default=False), cluster
     except BaseException:
@@ -83,7 +82,7 @@ def connect(address: str | None, workers: int | None = None, retries: int = DEFA
         raise
 
 
-def run(jobs, client=None, *, workers: int | None = None, retries: int = DEFAULT_RETRIES, untrusted: bool = False,
+def run(jobs, client=None, *, workers: int | None = None, retries: int = DEFAULT_RETRIES, untrusted=False,
         skip=(), on_client=None):
     """Run ``jobs`` (dicts, or JSON strings one per job) and yield one result dict per job as it finishes.
 
@@ -91,7 +90,8 @@ def run(jobs, client=None, *, workers: int | None = None, retries: int = DEFAULT
     others.  ``client``: an existing ``dask.distributed.Client``; None starts a LocalCluster of
     ``workers`` processes for this call.  ``retries``: further attempts for a job whose failure was
     transient (a network error, a lost worker); a bad image is never retried.  ``untrusted`` runs every
-    job in the untrusted mode (a job may also ask with ``"untrusted": true``).  ``skip``: ids not to run
+    job in the untrusted mode: True for its defaults, or a ``qimg.core.policy.Policy`` with its folders
+    and limits (a job may also ask with ``"untrusted": true``).  ``skip``: ids not to run
     (``--resume``).  ``on_client(client)`` is called once the cluster is up (e.g. to show its dashboard).
     Results have the keys RESULT_KEYS.
     """

@@ -11,6 +11,7 @@ would have exited with, and its one-line message (None when that status is 0).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 
 from ..errors import REPORT_SEP, QimgError
@@ -23,6 +24,8 @@ COMMON_KEYS = {"id", "op", "untrusted"}
 EXCLUDED = {"progress", "warn", "report", "announce", "trap_signals"}
 #: the positional argument that names the image, when the function's first one has a default (measure)
 _IMAGE_ARGS = {"measure": ("src",)}
+#: a job names the image ``src`` also for a function that calls it ``filename``
+_ALIASES = {"filename": "src"}
 
 
 def function(op: str):
@@ -34,7 +37,14 @@ def function(op: str):
     try:
         return getattr(qimg, op)  # the public name, imported on first use
     except AttributeError:
-        return None
+        pass
+    if op == "inspect" and importlib.util.find_spec("qimg.ops.inspect") is not None:
+        try:
+            from ..ops import inspect as inspect_op  # the inspect command's library layer
+        except ImportError:
+            return None
+        return inspect_op.inspect
+    return None
 
 
 def available_ops() -> list[str]:
@@ -42,7 +52,9 @@ def available_ops() -> list[str]:
 
 
 def _parameters(op: str) -> dict[str, inspect.Parameter]:
-    return {name: p for name, p in inspect.signature(function(op)).parameters.items() if name not in EXCLUDED}
+    """The function's parameters a job may give, under the names jobs use."""
+    return {_ALIASES.get(name, name): p for name, p in inspect.signature(function(op)).parameters.items()
+            if name not in EXCLUDED}
 
 
 def _required(op: str, params: dict) -> tuple[str, ...]:
@@ -83,33 +95,42 @@ def one_line(e: BaseException) -> str:
     return f"internal error: {type(e).__name__}: {e}".replace("\n", " ")
 
 
-def call(job: dict, dst: str | None = None, untrusted: bool = False):
+def call(job: dict, dst: str | None = None, untrusted=False):
     """Run one validated job here: (result, exit_code, error).  ``dst`` overrides a convert's destination
-    (the temporary name written before the commit).  QimgError propagates to the caller."""
+    (the temporary name written before the commit); ``untrusted`` is False (qemu-img's rules), True or
+    an open Policy (the command line's, with its folders and limits).  QimgError propagates."""
     op = job["op"]
     fn = function(op)
     params = _parameters(op)
     kwargs = {k: v for k, v in job.items() if k not in COMMON_KEYS}
+    for name, alias in _ALIASES.items():
+        if alias in kwargs and params.get(alias) is not None and params[alias].name == name:
+            kwargs[name] = kwargs.pop(alias)
     if dst is not None:
         kwargs["dst"] = dst
     if op == "convert":
         kwargs.setdefault("coroutines", 1)  # the batch runs jobs side by side: one copy thread each
-    if untrusted:
+    if untrusted is not False:
         if "untrusted" not in params:
             # never a hostile image opened with the trusting rules because a build lacks the mode
             raise QimgError(f"the untrusted mode is not available for op {op} in this build")
-        kwargs["untrusted"] = True
+        kwargs["untrusted"] = untrusted
     try:
         result = fn(**kwargs)
     except TypeError as e:  # a value of the wrong kind for the library (a list where a size goes...)
         raise QimgError(f"bad arguments for op {op}: {e}") from None
     code = getattr(result, "exit_code", 0) or 0
+    value = plain(result)
     error = None
     if code and op == "compare":
         error = " ".join(result.messages) or f"compare exited with status {code}"
+    elif code and op == "check":
+        error = _check_message(result)
     elif code:
-        error = _check_message(result) if op == "check" else f"{op} exited with status {code}"
-    return plain(result), code, error
+        findings = value.get("findings") if isinstance(value, dict) else None  # inspect's reasons
+        reasons = [f.get("message") for f in findings or () if isinstance(f, dict) and f.get("message")]
+        error = "; ".join(reasons) or f"{op} exited with status {code}"
+    return value, code, error
 
 
 def _check_message(result) -> str:

@@ -59,7 +59,22 @@ def worker_name() -> str:
         return f"pid {os.getpid()}"
 
 
-def execute(job: dict, untrusted: bool = False) -> dict:
+def confinement(untrusted, job: dict):
+    """What a job's opens follow: False (qemu-img's rules), True (the untrusted mode), or the batch's
+    Policy (``qimg --untrusted --allow-dir ... batch``), made untrusted when the job asks for it."""
+    wants = bool(job.get("untrusted"))
+    if untrusted is False or untrusted is None:
+        return True if wants else False
+    if untrusted is True:
+        return True
+    if not untrusted.untrusted and not wants:
+        return untrusted if untrusted.allow_dirs or untrusted.max_depth or untrusted.max_metadata_memory else False
+    import dataclasses
+
+    return dataclasses.replace(untrusted, untrusted=True) if wants else untrusted
+
+
+def execute(job: dict, untrusted=False) -> dict:
     """Run one validated job in this process; the result dict of the batch's results file."""
     from ..io.remote import url_scheme
 
@@ -68,7 +83,7 @@ def execute(job: dict, untrusted: bool = False) -> dict:
     out = {"id": job.get("id"), "op": job.get("op"), "status": "ok", "exit_code": 0, "error": None,
            "bytes_read": None, "bytes_written": None, "seconds": None, "worker": worker_name(), "result": None}
     written = None
-    confined = untrusted or bool(job.get("untrusted"))
+    confined = confinement(untrusted, job)
     try:
         if job["op"] == "convert":
             dst = job["dst"]
@@ -93,7 +108,7 @@ def execute(job: dict, untrusted: bool = False) -> dict:
     return out
 
 
-def _convert_to_path(job: dict, dst: str, untrusted: bool):
+def _convert_to_path(job: dict, dst: str, untrusted):
     """Convert under DST.qimg-partial, then rename it over DST: (result, 0, None, bytes written)."""
     tmp = dst + PARTIAL
     _unlink(tmp)  # a previous attempt's, killed with its worker
@@ -116,7 +131,7 @@ def _convert_to_path(job: dict, dst: str, untrusted: bool):
     return _named(result, tmp, dst), 0, None, size
 
 
-def _convert_to_url(job: dict, dst: str, untrusted: bool):
+def _convert_to_url(job: dict, dst: str, untrusted):
     """Convert to a local temporary file, upload it under the temporary key, copy it to the final key,
     delete the temporary key: (result, 0, None, bytes uploaded)."""
     from ..io.fsspec import describe, filesystem

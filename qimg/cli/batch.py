@@ -120,8 +120,14 @@ def command(scheduler, workers, results, resume, untrusted, retries, progress, q
             if mode and batch.has_dashboard() and cl.scheduler_info().get("services", {}).get("dashboard"):
                 bar.note(f"Dask dashboard: {cl.dashboard_link}")
 
+        # the global options' policy (qimg --untrusted --allow-dir ... batch), and batch's own --untrusted
+        pol = c.policy()
+        if untrusted and not pol.untrusted:
+            import dataclasses
+
+            pol = dataclasses.replace(pol, untrusted=True)
         for result in batch.run(lines, client, retries=batch.DEFAULT_RETRIES if retries is None else retries,
-                                untrusted=untrusted, skip=skip, on_client=show_dashboard):
+                                untrusted=pol, skip=skip, on_client=show_dashboard):
             out.write(result_line(result))
             out.flush()
             failed += result["status"] != "ok"

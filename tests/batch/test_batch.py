@@ -149,6 +149,8 @@ def test_bad_lines_get_one_error_result_each(images, cluster, tmp_path):
         import qimg.ops.inspect  # noqa: F401
     except ImportError:
         assert rows["insp"]["error"].startswith("unknown op 'inspect'")
+    else:
+        assert rows["insp"]["status"] == "ok" and isinstance(rows["insp"]["result"], dict), rows["insp"]
     # confined, or refused where this build has no untrusted mode: never opened with the trusting rules
     assert rows["unt"]["status"] == "ok" or "untrusted mode is not available" in rows["unt"]["error"]
     for x in rows.values():
@@ -290,3 +292,26 @@ def test_progress_bar_on_a_terminal(images, cluster, tmp_path, moto_s3):
     assert p.returncode == 1
     final = out.decode().replace("\r\n", "\r").split("\r")[-2]
     assert final.startswith("100%|") and "| 2/2 [" in final and "failed=1 " in final, out
+
+
+def test_untrusted_batches_confine_every_job(images, cluster, tmp_path):
+    """An overlay whose backing file lies in another folder opens in a trusted batch, and is refused by
+    the untrusted mode however it is asked for: qimg --untrusted batch, batch --untrusted, or per job."""
+    over_dir = tmp_path / "uploads"
+    over_dir.mkdir()
+    over = over_dir / "over.qcow2"
+    qemu("create", "-f", "qcow2", "-b", images / "base.qcow2", "-F", "qcow2", over)
+    sched = cluster.scheduler.address
+    plain = _jobs_file(tmp_path / "plain.jsonl", [{"id": "m", "op": "map", "src": str(over)}])
+    asked = _jobs_file(tmp_path / "asked.jsonl", [{"id": "m", "op": "map", "src": str(over), "untrusted": True}])
+    trusted = run_qimg("batch", "--scheduler", sched, plain)
+    assert trusted.rc == 0 and _results(trusted.out)[0]["status"] == "ok", trusted.out
+    single = run_qimg("--untrusted", "map", over)
+    assert single.rc == 1
+    for argv in (["--untrusted", "batch", "--scheduler", sched, plain], ["batch", "--untrusted", "--scheduler", sched,
+                                                                          plain],
+                 ["batch", "--scheduler", sched, asked]):
+        r = run_qimg(*argv)
+        [row] = _results(r.out)
+        assert (r.rc, row["status"], row["exit_code"]) == (1, "error", single.rc), argv
+        assert single.err == f"qimg: {row['error']}\n"
