@@ -363,16 +363,6 @@ class QedDriver(Driver):
         self.features = features
         self.backing = BackingRef(filename, "raw" if fmt == "raw" else None) if name else None
 
-    def make_empty(self) -> None:
-        import numpy as np
-
-        self.l1[:] = 0
-        self.store.pwrite(self.l1_offset, bytes(self.table_bytes))
-        self._l2_cache.clear()
-        self.store.truncate(self.l1_offset + self.table_bytes)
-        self._eof = None
-        self._l1 = np.zeros(self.table_entries, dtype="<u8")
-
     def flush(self) -> None:
         super().flush()
         if self._need_check_set and self.writable:
