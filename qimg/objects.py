@@ -85,20 +85,16 @@ def get_secret(ident: str) -> bytes:
 
 
 def parse_image_opts(text: str) -> tuple[str, str | None, dict]:
-    """``driver=qcow2,file.filename=x,...`` -> (filename, format, remaining options)."""
-    opts = parse_opts(text)
+    """``driver=qcow2,file.filename=x,...`` -> (filename, format, flat options): see core.imageopts."""
+    from .core import imageopts
+
     first = text.replace(",,", "\0").split(",", 1)[0].replace("\0", ",")
+    tree = imageopts.parse_opts_string(text)
     if first and "=" not in first:
         # a leading bare value is qemu's implied key "file"
-        opts.pop(first, None)
-        opts["file"] = first
-    fmt = opts.pop("driver", None)
-    node = opts.pop("file", None)
-    filename = opts.pop("file.filename", None) or opts.pop("filename", None)
-    opts.pop("file.driver", None)
-    if filename is None and node is not None:
-        # file=NAME names another block node, and qemu-img defines none
-        raise QimgError(f"Could not open '{text}': Cannot find device='{node}' nor node-name='{node}'")
-    if filename is None:
-        raise QimgError(f"Could not open '{text}': A block device must be specified for \"file\"")
-    return filename, fmt, opts
+        tree.pop(first, None)
+        tree = {"file": first, **tree}
+    try:
+        return imageopts.plan(tree, text)
+    except QimgError as e:
+        raise type(e)(f"Could not open '{text}': {e}", e.exit_code) from None

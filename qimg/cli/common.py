@@ -79,6 +79,10 @@ def image_spec(filename: str, fmt: str | None, image_opts: bool) -> tuple[str, s
         _share_backing_files(options)
         options[DISPLAY_NAME] = filename
         return name, fmt, options
+    if filename.startswith("json:"):
+        from ..core.imageopts import expand
+
+        return expand(filename, fmt, {})
     return filename, fmt, {}
 
 

@@ -39,14 +39,18 @@ class Chain:
         policy = policy or Policy()
         if max_depth is not None:
             policy = replace(policy, max_depth=max_depth)
+        from .imageopts import expand
+
+        filename, fmt, options = expand(filename, fmt, options)  # a json:{...} name: its options
         guard = Guard(policy, filename, references)
         top = registry.open_image(filename, fmt, writable, options, warn=warn, guard=guard)
-        return cls.below_top(top, filename, guard, backing)
+        return cls.below_top(top, filename, guard, backing, options)
 
     @classmethod
-    def below_top(cls, top, filename: str, guard: Guard, backing: bool = True) -> Chain:
+    def below_top(cls, top, filename: str, guard: Guard, backing: bool = True, options: dict | None = None) -> Chain:
         """The chain of an opened top layer: its backing files opened (unless backing=False) under ``guard``,
-        each layer handed the guest view below it.  Closes ``top`` on failure."""
+        each layer handed the guest view below it.  Closes ``top`` on failure.  ``options`` (the top's
+        open options) may name the backing file themselves (--image-opts backing.*, json: "backing")."""
         layers = [top]
         names = [filename]
         chain = cls(layers, names)
@@ -54,6 +58,19 @@ class Chain:
         try:
             seen = {_identity(top, filename)}
             cur, cur_name = top, filename
+            if backing:
+                from .imageopts import BACKING, backing_override
+
+                # --image-opts backing=... / json:{"backing": ...}: no backing file, or one of the user's
+                first = backing_override(options, filename, top, guard)
+                if first is not None:
+                    cur.below = _Below(chain, len(layers))
+                    layers.append(first[0])
+                    names.append(first[1])
+                    cur, cur_name = first
+                    seen.add(_identity(cur, cur_name))
+                elif options and BACKING in options:
+                    backing = False
             while backing and cur.backing is not None and cur.backing.filename:
                 name, bfmt = registry.admit_backing(guard, cur_name, cur.backing.filename, cur.backing.fmt, len(layers),
                                                     filename)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.oracle.twin import Twin, build
+from tests.oracle.twin import Twin
 
 
 @pytest.fixture
@@ -14,10 +14,9 @@ def twin(tmp_path, qemu_img):
 
 def test_parallels_fragmented_clusters_restart_after_a_hole(twin):
     # seed 71: qemu-img counts a cluster as fragmented only when the guest cluster before it is allocated
-    build(twin.q, "qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=4096", "p.img", "3M")
-    build(twin.q, "qemu-io", "-f", "parallels", "-c", "write -P 153 2148352 512", "-c", "write -P 178 101376 65536",
+    twin.build("qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=4096", "p.img", "3M")
+    twin.build("qemu-io", "-f", "parallels", "-c", "write -P 153 2148352 512", "-c", "write -P 178 101376 65536",
           "-c", "write -P 34 1916928 65536", "-c", "write -P 90 699392 512", "-c", "write -P 1 8192 4096",
           "-c", "write -P 2 4096 4096", "p.img")
-    twin.split()
     twin.both("check", "--output=json", "p.img")
     twin.both("check", "p.img")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.oracle.twin import Twin, build
@@ -14,14 +16,112 @@ def twin(tmp_path, qemu_img):
 
 @pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
 def test_commit_qed_overlay_keeps_its_allocation(twin, base_fmt):
-    build(twin.q, "qemu-img", "create", "-q", "-f", base_fmt, "base.img", "4M")
-    build(twin.q, "qemu-io", "-f", base_fmt, "-c", "write -P 1 0 2M", "base.img")
-    build(twin.q, "qemu-img", "create", "-q", "-f", "qed", "-b", "base.img", "-F", base_fmt, "ov.qed")
-    build(twin.q, "qemu-io", "-f", "qed", "-c", "write -P 5 0 64k", "-c", "write -P 6 1M 4k",
+    twin.build("qemu-img", "create", "-q", "-f", base_fmt, "base.img", "4M")
+    twin.build("qemu-io", "-f", base_fmt, "-c", "write -P 1 0 2M", "base.img")
+    twin.build("qemu-img", "create", "-q", "-f", "qed", "-b", "base.img", "-F", base_fmt, "ov.qed")
+    twin.build("qemu-io", "-f", "qed", "-c", "write -P 5 0 64k", "-c", "write -P 6 1M 4k",
           "-c", "write -z 3M 64k", "ov.qed")
-    twin.split()
     twin.both("commit", "ov.qed")
     twin.both("map", "--output=json", "ov.qed")
     twin.same_file("ov.qed")
     twin.both("compare", "-f", base_fmt, "-F", "qed", "base.img", "ov.qed")
     twin.both("map", "--output=json", "-f", base_fmt, "base.img")
+
+
+@pytest.fixture
+def chain_and_ova(twin):
+    """base.qcow2 <- ov.qcow2, and x.ova: a tar holding an OVF and a streamOptimized VMDK at offset 1536."""
+    import tarfile
+
+    twin.build("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M")
+    twin.build("qemu-io", "-f", "qcow2", "-c", "write -P 7 0 4k", "-c", "write -P 8 512k 64k", "base.qcow2")
+    twin.build("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2")
+    twin.build("qemu-io", "-f", "qcow2", "-c", "write -P 9 64k 4k", "ov.qcow2")
+    # built once (a VMDK's CID is random) and copied: a tar file has no holes, the copy is the same file
+    build(twin.q, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "base.qcow2", "s.vmdk")
+    sizes = []
+
+    def ova(d):
+        (d / "a.ovf").write_text("<Envelope/>\n")
+        with tarfile.open(d / "x.ova", "w", format=tarfile.USTAR_FORMAT) as tar:
+            tar.add(d / "a.ovf", "a.ovf")
+            tar.add(d / "s.vmdk", "s.vmdk")
+        with tarfile.open(d / "x.ova") as tar:
+            member = tar.getmember("s.vmdk")
+            assert member.offset_data == 1536
+            sizes.append(member.size)
+
+    ova(twin.q)
+    shutil.copyfile(twin.q / "x.ova", twin.i / "x.ova")
+    vmdk_size = sizes[0]
+    return vmdk_size
+
+
+IMAGE_OPTS = [
+    "driver=qcow2,file.filename=ov.qcow2,foo=bar",                  # unknown format option
+    "driver=qcow2,file.filename=ov.qcow2,file.foo=bar",             # unknown protocol option
+    "file.filename=ov.qcow2,foo=bar",                               # probed format, then refused
+    "driver=raw,file.filename=ov.qcow2,compress=on",
+    "driver=qcow2,file.filename=ov.qcow2,lazy-refcounts=on,cache-size=1M,file.locking=off,discard=unmap",
+    "driver=qcow2,file.filename=ov.qcow2,backing=null",             # a node reference, not "no backing"
+    "driver=qcow2,file.filename=ov.qcow2,backing=",                 # deprecated spelling of no backing file
+    "driver=qcow2,file.filename=ov.qcow2,backing.foo=1",
+    "driver=qcow2,file.filename=ov.qcow2,backing.driver=raw,backing.file.filename=base.qcow2",
+    "driver=qcow2,file.filename=ov.qcow2,backing.file.filename=base.qcow2",
+    "driver=qcow2,filename=ov.qcow2",
+    "filename=ov.qcow2",
+    "driver=qcow2,file.driver=file",
+    "driver=vmdk,file.driver=raw,file.offset=1536,file.size=SIZE,file.file.filename=x.ova",
+    "driver=vmdk,file.driver=raw,file.offset=1536,file.file.filename=x.ova",
+    "driver=vmdk,file.driver=raw,file.offset=1536,file.size=SIZE,file.file.filename=x.ova,file.file.foo=1",
+    "driver=qcow2,file.driver=raw,file.offset=1536,file.file.filename=x.ova,file.filename=x",
+    "driver=raw,offset=1536,size=SIZE,file.filename=x.ova",
+]
+
+
+@pytest.mark.parametrize("spec", IMAGE_OPTS)
+@pytest.mark.parametrize("cmd", ["info", "map", "check"])
+def test_image_opts_as_qemu_img(twin, chain_and_ova, spec, cmd):
+    spec = spec.replace("SIZE", str(chain_and_ova))
+    twin.both(cmd, "--output=json", "--image-opts", spec)
+
+
+JSON_NAMES = [
+    '{"driver":"qcow2","file":{"driver":"file","filename":"ov.qcow2"}}',
+    '{"driver":"qcow2","file":{"driver":"file","filename":"ov.qcow2"},"backing":null}',
+    '{"driver":"qcow2","file.filename":"ov.qcow2","backing":{"driver":"raw","file":{"filename":"base.qcow2"}}}',
+    '{"file":{"filename":"ov.qcow2"}}',
+    '{"driver":"qcow2","file":{"driver":"file","filename":"ov.qcow2"},"foo":1}',
+    '{"driver":"qcow2",',
+    '{"driver":"qcow2","file":"ov.qcow2"}',
+    '[]',
+    '{"driver":"vmdk","file":{"driver":"raw","offset":1536,"size":SIZE,"file":{"driver":"file","filename":"x.ova"}}}',
+    '{"driver":"qcow2","file":{"driver":"file","filename":"ov.qcow2"},"backing":"x"}',
+    '{"driver":"qcow2","file":{"driver":"file","filename":"nonexist"}}',
+    '{"driver": "raw", "file": {"driver": "file", "filename": "x.ova"}, "offset": 512, "size": 512}',
+]
+
+
+@pytest.mark.parametrize("name", JSON_NAMES)
+@pytest.mark.parametrize("cmd", ["info", "map", "check"])
+def test_json_filenames_as_qemu_img(twin, chain_and_ova, name, cmd):
+    twin.both(cmd, "--output=json", "json:" + name.replace("SIZE", str(chain_and_ova)))
+
+
+@pytest.mark.parametrize("src", [
+    ["--image-opts", "driver=vmdk,file.driver=raw,file.offset=1536,file.size=SIZE,file.file.filename=x.ova"],
+    ['json:{"driver":"qcow2","file":{"driver":"file","filename":"ov.qcow2"},"backing":null}'],
+    ["--image-opts", "driver=qcow2,file.filename=ov.qcow2,backing.driver=raw,backing.file.filename=base.qcow2"],
+])
+def test_convert_reads_the_same_bytes(twin, chain_and_ova, src):
+    src = [a.replace("SIZE", str(chain_and_ova)) for a in src]
+    twin.both("convert", "-O", "raw", *src, "out.raw")
+    twin.same_file("out.raw")
+
+
+def test_json_backing_name_recorded_in_an_image(twin, chain_and_ova):
+    back = 'json:{"driver":"vmdk","file":{"driver":"raw","offset":1536,"file":{"driver":"file","filename":"x.ova"}}}'
+    twin.build("qemu-img", "create", "-q", "-f", "qcow2", "-b", back, "-F", "vmdk", "top.qcow2", "1M")
+    twin.both("map", "--output=json", "top.qcow2")
+    twin.both("convert", "-O", "raw", "top.qcow2", "out.raw")
+    twin.same_file("out.raw")

@@ -21,16 +21,24 @@ def _cwd(path: Path):
 
 
 class Twin:
-    """Two copies of a directory: qemu-img works in ``q``, qimg in ``i``; names are given relative."""
+    """Two twin directories built by the same steps: qemu-img works in ``q``, qimg in ``i``; names are relative."""
 
     def __init__(self, tmp_path: Path):
         self.q = tmp_path / "q"
         self.i = tmp_path / "i"
         self.q.mkdir()
+        self.i.mkdir()
 
-    def split(self) -> None:
-        """Copy the files built in ``q`` (with qemu-img) to ``i``, holes kept (map reports them)."""
-        subprocess.run(["cp", "-a", "--sparse=always", str(self.q), str(self.i)], check=True)
+    def build(self, *argv) -> None:
+        """Run a qemu-img/qemu-io build step in both copies (the same steps give the same files, holes and
+        allocation included: a copy would change what ``actual-size`` and ``map`` report)."""
+        build(self.q, *argv)
+        build(self.i, *argv)
+
+    def each(self, fn) -> None:
+        """Call fn(directory) for both copies."""
+        fn(self.q)
+        fn(self.i)
 
     def qemu(self, *argv) -> tuple:
         p = subprocess.run(["qemu-img", *map(str, argv)], capture_output=True, text=True, cwd=self.q, timeout=300)
