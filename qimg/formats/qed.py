@@ -142,7 +142,10 @@ class QedDriver(Driver):
 
     def _table_offset_ok(self, off: int, file_size: int) -> bool:
         cs = self.cluster_bytes
-        return (off > 0 and off % cs == 0 and off >= self.header_clusters * cs
+        # qemu finds a table's last cluster at off + (table_size - 1) clusters and takes a last cluster
+        # not past the first as an overflow: a one-cluster table never opens (qemu-img creates such
+        # images, and refuses them)
+        return (off > 0 and off % cs == 0 and off >= self.header_clusters * cs and self.table_size > 1
                 and off + self.table_bytes <= file_size)
 
     def _write_header(self) -> None:

@@ -20,3 +20,11 @@ def test_parallels_fragmented_clusters_restart_after_a_hole(twin):
           "-c", "write -P 2 4096 4096", "p.img")
     twin.both("check", "--output=json", "p.img")
     twin.both("check", "p.img")
+
+
+@pytest.mark.parametrize("cmd", [["info"], ["map", "--output=json"], ["check"], ["convert", "-O", "raw"]])
+def test_qed_single_cluster_table_refused(twin, cmd):
+    # seed 100170: qemu-img creates a qed image with table_size=1 and then refuses to open it
+    twin.build("qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4096,table_size=1", "t.qed", "16M")
+    out = ["o.raw"] if cmd[0] == "convert" else []
+    twin.both(*cmd, "t.qed", *out)
