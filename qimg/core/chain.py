@@ -117,12 +117,18 @@ class Chain:
         """
         stop = len(self.layers) if base_depth is None else base_depth
         depth = 0
+        above = None
         while True:
             layer = self.layers[depth]
             if offset >= layer.virtual_size:
                 # past the end of a short backing file: zeros, not allocated; the overlay answers
-                # (qemu-img map reports the depth of the layer above the short one)
-                return Extent(offset, length, data=False, zero=True, present=False, depth=max(depth - 1, 0))
+                # (qemu-img map reports the depth of the layer above the short one, and the host offset
+                # that layer gave: an unallocated subcluster of an allocated extended-L2 cluster has one)
+                ext = Extent(offset, length, data=False, zero=True, present=False, depth=max(depth - 1, 0))
+                if above is not None and above.offset is not None:
+                    ext.offset = above.offset
+                    ext.filename = above.filename or self.filenames[depth - 1]
+                return ext
             length = min(length, layer.virtual_size - offset)
             ext = layer.block_status(offset, length)
             ext.depth = depth
@@ -134,6 +140,7 @@ class Chain:
                     ext.filename = self.filenames[depth]
                 return ext
             length = ext.length
+            above = ext
             depth += 1
 
     def extents(self, start: int = 0, end: int | None = None, base_depth: int | None = None):

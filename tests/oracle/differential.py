@@ -415,7 +415,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=Path, default=None, help="build in this directory and keep it")
     args = ap.parse_args(argv)
     os.environ.setdefault("QIMG_DEBUG", "")
-    deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
+    started = time.monotonic()
+    deadline = started + args.minutes * 60 if args.minutes else None
     seed, ran, skipped, diverged = args.seed, 0, 0, 0
     log = open(args.log, "a") if args.log else None
     try:
@@ -433,7 +434,8 @@ def main(argv=None) -> int:
                 ran += 1
                 if rec["divergences"]:
                     diverged += 1
-                    print(json.dumps(rec)[:3000], flush=True)
+                    cmds = ",".join(d["command"] for d in rec["divergences"])
+                    print(f"seed {seed}: {cmds}: {rec['case'][:200]}", flush=True)
             if log:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -441,8 +443,9 @@ def main(argv=None) -> int:
     finally:
         if log:
             log.close()
+    minutes = (time.monotonic() - started) / 60
     print(f"cases run: {ran}, skipped (qemu-img refused the build): {skipped}, with divergences: {diverged}, "
-          f"next seed: {seed}", flush=True)
+          f"next seed: {seed}, minutes: {minutes:.1f}", flush=True)
     return 1 if diverged else 0
 
 

@@ -28,3 +28,13 @@ def test_qed_single_cluster_table_refused(twin, cmd):
     twin.build("qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4096,table_size=1", "t.qed", "16M")
     out = ["o.raw"] if cmd[0] == "convert" else []
     twin.both(*cmd, "t.qed", *out)
+
+
+def test_map_offset_of_unallocated_subclusters_past_a_short_backing_file(twin):
+    # seed 100092: an allocated extended-L2 cluster beyond the end of the backing file keeps its offset
+    twin.build("qemu-img", "create", "-q", "-f", "raw", "b.raw", "64k")
+    twin.build("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "b.raw", "-F", "raw",
+               "o.qcow2", "1M")
+    twin.build("qemu-io", "-f", "qcow2", "-c", "write -P 1 69632 4096", "-c", "write -P 1 4096 4096", "o.qcow2")
+    twin.both("map", "--output=json", "o.qcow2")
+    twin.both("map", "o.qcow2")
