@@ -233,7 +233,8 @@ def plan(tree: dict, display: str, fmt: str | None = None) -> tuple[str, str | N
         if node["backing"] == "":
             import sys
 
-            sys.stderr.write('qimg: warning: Use of "backing": "" is deprecated; use "backing": null instead\n')  # as units.py
+            # (a warning straight to stderr, as units.py does)
+            sys.stderr.write('qimg: warning: Use of "backing": "" is deprecated; use "backing": null instead\n')
     flat[TREE] = tree
     flat[DISPLAY_NAME] = display
     flat[SHOWN] = shown_name(fmt, node, filename, file_full)

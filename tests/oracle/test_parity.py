@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tests.oracle.differential import _norm
 from tests.oracle.twin import Twin, build
 
 
@@ -125,3 +126,32 @@ def test_json_backing_name_recorded_in_an_image(twin, chain_and_ova):
     twin.both("map", "--output=json", "top.qcow2")
     twin.both("convert", "-O", "raw", "top.qcow2", "out.raw")
     twin.same_file("out.raw")
+
+
+MEASURE_LUKS = [
+    ["--size", "10M", "-o", "key-secret=s"],
+    ["--size", "1000", "-o", "key-secret=s,iter-time=10,cipher-alg=aes-128,cipher-mode=cbc"],
+    ["--size", "3M", "-o", "key-secret=s,iter-time=10,cipher-alg=aes-192,hash-alg=sha1", "--output=json"],
+    ["--size", "3M", "-o", "key-secret=s,iter-time=10,preallocation=full"],
+    ["--size", "3M", "-o", "key-secret=s,cipher-alg=foo"],
+    ["--size", "3M", "-o", "key-secret=s,foo=1"],
+    ["--size", "3M", "-o", "key-secret=s,iter-time=abc"],
+    ["--size", "3M", "-o", "key-secret=nope"],
+    ["--size", "3M"],
+    ["-o", "key-secret=s,iter-time=10", "src.qcow2"],
+    ["-o", "key-secret=s,iter-time=10", "--output=json", "src.qcow2"],
+    ["src.qcow2"],
+]
+
+
+@pytest.mark.parametrize("args", MEASURE_LUKS)
+def test_measure_luks(twin, args):
+    twin.build("qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "10M")
+    twin.build("qemu-io", "-f", "qcow2", "-c", "write 0 1M", "src.qcow2")
+    argv = ["measure", "--object", "secret,id=s,data=x", "-O", "luks", *args]
+    for _ in range(30):  # qemu-img times PBKDF2 with the CPU clock, which a busy machine can fail
+        q = twin.qemu(*argv)
+        if "accurate CPU usage" not in q[2]:
+            break
+    i = twin.qimg(*argv)
+    assert (i[0], _norm(i[1]), _norm(i[2])) == (q[0], _norm(q[1]), _norm(q[2]))
