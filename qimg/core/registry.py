@@ -91,8 +91,8 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
     from ..io.store import FileStore
     from ..io.urls import open_url
     from ..options import NO_IO
-    from .policy import PolicyError
     from .imageopts import FILE_SHOWN, WINDOW, open_window
+    from .policy import PolicyError
 
     proto = protocol_for(filename)
     proto_cls = None

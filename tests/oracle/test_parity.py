@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -155,3 +156,99 @@ def test_measure_luks(twin, args):
             break
     i = twin.qimg(*argv)
     assert (i[0], _norm(i[1]), _norm(i[2])) == (q[0], _norm(q[1]), _norm(q[2]))
+
+
+def _qcow2_fields(path, **fields):
+    """Patch header fields of a qcow2 file (offsets from qcow2.txt, "Header")."""
+    import struct
+
+    where = {"refcount_table_clusters": (56, ">I"), "incompatible_features": (72, ">Q")}
+    with open(path, "r+b") as f:
+        for name, value in fields.items():
+            off, fmt = where[name]
+            f.seek(off)
+            f.write(struct.pack(fmt, value))
+
+
+def _misalign_first_l2_entry(path):
+    import struct
+
+    data = bytearray(path.read_bytes())
+    l1 = struct.unpack(">Q", data[40:48])[0]
+    l2 = struct.unpack(">Q", data[l1:l1 + 8])[0] & 0x00FFFFFFFFFFFE00
+    entry = struct.unpack(">Q", data[l2:l2 + 8])[0]
+    data[l2:l2 + 8] = struct.pack(">Q", entry + 512)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def small(twin):
+    twin.build("qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "1M")
+    twin.build("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", "a.qcow2")
+    return twin
+
+
+READ_COMMANDS = [["info"], ["map", "--output=json"], ["map"], ["check"], ["check", "--output=json"],
+                 ["convert", "-O", "raw", "@", "o.raw"], ["compare", "@", "a.qcow2"], ["measure", "-O", "qcow2"]]
+
+
+def _args(cmd, name):
+    return [name if a == "@" else a for a in cmd] + ([] if "@" in cmd else [name])
+
+
+@pytest.mark.parametrize("cmd", READ_COMMANDS)
+def test_qcow2_without_refcount_table_refused_but_checked(small, cmd):
+    small.each(lambda d: (d / "t.qcow2").write_bytes((d / "a.qcow2").read_bytes()))
+    small.each(lambda d: _qcow2_fields(d / "t.qcow2", refcount_table_clusters=0))
+    small.both(*_args(cmd, "t.qcow2"))
+
+
+@pytest.mark.parametrize("cmd", READ_COMMANDS + [["check", "-r", "leaks"]])
+def test_qcow2_unaligned_data_cluster(small, cmd):
+    small.each(lambda d: (d / "t.qcow2").write_bytes((d / "a.qcow2").read_bytes()))
+    small.each(lambda d: _misalign_first_l2_entry(d / "t.qcow2"))
+    small.both(*_args(cmd, "t.qcow2"))
+    small.same_file("t.qcow2")
+
+
+@pytest.mark.parametrize("repair", ["leaks", "all"])
+def test_check_repairs_an_image_marked_corrupt(small, repair):
+    small.each(lambda d: (d / "t.qcow2").write_bytes((d / "a.qcow2").read_bytes()))
+    small.each(lambda d: _qcow2_fields(d / "t.qcow2", incompatible_features=2))
+    small.both("check", "-r", repair, "t.qcow2")
+    small.same_file("t.qcow2")
+    small.both("info", "--output=json", "t.qcow2")  # "corrupt": false again
+
+
+@pytest.mark.parametrize("length", [65536, 131072, 196608, 262144, 300000, 1000000])
+@pytest.mark.parametrize("cmd", [["check"], ["check", "--output=json"], ["info"], ["map", "--output=json"],
+                                 ["convert", "-O", "raw", "@", "o.raw"], ["check", "-r", "leaks"]])
+def test_truncated_qcow2(twin, length, cmd):
+    twin.build("qemu-img", "create", "-q", "-f", "qcow2", "big.qcow2", "64M")
+    twin.build("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4M", "-c", "write -P 2 32M 1M", "big.qcow2")
+    twin.each(lambda d: os.truncate(d / "big.qcow2", length))
+    twin.both(*_args(cmd, "big.qcow2"), allocation=False)
+    twin.same_file("big.qcow2")
+    if "o.raw" in cmd and (twin.q / "o.raw").exists():
+        twin.same_file("o.raw")
+
+
+@pytest.mark.parametrize("field", ["l1_table_offset", "refcount_table_offset", "l1_entry"])
+@pytest.mark.parametrize("cmd", [["info"], ["map", "--output=json"], ["check"], ["convert", "-O", "raw", "@", "o.raw"]])
+def test_tables_far_past_the_end_of_the_file(small, field, cmd):
+    # qemu reads what lies past the end of the file as zeros: the image opens, check counts the errors
+    import struct
+
+    def poke(d):
+        p = d / "t.qcow2"
+        data = bytearray((d / "a.qcow2").read_bytes())
+        if field == "l1_entry":
+            l1 = struct.unpack(">Q", data[40:48])[0]
+            data[l1:l1 + 8] = struct.pack(">Q", (1 << 63) | (1 << 40))
+        else:
+            off = 40 if field == "l1_table_offset" else 48
+            data[off:off + 8] = struct.pack(">Q", 1 << 40)
+        p.write_bytes(bytes(data))
+
+    small.each(poke)
+    small.both(*_args(cmd, "t.qcow2"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,11 @@ def _cwd(path: Path):
         yield
     finally:
         os.chdir(old)
+
+
+def _no_allocation(text: str) -> str:
+    text = re.sub(r"disk size: .*", "disk size: N", _norm(text))
+    return re.sub(r'"actual-size": \d+', '"actual-size": N', text)
 
 
 class Twin:
@@ -48,11 +54,15 @@ class Twin:
         with _cwd(self.i):
             return run_qimg([str(a) for a in argv])
 
-    def both(self, *argv) -> tuple:
-        """Run the command in both copies; assert the same status, stdout and stderr; the qemu-img result."""
+    def both(self, *argv, allocation: bool = True) -> tuple:
+        """Run the command in both copies; assert the same status, stdout and stderr; the qemu-img result.
+
+        ``allocation=False`` leaves the host allocation out ("disk size", "actual-size"): after the same
+        truncate of the same file the filesystem may keep a different number of blocks in each copy."""
         q = self.qemu(*argv)
         i = self.qimg(*argv)
-        assert (i[0], _norm(i[1]), _norm(i[2])) == (q[0], _norm(q[1]), _norm(q[2])), argv
+        norm = _norm if allocation else _no_allocation
+        assert (i[0], norm(i[1]), norm(i[2])) == (q[0], norm(q[1]), norm(q[2])), argv
         return q
 
     def same_file(self, name: str) -> None:
