@@ -48,8 +48,8 @@ FORMATS = ("qcow2", "qcow2", "qcow2", "qed", "qcow", "vdi", "vmdk", "vpc", "vhdx
 #: formats that record a backing file
 BACKED = ("qcow2", "qed", "qcow", "vmdk")
 SECRET = "secret,id=sec0,data=differential"
-#: measure targets
-MEASURE_TARGETS = ("qcow2", "raw")
+#: measure targets (and -o options for some)
+MEASURE_TARGETS = ("qcow2", "qcow2", "raw", "qed", "vdi", "vmdk", "vhdx", "vpc", "parallels", "qcow", "luks")
 
 
 @dataclass
@@ -341,7 +341,8 @@ def commands(case: Case, rnd: random.Random) -> list[tuple[str, list]]:
         ("info", ["info", "--output=json", *info_src]),
         ("map", ["map", "--output=json", *src]),
         ("check", ["check", "--output=json", *src]),
-        ("measure-" + (m := rnd.choice(MEASURE_TARGETS)), ["measure", "--output=json", "-O", m, *src]),
+        ("measure-" + (m := rnd.choice(MEASURE_TARGETS)), ["measure", "--output=json", "-O", m, *_measure_opts(rnd, m),
+                                                          *src]),
         ("convert", ["convert", "-O", "raw", *src, "@OUT@"]),
     ]
     if len(case.layers) > 1:
@@ -352,17 +353,60 @@ def commands(case: Case, rnd: random.Random) -> list[tuple[str, list]]:
     if rnd.random() < 0.3:
         cmds.append(("map-human", ["map", *src]))
     if rnd.random() < 0.3:
+        start = rnd.randrange(0, top.size // 512 + 2) * rnd.choice([1, 512])
+        length = rnd.randrange(0, top.size // 512 + 2) * rnd.choice([1, 512])
+        cmds.append(("map-range", ["map", "--output=json", f"--start-offset={start}", f"--max-length={length}", *src]))
+    if top.fmt != "luks" and rnd.random() < 0.4:
+        # against its own raw conversion (made by qemu-img): identical, or both tools fail alike
+        cmds.append(("compare-raw", ["compare", *(["-s"] if rnd.random() < 0.5 else []), "-f", top.fmt, "-F", "raw",
+                                     top.path, "@RAW@"]))
+    if rnd.random() < 0.3:
         cmds.append(("check-human", ["check", *src]))
     if top.fmt == "qcow2" and rnd.random() < 0.3:
         cmds.append(("snapshot-l", ["snapshot", "-l", str(top.path)]))
     return cmds
 
 
+def _measure_opts(rnd: random.Random, target: str) -> list[str]:
+    if target == "luks":
+        return ["--object", SECRET, "-o", "key-secret=sec0,iter-time=10"]
+    if target == "qcow2" and rnd.random() < 0.5:
+        o = [f"cluster_size={rnd.choice([4096, 65536, 2 * MiB])}"]
+        if rnd.random() < 0.3:
+            o.append("extended_l2=on,cluster_size=65536")
+        if rnd.random() < 0.3:
+            o.append(f"preallocation={rnd.choice(['metadata', 'falloc', 'full'])}")
+        return ["-o", ",".join(o)]
+    return []
+
+
+def _mutate(rnd: random.Random, case: Case) -> None:
+    """Now and then damage the top image the way files get damaged (a truncation): both tools must agree
+    on what is left, or refuse it alike."""
+    top = case.top
+    if top.fmt in ("raw", "luks") or rnd.random() >= 0.12:
+        return
+    size = top.path.stat().st_size
+    if size <= 512:
+        return
+    cut = rnd.choice([rnd.randrange(512, size), size // 65536 * 65536, size - 512, size // 2 // 512 * 512])
+    if 0 < cut < size:
+        os.truncate(top.path, cut)
+        case.notes.append(f"truncated to {cut}")
+
+
 def compare_case(case: Case, workdir: Path) -> list[dict]:
     """Run each command through both tools; the list of divergences."""
     rnd = random.Random(case.seed * 7919 + 1)
     found = []
+    raw = workdir / "ref.raw"
+    if case.top.fmt != "luks":
+        src = ["-f", case.top.fmt, str(case.top.path)]
+        if _run(["qemu-img", "convert", "-O", "raw", *src, raw])[0] != 0:
+            raw.write_bytes(b"")
+    _mutate(rnd, case)
     for name, argv in commands(case, rnd):
+        argv = [str(raw) if a == "@RAW@" else a for a in argv]
         if "@OUT@" in argv:
             qa = [str(workdir / "qemu.out") if a == "@OUT@" else a for a in argv]
             ia = [str(workdir / "qimg.out") if a == "@OUT@" else a for a in argv]
