@@ -32,7 +32,7 @@ class Twin:
     def __init__(self, tmp_path: Path):
         self.q = tmp_path / "q"
         self.i = tmp_path / "i"
-        self.q.mkdir()
+        self.q.mkdir(parents=True)
         self.i.mkdir()
 
     def build(self, *argv) -> None:
