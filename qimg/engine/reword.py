@@ -24,6 +24,8 @@ class RewordedSource(ChainSource):
             except StopIteration:
                 return
             except CorruptImage as e:
+                if str(e) != "Input/output error":
+                    raise  # a driver's own message stands; qemu words only its I/O errors per command
                 raise CorruptImage(self.reword(pos, e), e.exit_code, e.diagnostics) from None
             pos = ext.end
             yield ext

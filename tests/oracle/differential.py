@@ -456,6 +456,30 @@ def run_one(seed: int, keep: Path | None = None) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def summarize(logs) -> int:
+    """Totals over JSON-lines logs: cases run, skipped, with divergences, and the commands that diverged."""
+    import collections
+
+    ran = skipped = diverged = 0
+    by_command: collections.Counter = collections.Counter()
+    for log in logs:
+        with open(log) as f:
+            for line in f:
+                rec = json.loads(line)
+                if "skipped" in rec:
+                    skipped += 1
+                    continue
+                ran += 1
+                if rec["divergences"]:
+                    diverged += 1
+                    for d in rec["divergences"]:
+                        by_command[d["command"]] += 1
+    print(f"cases run: {ran}, skipped: {skipped}, with divergences: {diverged}")
+    for cmd, n in by_command.most_common():
+        print(f"  {cmd}: {n}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0, help="first seed")
@@ -463,7 +487,10 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=0, help="stop after this long")
     ap.add_argument("--log", type=Path, default=None, help="append JSON lines here")
     ap.add_argument("--keep", type=Path, default=None, help="build in this directory and keep it")
+    ap.add_argument("--summarize", type=Path, nargs="*", default=None, help="print the totals of these logs")
     args = ap.parse_args(argv)
+    if args.summarize is not None:
+        return summarize(args.summarize)
     os.environ.setdefault("QIMG_DEBUG", "")
     started = time.monotonic()
     deadline = started + args.minutes * 60 if args.minutes else None

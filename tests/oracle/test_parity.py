@@ -68,7 +68,9 @@ IMAGE_OPTS = [
     "driver=qcow2,file.filename=ov.qcow2,backing=null",             # a node reference, not "no backing"
     "driver=qcow2,file.filename=ov.qcow2,backing=",                 # deprecated spelling of no backing file
     "driver=qcow2,file.filename=ov.qcow2,backing.foo=1",
-    "driver=qcow2,file.filename=ov.qcow2,backing.driver=raw,backing.file.filename=base.qcow2",
+    # (a raw view of base.qcow2 is left to the convert test: map would show the host file's holes, which
+    # the filesystem may lay out differently in the two twin directories)
+    "driver=qcow2,file.filename=ov.qcow2,backing.driver=qcow2,backing.file.filename=base.qcow2",
     "driver=qcow2,file.filename=ov.qcow2,backing.file.filename=base.qcow2",
     "driver=qcow2,filename=ov.qcow2",
     "filename=ov.qcow2",
@@ -91,7 +93,7 @@ def test_image_opts_as_qemu_img(twin, chain_and_ova, spec, cmd):
 JSON_NAMES = [
     '{"driver":"qcow2","file":{"driver":"file","filename":"ov.qcow2"}}',
     '{"driver":"qcow2","file":{"driver":"file","filename":"ov.qcow2"},"backing":null}',
-    '{"driver":"qcow2","file.filename":"ov.qcow2","backing":{"driver":"raw","file":{"filename":"base.qcow2"}}}',
+    '{"driver":"qcow2","file.filename":"ov.qcow2","backing":{"driver":"qcow2","file":{"filename":"base.qcow2"}}}',
     '{"file":{"filename":"ov.qcow2"}}',
     '{"driver":"qcow2","file":{"driver":"file","filename":"ov.qcow2"},"foo":1}',
     '{"driver":"qcow2",',
