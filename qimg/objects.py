@@ -38,7 +38,7 @@ def secrets_scope(secrets: dict | None):
         _SECRETS.reset(token)
 
 
-def add_object(text: str) -> None:
+def add_object(text: str) -> str | None:
     """Register one --object definition (only 'secret' objects are meaningful to qimg)."""
     if text == "help":
         raise UsageError("List of user creatable objects:\n  secret")
@@ -74,6 +74,21 @@ def add_object(text: str) -> None:
         except Exception:
             raise QimgError("Unable to decode base64 secret") from None
     _current()[ident] = value
+    return ident
+
+
+def add_objects(texts) -> None:
+    """Register the --object definitions of one command, in order; an id given twice is refused as
+    qemu-img refuses it (the second object cannot join the first's container)."""
+    seen: set[str] = set()
+    for text in texts or ():
+        kind, _, rest = text.partition(",")
+        opts = parse_opts(text if "=" in kind else rest)
+        ident = opts.get("id")
+        if ident in seen and (opts.get("qom-type") if "=" in kind else kind) == "secret":
+            # (before the object's own properties are checked, as in qemu)
+            raise QimgError(f"attempt to add duplicate property '{ident}' to object (type 'container')")
+        seen.add(add_object(text))
 
 
 def get_secret(ident: str) -> bytes:

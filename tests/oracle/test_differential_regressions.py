@@ -60,3 +60,15 @@ def test_parallels_truncated_at_a_cluster_boundary_repair(twin):
     twin.both("check", "p.img", allocation=False)
     twin.both("check", "-r", "all", "p.img", allocation=False)
     twin.same_file("p.img")
+
+
+@pytest.mark.parametrize("objects", [
+    ["secret,id=a,data=x", "secret,id=a,data=y"],   # seed 500064: the same id twice
+    ["secret,id=a,data=x", "secret,id=a"],          # the duplicate is found before the second's own error
+    ["secret,id=a,data=x", "secret,id=b,data=y"],
+    ["qom-type=secret,id=a,data=x", "secret,id=a,data=y"],
+])
+def test_duplicate_object_ids(twin, objects):
+    twin.build("qemu-img", "create", "-q", "-f", "qcow2", "m.qcow2", "1M")
+    args = [a for o in objects for a in ("--object", o)]
+    twin.both("info", *args, "m.qcow2")
