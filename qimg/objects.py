@@ -38,7 +38,7 @@ def secrets_scope(secrets: dict | None):
         _SECRETS.reset(token)
 
 
-def add_object(text: str) -> None:
+def add_object(text: str) -> str | None:
     """Register one --object definition (only 'secret' objects are meaningful to qimg)."""
     if text == "help":
         raise UsageError("List of user creatable objects:\n  secret")
@@ -74,6 +74,21 @@ def add_object(text: str) -> None:
         except Exception:
             raise QimgError("Unable to decode base64 secret") from None
     _current()[ident] = value
+    return ident
+
+
+def add_objects(texts) -> None:
+    """Register the --object definitions of one command, in order; an id given twice is refused as
+    qemu-img refuses it (the second object cannot join the first's container)."""
+    seen: set[str] = set()
+    for text in texts or ():
+        kind, _, rest = text.partition(",")
+        opts = parse_opts(text if "=" in kind else rest)
+        ident = opts.get("id")
+        if ident in seen and (opts.get("qom-type") if "=" in kind else kind) == "secret":
+            # (before the object's own properties are checked, as in qemu)
+            raise QimgError(f"attempt to add duplicate property '{ident}' to object (type 'container')")
+        seen.add(add_object(text))
 
 
 def get_secret(ident: str) -> bytes:
@@ -85,20 +100,16 @@ def get_secret(ident: str) -> bytes:
 
 
 def parse_image_opts(text: str) -> tuple[str, str | None, dict]:
-    """``driver=qcow2,file.filename=x,...`` -> (filename, format, remaining options)."""
-    opts = parse_opts(text)
+    """``driver=qcow2,file.filename=x,...`` -> (filename, format, flat options): see core.imageopts."""
+    from .core import imageopts
+
     first = text.replace(",,", "\0").split(",", 1)[0].replace("\0", ",")
+    tree = imageopts.parse_opts_string(text)
     if first and "=" not in first:
         # a leading bare value is qemu's implied key "file"
-        opts.pop(first, None)
-        opts["file"] = first
-    fmt = opts.pop("driver", None)
-    node = opts.pop("file", None)
-    filename = opts.pop("file.filename", None) or opts.pop("filename", None)
-    opts.pop("file.driver", None)
-    if filename is None and node is not None:
-        # file=NAME names another block node, and qemu-img defines none
-        raise QimgError(f"Could not open '{text}': Cannot find device='{node}' nor node-name='{node}'")
-    if filename is None:
-        raise QimgError(f"Could not open '{text}': A block device must be specified for \"file\"")
-    return filename, fmt, opts
+        tree.pop(first, None)
+        tree = {"file": first, **tree}
+    try:
+        return imageopts.plan(tree, text)
+    except QimgError as e:
+        raise type(e)(f"Could not open '{text}': {e}", e.exit_code) from None

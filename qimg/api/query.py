@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, Literal, overload
 
 from ..ops.map import MapEntry
+from ..options import DISPLAY_NAME
 from .args import check_src_cache, refuse_shared_write
 from .results import CheckResult, ImageInfo, SnapshotInfo
 from .sources import Source, as_policy, call_scope, open_chain, path_of, source_name
@@ -91,7 +92,8 @@ def check(src: Source, *, fmt: str | None = None, repair: str | None = None, src
     with call_scope(secrets, force_share):
         res, fmt_name = check_image(name, fmt, repair, dict(image_options or {}), warn=warn if repair else None,
                                     policy=as_policy(untrusted))
-    return CheckResult.from_result(res, name, fmt_name)
+    # qemu-img names the image as it was given (a whole --image-opts string or json: name stays one)
+    return CheckResult.from_result(res, (image_options or {}).get(DISPLAY_NAME) or name, fmt_name)
 
 
 def map(src: Source, *, fmt: str | None = None, start_offset: int | str = 0, max_length: int | str | None = None,

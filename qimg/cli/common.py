@@ -58,10 +58,9 @@ from ..api.args import CACHE_MODES, check_cache, check_src_cache  # noqa: E402,F
 
 
 def load_objects(objects) -> None:
-    from ..objects import add_object
+    from ..objects import add_objects
 
-    for obj in objects or ():
-        add_object(obj)
+    add_objects(objects)
 
 
 def image_spec(filename: str, fmt: str | None, image_opts: bool) -> tuple[str, str | None, dict]:
@@ -79,6 +78,10 @@ def image_spec(filename: str, fmt: str | None, image_opts: bool) -> tuple[str, s
         _share_backing_files(options)
         options[DISPLAY_NAME] = filename
         return name, fmt, options
+    if filename.startswith("json:"):
+        from ..core.imageopts import expand
+
+        return expand(filename, fmt, {})
     return filename, fmt, {}
 
 

@@ -22,7 +22,7 @@ from . import common as c
 @click.argument("filenames", nargs=-1)
 def command(objects, image_opts, fmt, start_offset, max_length, output, force_share, help_, filenames):
     from ..api.image import open as open_image
-    from ..errors import UsageError
+    from ..errors import QimgError, UsageError
     from ..ops.map import check_human
     from .render import map_human_header, map_human_line, map_json_line
 
@@ -35,7 +35,13 @@ def command(objects, image_opts, fmt, start_offset, max_length, output, force_sh
     out = sys.stdout
     with open_image(name, fmt, options=opts, untrusted=c.policy()) as image:
         entries = image.extents(start, length)
-        head = next(entries)  # errors of the first probe come before any output
+        try:
+            head = next(entries)  # errors opening a layer lazily come before any output
+        except QimgError as e:
+            if str(e).startswith("Could not read file metadata"):
+                # a failing block status: qemu-img has printed its header (or "[") already
+                out.write("[" if output == "json" else map_human_header())
+            raise
         entries = itertools.chain((head,), entries)
         if output == "json":
             out.write("[")

@@ -85,7 +85,8 @@ def resolve_backing(overlay_filename: str, backing_name: str) -> str:
     from ..io.remote import url_scheme
 
     backing_name = backing_name.split("\0", 1)[0]
-    if protocol_for(backing_name) or os.path.isabs(backing_name) or url_scheme(backing_name):
-        return backing_name  # a URL is opened as named, never joined to the overlay's directory
+    if protocol_for(backing_name) or os.path.isabs(backing_name) or url_scheme(backing_name) or \
+            backing_name.startswith("json:"):
+        return backing_name  # a URL (or a json: name) is opened as named, never joined to the overlay's directory
     base = os.path.dirname(overlay_filename)
     return os.path.join(base, backing_name) if base else backing_name

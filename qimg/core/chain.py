@@ -39,14 +39,18 @@ class Chain:
         policy = policy or Policy()
         if max_depth is not None:
             policy = replace(policy, max_depth=max_depth)
+        from .imageopts import expand
+
+        filename, fmt, options = expand(filename, fmt, options)  # a json:{...} name: its options
         guard = Guard(policy, filename, references)
         top = registry.open_image(filename, fmt, writable, options, warn=warn, guard=guard)
-        return cls.below_top(top, filename, guard, backing)
+        return cls.below_top(top, filename, guard, backing, options)
 
     @classmethod
-    def below_top(cls, top, filename: str, guard: Guard, backing: bool = True) -> Chain:
+    def below_top(cls, top, filename: str, guard: Guard, backing: bool = True, options: dict | None = None) -> Chain:
         """The chain of an opened top layer: its backing files opened (unless backing=False) under ``guard``,
-        each layer handed the guest view below it.  Closes ``top`` on failure."""
+        each layer handed the guest view below it.  Closes ``top`` on failure.  ``options`` (the top's
+        open options) may name the backing file themselves (--image-opts backing.*, json: "backing")."""
         layers = [top]
         names = [filename]
         chain = cls(layers, names)
@@ -54,6 +58,19 @@ class Chain:
         try:
             seen = {_identity(top, filename)}
             cur, cur_name = top, filename
+            if backing:
+                from .imageopts import BACKING, backing_override
+
+                # --image-opts backing=... / json:{"backing": ...}: no backing file, or one of the user's
+                first = backing_override(options, filename, top, guard)
+                if first is not None:
+                    cur.below = _Below(chain, len(layers))
+                    layers.append(first[0])
+                    names.append(first[1])
+                    cur, cur_name = first
+                    seen.add(_identity(cur, cur_name))
+                elif options and BACKING in options:
+                    backing = False
             while backing and cur.backing is not None and cur.backing.filename:
                 name, bfmt = registry.admit_backing(guard, cur_name, cur.backing.filename, cur.backing.fmt, len(layers),
                                                     filename)
@@ -100,12 +117,18 @@ class Chain:
         """
         stop = len(self.layers) if base_depth is None else base_depth
         depth = 0
+        above = None
         while True:
             layer = self.layers[depth]
             if offset >= layer.virtual_size:
                 # past the end of a short backing file: zeros, not allocated; the overlay answers
-                # (qemu-img map reports the depth of the layer above the short one)
-                return Extent(offset, length, data=False, zero=True, present=False, depth=max(depth - 1, 0))
+                # (qemu-img map reports the depth of the layer above the short one, and the host offset
+                # that layer gave: an unallocated subcluster of an allocated extended-L2 cluster has one)
+                ext = Extent(offset, length, data=False, zero=True, present=False, depth=max(depth - 1, 0))
+                if above is not None and above.offset is not None:
+                    ext.offset = above.offset
+                    ext.filename = above.filename or self.filenames[depth - 1]
+                return ext
             length = min(length, layer.virtual_size - offset)
             ext = layer.block_status(offset, length)
             ext.depth = depth
@@ -117,6 +140,7 @@ class Chain:
                     ext.filename = self.filenames[depth]
                 return ext
             length = ext.length
+            above = ext
             depth += 1
 
     def extents(self, start: int = 0, end: int | None = None, base_depth: int | None = None):

@@ -69,6 +69,9 @@ def open_image(filename: str, fmt: str | None = None, writable: bool = False, op
 
     if guard is None:
         guard = Guard(policy, filename)
+    from .imageopts import expand
+
+    filename, fmt, options = expand(filename, fmt, options)  # a json:{...} name: its options
     shown = (options or {}).get(DISPLAY_NAME)
     try:
         return _open_image(filename, fmt, writable, options, warn, guard)
@@ -88,6 +91,7 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
     from ..io.store import FileStore
     from ..io.urls import open_url
     from ..options import NO_IO
+    from .imageopts import FILE_SHOWN, WINDOW, open_window
     from .policy import PolicyError
 
     proto = protocol_for(filename)
@@ -117,6 +121,12 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
                 raise OpenError("a URL can be read only")
         else:
             store = FileStore(bundle_descriptor(filename), writable=writable, lock=None)
+        if options and WINDOW in options:
+            try:
+                store = open_window(store, options)  # an image inside a container (raw offset/size)
+            except BaseException:
+                store.close()
+                raise
     except QimgError as e:
         raise OpenError(f"Could not open '{filename}': {e}") from None
     try:
@@ -135,7 +145,9 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
             store.lock(*lock.image_perms(cls.lock_passthrough, writable, no_io, force_share, options))
         opener = make_opener(filename, writable, guard)
         with lock.opening(no_io, force_share, locking):
-            return cls.open(store, filename, writable=writable, opener=opener, options=options or {})
+            # the format reads a window of the file: qemu names that file with its json: options
+            shown_file = (options or {}).get(FILE_SHOWN, filename)
+            return cls.open(store, shown_file, writable=writable, opener=opener, options=options or {})
     except PolicyError:
         store.close()
         raise

@@ -340,6 +340,10 @@ def format_volume(store, password: bytes, cipher_alg: str = "aes-256", cipher_mo
 
 def header_size(cipher_alg: str, cipher_mode: str) -> int:
     """Bytes a new header with its 8 key slots occupies (where the payload starts)."""
-    key_bytes = CIPHER_ALGS[cipher_alg] * (2 if cipher_mode == "xts" else 1)
+    return header_size_for_key(CIPHER_ALGS[cipher_alg] * (2 if cipher_mode == "xts" else 1))
+
+
+def header_size_for_key(key_bytes: int) -> int:
+    """Bytes a new header with 8 key slots for a ``key_bytes`` master key occupies."""
     area = -(-key_bytes * LUKS_STRIPES // LUKS_ALIGN_BYTES) * LUKS_ALIGN_BYTES
     return LUKS_KEY_MATERIAL_START_SECTORS * SECTOR_SIZE + LUKS_NUMKEYS * area

@@ -93,37 +93,34 @@ def _lzfse_decompress(data: bytes) -> bytes:
     return lzfse.decompress(data)
 
 
-def _parse_rsrc_blkx(data: bytes) -> list[bytes]:
-    """The 'blkx' resources of a classic binary resource fork."""
-    if len(data) < 16:
-        raise CorruptImage("dmg resource fork is too short")
-    data_off, map_off, _data_len, _map_len = struct.unpack_from(">IIII", data, 0)
-    if map_off + 30 > len(data) or data_off > len(data):
-        raise CorruptImage("dmg resource fork map lies outside the fork")
-    type_list = map_off + struct.unpack_from(">H", data, map_off + 24)[0]
-    if type_list + 2 > len(data):
-        raise CorruptImage("dmg resource type list lies outside the fork")
-    n_types = struct.unpack_from(">H", data, type_list)[0] + 1
-    out = []
-    for t in range(n_types):
-        pos = type_list + 2 + 8 * t
-        if pos + 8 > len(data):
-            raise CorruptImage("dmg resource type list lies outside the fork")
-        rtype, count, ref_off = struct.unpack_from(">4sHH", data, pos)
-        if rtype != b"blkx":
-            continue
-        for r in range(count + 1):
-            ref = type_list + ref_off + 12 * r
-            if ref + 12 > len(data):
-                raise CorruptImage("dmg resource reference lies outside the fork")
-            word = struct.unpack_from(">I", data, ref + 4)[0]
-            res = data_off + (word & 0xFFFFFF)
-            if res + 4 > len(data):
-                raise CorruptImage("dmg resource lies outside the fork")
-            length = struct.unpack_from(">I", data, res)[0]
-            if res + 4 + length > len(data):
-                raise CorruptImage("dmg resource lies outside the fork")
-            out.append(data[res + 4:res + 4 + length])
+def _rsrc_resources(store, begin: int, length: int, what: str) -> list[bytes]:
+    """The resources of a classic binary resource fork, read as qemu-img 7.2 reads them: the data area
+    (its offset and length from the fork's header, inside the fork's length in the trailer) walked
+    resource by resource (a 4-byte length, then the bytes); the resource map is not needed (older
+    hdiutil writes forks whose map the trailer leaves out).  Resources that are not mish blocks are
+    skipped by the caller."""
+    invalid = CorruptImage(f"Could not open '{what}': Invalid argument")
+    head = store.pread(begin, 16)
+    if len(head) < 16:
+        raise invalid
+    data_off, _map_off, data_len, _map_len = struct.unpack(">IIII", head)
+    if data_off > length or data_len == 0 or data_off + data_len > length:
+        raise invalid
+    check_limit("dmg resource fork data length", data_len, MAX_RSRC_BYTES, "resource fork header")
+    pos, end = begin + data_off, begin + data_off + data_len
+    out: list[bytes] = []
+    total = 0
+    while pos < end:
+        raw = store.pread(pos, 4)
+        n = struct.unpack(">I", raw)[0] if len(raw) == 4 else 0
+        if n == 0:
+            raise invalid
+        total += n
+        check_limit("dmg resource bytes", total, MAX_RSRC_BYTES, "resource fork")
+        check_limit("dmg resources", len(out) + 1, MAX_MISH_BLOCKS, "resource fork")
+        blob = store.pread(pos + 4, n)
+        out.append(blob + bytes(n - len(blob)))  # past the end of the file: zeros, as qemu reads
+        pos += 4 + n
     return out
 
 
@@ -149,31 +146,31 @@ class DmgDriver(Driver):
         rsrc_off, rsrc_len = struct.unpack_from(">QQ", koly, 40)
         xml_off, xml_len = struct.unpack_from(">QQ", koly, 216)
         blocks: list[bytes]
-        if xml_off and xml_len:
+        koly_off = size - KOLY_SIZE
+        if rsrc_off >= koly_off or rsrc_len > koly_off - rsrc_off or xml_off >= koly_off or \
+                xml_len > koly_off - xml_off:
+            raise CorruptImage(f"Could not open '{self.filename}': Invalid argument")
+        if rsrc_len:
+            # qemu-img looks for the resource fork first, and reads the plist only without one
+            blocks = _rsrc_resources(self.store, rsrc_off, rsrc_len, self.filename)
+        elif xml_len:
             check_limit("dmg plist length", xml_len, MAX_PLIST_BYTES, "koly trailer")
             if xml_off + xml_len > size:
                 raise CorruptImage("dmg plist lies outside the file")
             blocks = self._plist_blocks(self.store.pread(xml_off, xml_len))
-        elif rsrc_off and rsrc_len:
-            check_limit("dmg resource fork length", rsrc_len, MAX_RSRC_BYTES, "koly trailer")
-            if rsrc_off + rsrc_len > size:
-                raise CorruptImage("dmg resource fork lies outside the file")
-            blocks = _parse_rsrc_blkx(self.store.pread(rsrc_off, rsrc_len))
         else:
             raise CorruptImage("dmg has neither a plist nor a resource fork")
         check_limit("dmg blkx blocks", len(blocks), MAX_MISH_BLOCKS)
         rows = []
         total = 0
         for blk in blocks:
-            if len(blk) < MISH_HEADER or blk[:4] != b"mish":
-                raise CorruptImage("dmg blkx resource is not a mish block")
+            if len(blk) < MISH_HEADER + 40 or blk[:4] != b"mish":
+                continue  # as qemu: what is not a mish block with a chunk is skipped
             first_sector, _count, data_off = struct.unpack_from(">QQQ", blk, 8)
-            n = struct.unpack_from(">I", blk, 200)[0]
+            n = (len(blk) - MISH_HEADER) // 40  # qemu counts the chunks the block's length holds
             total += n
             check_limit("dmg chunks", total, MAX_CHUNKS)
             self.charge("dmg chunk table", 40 * n)
-            if MISH_HEADER + 40 * n > len(blk):
-                raise CorruptImage("dmg mish block is shorter than its chunk count")
             for t, _c, sec, cnt, coff, clen in CHUNK.iter_unpack(blk[MISH_HEADER:MISH_HEADER + 40 * n]):
                 if t in (UDIF_TERM, UDIF_COMMENT):
                     continue
@@ -197,7 +194,11 @@ class DmgDriver(Driver):
         rows.sort()
         self.starts = [r[0] for r in rows]
         self.chunks = rows
-        self.virtual_size = max((r[0] + r[1] for r in rows), default=0)
+        # the size is the trailer's SectorCount, as qemu takes it (the chunks normally cover exactly that)
+        sectors = struct.unpack_from(">Q", koly, 492)[0]
+        if sectors > ((1 << 63) - 1) // SECTOR:
+            raise CorruptImage(f"Could not open '{self.filename}': Invalid argument")
+        self.virtual_size = sectors * SECTOR
         self._cache = (-1, b"")
 
     @staticmethod

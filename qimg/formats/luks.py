@@ -22,6 +22,8 @@ from ..units import round_up
 #: the enum values qemu accepts for each create option (QCryptoCipherAlgorithm, ...Mode, IVGen, Hash)
 CIPHER_ALG_VALUES = ("aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128", "serpent-128", "serpent-192",
                      "serpent-256", "twofish-128", "twofish-192", "twofish-256", "sm4")
+#: master key bytes of the ciphers whose name does not end in their key bits
+_KEY_BYTES = {"des": 8, "3des": 24, "sm4": 16}
 CIPHER_MODE_VALUES = ("ecb", "cbc", "xts", "ctr")
 IVGEN_VALUES = ("plain", "plain64", "essiv")
 HASH_VALUES = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160", "sm3")
@@ -202,6 +204,23 @@ class LuksDriver(Driver):
             luks1.write_slot(store, hdr, 0, mk, password, iter_time)
             store.pwrite(0, hdr.pack())
             store.truncate(hdr.payload_offset + (opts.size or 0))
+
+    @classmethod
+    def measure(cls, options: dict, size: int, src=None) -> dict:
+        """The header with its eight key slots, then the whole payload (a LUKS volume has no holes of its
+        own): what the options given would create, checked as create checks them (key secret included)."""
+        alg = _enum(options, "cipher-alg", CIPHER_ALG_VALUES, "aes-256")
+        mode = _enum(options, "cipher-mode", CIPHER_MODE_VALUES, "xts")
+        for name, values in (("ivgen-alg", IVGEN_VALUES), ("ivgen-hash-alg", HASH_VALUES), ("hash-alg", HASH_VALUES)):
+            _enum(options, name, values, None)
+        _iter_time(options)
+        if "key-secret" not in options:
+            raise QimgError("Parameter 'key-secret' is required for cipher")
+        _secret(options["key-secret"])
+        # measuring needs no cipher implementation: only the master key's length sizes the header
+        key_bytes = _KEY_BYTES.get(alg) or int(alg.rsplit("-", 1)[1]) // 8
+        total = luks1.header_size_for_key(key_bytes * (2 if mode == "xts" else 1)) + size
+        return {"required": total, "fully-allocated": total}
 
     @classmethod
     def format_line_options(cls, opts: CreateOptions) -> list[tuple[str, str]]:

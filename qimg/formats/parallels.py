@@ -267,15 +267,14 @@ class ParallelsDriver(Driver):
                 self.in_use = 0
         idxs = np.nonzero(self.bat)[0]
         offs = self.bat[idxs].astype(np.int64) * self.off_multiplier
-        outside = offs >= size
+        outside = offs > size  # as qemu: a cluster starting right at the end is not "outside"
         allocated = len(offs)
-        fragmented = 0
-        prev = 0
-        for off, out in zip(offs.tolist(), outside.tolist()):
-            if prev and off != prev + cs:
-                fragmented += 1
-            if not out:
-                prev = off
+        # a cluster is fragmented when the guest cluster before it is allocated and not just before
+        # it on the host (an unallocated one starts afresh; a repaired one counts as unallocated)
+        host = self.bat.astype(np.int64) * self.off_multiplier
+        if repair == "all":
+            host[host > size] = 0
+        fragmented = int(np.count_nonzero((host[1:] != 0) & (host[:-1] != 0) & (host[1:] != host[:-1] + cs)))
         bad = idxs[outside]
         for i in bad.tolist():
             messages.append(("Repairing" if repair == "all" else "ERROR") + f" cluster {i} is outside image")

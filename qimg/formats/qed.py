@@ -142,7 +142,10 @@ class QedDriver(Driver):
 
     def _table_offset_ok(self, off: int, file_size: int) -> bool:
         cs = self.cluster_bytes
-        return (off > 0 and off % cs == 0 and off >= self.header_clusters * cs
+        # qemu finds a table's last cluster at off + (table_size - 1) clusters and takes a last cluster
+        # not past the first as an overflow: a one-cluster table never opens (qemu-img creates such
+        # images, and refuses them)
+        return (off > 0 and off % cs == 0 and off >= self.header_clusters * cs and self.table_size > 1
                 and off + self.table_bytes <= file_size)
 
     def _write_header(self) -> None:
@@ -362,16 +365,6 @@ class QedDriver(Driver):
         self.store.pwrite(0, HEADER.pack(*h) + name)
         self.features = features
         self.backing = BackingRef(filename, "raw" if fmt == "raw" else None) if name else None
-
-    def make_empty(self) -> None:
-        import numpy as np
-
-        self.l1[:] = 0
-        self.store.pwrite(self.l1_offset, bytes(self.table_bytes))
-        self._l2_cache.clear()
-        self.store.truncate(self.l1_offset + self.table_bytes)
-        self._eof = None
-        self._l1 = np.zeros(self.table_entries, dtype="<u8")
 
     def flush(self) -> None:
         super().flush()

@@ -21,7 +21,9 @@ def check_image(filename: str, fmt: str | None = None, repair: str | None = None
     missing), writable only for a repair."""
     from .commit import open_chain
 
-    chain = open_chain(filename, fmt, writable=bool(repair), options=options, warn=warn, policy=policy)
+    # "check": qemu opens for a check what it refuses otherwise (a qcow2 without a refcount table)
+    chain = open_chain(filename, fmt, writable=bool(repair), options={**(options or {}), "check": True}, warn=warn,
+                       policy=policy)
     try:
         drv = chain.top
         return drv.check(repair), drv.format_name

@@ -50,8 +50,9 @@ def _status(chain: Chain, name: str, offset: int, total: int):
     """(flags, length) of the run at ``offset``: flags as qemu's block status bits would compare."""
     try:
         ext = chain.block_status(offset, total - offset)
-    except QimgError:
-        raise CompareFailed(f"Sector allocation test failed for {name}", STATUS_ERROR) from None
+    except QimgError as e:
+        raise CompareFailed(f"Sector allocation test failed for {name}", STATUS_ERROR,
+                            diagnostics=e.diagnostics) from None
     n = min(ext.length, total - offset)
     if n <= 0:
         raise CompareFailed(f"Sector allocation test failed for {name}", STATUS_ERROR)

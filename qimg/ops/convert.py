@@ -11,6 +11,7 @@ from ..core import registry
 from ..core.chain import Chain
 from ..core.policy import Policy
 from ..engine.copy import ChainSource, ConcatSource, CopyOptions, copy_range
+from ..engine.reword import RewordedSource
 from ..errors import OpenError, QimgError
 from ..options import CACHE_UNSAFE
 
@@ -65,7 +66,7 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> int:
             from .measure import _load_snapshot
 
             _load_snapshot(chains[0], req.snapshot)  # "Failed to load snapshot: ..." as qemu-img
-        sources = [ChainSource(ch) for ch in chains]
+        sources = [RewordedSource(ch, _block_status_error) for ch in chains]
         src = sources[0] if len(sources) == 1 else ConcatSource(sources)
         total = src.virtual_size
         if progress is not None:
@@ -291,3 +292,7 @@ def _restore_signals(old):
             signal.signal(sig, h)
         except (ValueError, OSError):
             pass
+
+
+def _block_status_error(offset: int, error) -> str:
+    return f"error while reading block status at offset {offset}: {error}"

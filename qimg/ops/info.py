@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..core import registry
-from ..options import NO_IO
+from ..core import imageopts, registry
+from ..options import DISPLAY_NAME, NO_IO
 
 
 def layer_info(driver, filename: str, fmt_name: str | None = None) -> dict:
@@ -65,9 +65,14 @@ def image_info(filename: str, fmt: str | None = None, backing_chain: bool = Fals
         # metadata only (qemu's BDRV_O_NO_IO): encrypted images open without their keys
         layer_opts = dict(options or {}) if depth == 0 else {}
         layer_opts[NO_IO] = True
+        if depth == 0:
+            name, cur_fmt, layer_opts = imageopts.expand(name, cur_fmt, layer_opts)
         drv = registry.open_image(name, cur_fmt, False, layer_opts, guard=guard)
         try:
-            infos.append(layer_info(drv, name))
+            if depth == 0:
+                # info opens without backing files: backing options are left over, and refused
+                imageopts.refuse_backing_keys(drv.format_name, layer_opts, layer_opts.get(DISPLAY_NAME) or name)
+            infos.append(layer_info(drv, layer_opts.get(imageopts.SHOWN) or name))
             backing = drv.backing
         finally:
             drv.close()

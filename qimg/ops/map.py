@@ -61,7 +61,7 @@ def _entry(chain: Chain, offset: int, length: int) -> MapEntry:
     except QimgError as e:
         if str(e).startswith("Could not open"):
             raise  # a driver that opens lazily: report it as the open error it is
-        raise QimgError(f"Could not read file metadata: {e}") from None
+        raise QimgError(f"Could not read file metadata: {e}", diagnostics=e.diagnostics) from None
     if ext.length <= 0:
         raise QimgError("Could not read file metadata: Input/output error")
     n = min(ext.length, length)

@@ -98,7 +98,7 @@ def _driver_class(name: str):
 
 
 def _measure(req: MeasureRequest, chain: Chain | None) -> dict:
-    from ..engine.copy import ChainSource
+    from ..engine.reword import RewordedSource
 
     cls = _driver_class(req.out_fmt)
     if cls is not None and not cls.can_create():
@@ -109,7 +109,7 @@ def _measure(req: MeasureRequest, chain: Chain | None) -> dict:
         raise QimgError(f"Block driver '{req.out_fmt}' does not support size measurement")
     if chain is not None:
         size = chain.virtual_size
-        src = ChainSource(chain)
+        src = RewordedSource(chain, lambda offset, error: f"Unable to get block status: {error}")
     else:
         size = req.size
         src = None

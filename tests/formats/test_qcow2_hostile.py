@@ -61,9 +61,7 @@ HEADER_CASES = [
     (100, ">I", 50, ["header too short"]),
     (96, ">I", 7, ["refcount_order 7"]),
     (40, ">Q", 0x30001, ["L1 table", "not aligned"]),
-    (40, ">Q", 1 << 40, ["L1 table", "outside the image file"]),
     (48, ">Q", 0x10200, ["Reference count table", "not aligned"]),
-    (48, ">Q", 1 << 40, ["Reference count table", "outside the image file"]),
     (40, ">Q", 0, ["L1 table", "offset is 0"]),
     (72, ">Q", 1 << 20, ["Unsupported qcow2 feature(s): Unknown incompatible feature: 100000"]),
     (104, ">B", 7, ["unknown compression type"]),
@@ -137,9 +135,7 @@ def test_truncated_header(tmp_path):
 def test_l1_entry_past_eof(tmp_path):
     p = _make(tmp_path)
     l1 = struct.unpack(">Q", p.read_bytes()[40:48])[0]
-    _poke(p, l1, ">Q", (1 << 63) | (1 << 40))
-    _one_line_error(run_qimg("convert", "-O", "raw", p, tmp_path / "o.raw"), "L2 table", "outside the image file")
-    _one_line_error(run_qimg("map", p), "L2 table")
+    # (an L2 table past the end of the file reads as zeros, as in qemu: tests/oracle/test_parity.py)
     _poke(p, l1, ">Q", (1 << 63) | 0x10200)
     _one_line_error(run_qimg("map", p), "L2 table", "not aligned")
 

@@ -53,10 +53,11 @@ def test_create_matches_qemu(tmp_path, oracle, args):
     q = oracle("create", "-f", "qed", tmp_path / "b.qed", *args)
     assert r.out.replace("a.qed", "b.qed") == q.out
     assert (tmp_path / "a.qed").read_bytes() == (tmp_path / "b.qed").read_bytes()
-    if any(a.endswith("table_size=1") for a in args):
-        return  # qemu-img 7.2 refuses to open its own single-cluster-table images; qimg reads them
-    assert run_qimg("info", tmp_path / "a.qed").out.replace("a.qed", "b.qed") == \
-        oracle("info", tmp_path / "b.qed").out
+    # qemu-img 7.2 refuses to open its own single-cluster-table images, and so does qimg
+    i = run_qimg("info", tmp_path / "a.qed")
+    q = oracle("info", tmp_path / "b.qed", check=False)
+    assert (i.rc, i.out.replace("a.qed", "b.qed"), i.err.replace("a.qed", "b.qed").replace("qimg:", "qemu-img:")) \
+        == (q.rc, q.out, q.err)
 
 
 def test_create_help_and_errors(tmp_path, oracle):

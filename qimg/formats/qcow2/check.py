@@ -14,12 +14,14 @@ the image as it was.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from ...core.check import CheckResult
 from ...errors import QimgError
 from . import lifecycle as lc
-from .header import MAX_L1_SIZE_BYTES
+from .header import MAX_L1_SIZE_BYTES, QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY, Header
 from .refcount import decode_block, encode_block
 from .tables import (
     L1E_OFFSET_MASK,
@@ -29,6 +31,9 @@ from .tables import (
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
 )
+
+#: where the incompatible feature bits lie in a version 3 header (qcow2.txt, "Header")
+INCOMPAT_FEATURES_OFFSET = 72
 
 
 class _Walk:
@@ -149,7 +154,9 @@ class _Walk:
             self.emit("ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
                       f"offset 0x{o:x} size 0x{cs:x}")
             res.corruptions += 1
-        self.rc.add_indices(idx[~past])
+        # a cluster-sized region at an unaligned offset reaches into the next cluster: qemu counts both
+        straddle = idx[~past & unaligned] + 1
+        self.rc.add_indices(np.concatenate((idx[~past], straddle)) if len(straddle) else idx[~past])
 
 
 def run_check(store, repair: str | None = None, emit=None) -> CheckResult:
@@ -163,6 +170,23 @@ def run_check(store, repair: str | None = None, emit=None) -> CheckResult:
 
 
 def _run_check(store, repair, emit, messages) -> CheckResult:
+    res = _check_and_repair(store, repair, emit, messages)
+    if repair and not res.corruptions and not res.check_errors:
+        _mark_consistent(store)
+    return res
+
+
+def _mark_consistent(store) -> None:
+    """After a repair that leaves no corruption, clear the dirty and corrupt bits, as qemu does."""
+    h = Header.parse(store)
+    bits = h.incompatible_features & (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT)
+    if h.version >= 3 and bits:
+        store.flush()
+        store.pwrite(INCOMPAT_FEATURES_OFFSET, struct.pack(">Q", h.incompatible_features & ~bits))
+        store.flush()
+
+
+def _check_and_repair(store, repair, emit, messages) -> CheckResult:
     fix_leaks = repair in ("leaks", "all")
     fix_errors = repair == "all"
     meta = lc.Qcow2Meta(store)
@@ -306,8 +330,7 @@ def _check_once(meta: lc.Qcow2Meta, fix_errors: bool, emit, fix_leaks: bool = Fa
         if off and (off >> meta.cluster_bits) >= nb:
             emit(f"ERROR refcount block {i} is outside image")
             res.corruptions += 1
-            rebuild = True
-            unreadable.append((i, ent))
+            rebuild = True  # (its refcounts read as zeros, past the end of the file)
             continue
         if off:
             walk.inc(off, cs)
@@ -382,7 +405,7 @@ def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
         if not l2_off or l2_off % meta.cluster_size:
             continue
         c = l2_off >> bits
-        r = int(ondisk[c]) if c < len(ondisk) else 0
+        r = int(ondisk[c]) if c < len(ondisk) else meta.refcount_of(c)
         if (r == 1) != bool(ent & QCOW_OFLAG_COPIED):
             emit(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={ent:x} refcount={r}")
             res.corruptions += 1
@@ -400,6 +423,8 @@ def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
         refs = np.zeros(len(e), np.int64)
         ok = std & (idx < len(ondisk))
         refs[ok] = ondisk[idx[ok]]
+        for k in np.nonzero(std & ~ok)[0].tolist():  # past what the pass read: qemu looks the refcount up
+            refs[k] = meta.refcount_of(int(idx[k]))
         copied = (e & np.uint64(QCOW_OFLAG_COPIED)) != 0
         bad = std & ((refs == 1) != copied)
         for v, r in zip(e[bad].tolist(), refs[bad].tolist()):

@@ -107,7 +107,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         self.file_size = store.size()
         h = Header.parse(store, self.file_size)
         self.h = h
-        if self.writable and h.incompatible_features & QCOW2_INCOMPAT_CORRUPT:
+        if self.writable and h.incompatible_features & QCOW2_INCOMPAT_CORRUPT and not options.get("check"):
             raise OpenError("qcow2: Image is corrupt; cannot be opened read/write")
         self.cluster_bits = h.cluster_bits
         self.cs = h.cluster_size
@@ -121,9 +121,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             from .bitmaps import bitmaps_of, check_constraints
 
             check_constraints(bitmaps_of(store, h, self.file_size), h.size, self.cs)
-        if h.l1_table_offset >= self.file_size and h.l1_size:
-            raise CorruptImage(f"L1 table at offset {h.l1_table_offset:#x} lies outside the image file "
-                               f"(size {self.file_size})")
+        if h.refcount_table_clusters == 0 and not options.get("check"):
+            raise OpenError("Image does not contain a reference count table")
         self._l1 = None  # read on first use: info needs the header, extensions and snapshots only
         self._l1_nonzero = None
         self.cache = L2Cache(budget=self.opener)
@@ -266,8 +265,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
             return copy_table(pending)
         if l2_offset % self.cs:
             raise CorruptImage(f"L2 table offset {l2_offset:#x} is not aligned to the cluster size")
-        if l2_offset >= max(self.file_size, self.store.size()):
-            raise CorruptImage(f"L2 table at offset {l2_offset:#x} lies outside the image file")
+        # an L2 table past the end of the file reads as zeros, as in qemu
         n = self.l2_entries * (2 if self.extended else 1)
         raw = short_read(self.store.pread(l2_offset, n * 8), n * 8, self.strict, self.filename, "L2 table", l2_offset)
         if not self.extended:
@@ -292,6 +290,8 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         kind, uend = d.run_at(u)
         stop = min(end, base + (uend << self.unit_bits))
         n = max(stop - offset, 1)
+        if kind not in (ZERO_PLAIN, COMPRESSED):
+            self._check_aligned(d, u, l2_off, offset - base)
         if kind == UNALLOCATED:
             ext = Extent(offset, n, data=False, zero=True, present=False)
             host = d.host(u)
@@ -318,6 +318,16 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         if self._metadata_preallocated():
             self._recurse_host(ext)
         return ext
+
+    def _check_aligned(self, d, u: int, l2_off: int, in_table: int) -> None:
+        """A cluster's host offset must be cluster-aligned: qemu reports the corruption and fails the request."""
+        c = int(d.chosts[u >> d.shift])
+        if c > 0 and c & (self.cs - 1):
+            l2_index = in_table >> self.cluster_bits
+            index = f"{l2_index:#x}" if l2_index else "0"  # C's %#x
+            raise CorruptImage("Input/output error", diagnostics=(
+                f"qcow2: Image is corrupt: Cluster allocation offset {c:#x} unaligned (L2 offset: {l2_off:#x}, "
+                f"L2 index: {index}); further non-fatal corruption events will be suppressed",))
 
     def _metadata_preallocated(self) -> bool:
         """qemu's heuristic: more clusters referenced than the host file really allocates."""

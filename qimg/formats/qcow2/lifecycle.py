@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...errors import CorruptImage, QimgError, check_limit
+from ...errors import QimgError, check_limit
 from .bitmaps import BME_OFFSET_MASK, pack_directory, set_extension
 from .header import (
     MAX_L1_SIZE_BYTES,
@@ -73,11 +73,8 @@ class Qcow2Meta:
         self.rc_per_block = cs * 8 // h.refcount_bits
         self.file_clusters = -(-self.file_size // cs)
         self._l2_cache: dict[int, np.ndarray] = {}
-        # the whole tables are read here: they must also end inside the file
-        if h.l1_size and h.l1_table_offset + h.l1_size * 8 > self.file_size:
-            raise CorruptImage("Invalid L1 table offset")
-        if h.refcount_table_offset + h.refcount_table_clusters * cs > max(self.file_size, cs):
-            raise CorruptImage("Invalid reference count table offset")
+        # the whole tables are read here (their sizes are bounded by the header's limits); what lies
+        # past the end of the file reads as zeros, as in qemu, and check counts it
         self.l1 = self.read_table(h.l1_table_offset, h.l1_size)
         self.reftable = self.read_table(h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
         self.snapshots = read_snapshots(store, h.snapshots_offset, h.nb_snapshots, cs, self.file_size)
@@ -87,13 +84,13 @@ class Qcow2Meta:
     def read_table(self, offset: int, entries: int) -> np.ndarray:
         if entries == 0:
             return np.zeros(0, np.uint64)
-        return _be64(self.store.pread_full(offset, entries * 8))
+        return _be64(_pread_zeros(self.store, offset, entries * 8))
 
     def read_l2(self, offset: int) -> np.ndarray:
         """An L2 table as uint64 entries ((n, 2) with the subcluster bitmaps for extended L2)."""
         arr = self._l2_cache.get(offset)
         if arr is None:
-            arr = _be64(self.store.pread_full(offset, self.cluster_size))
+            arr = _be64(_pread_zeros(self.store, offset, self.cluster_size))
             if self.l2_entry_words == 2:
                 arr = arr.reshape(-1, 2)
             if len(self._l2_cache) * self.cluster_size >= L2_CACHE_BYTES:
@@ -506,6 +503,12 @@ def _write_bitmaps(store, h: Header, plans: list, take, cs: int) -> None:
     if plans:
         store.pwrite(doff, directory.ljust(-(-len(directory) // cs) * cs, b"\0"))
     set_extension(h, plans, doff, len(directory))
+
+
+def _pread_zeros(store, offset: int, n: int) -> bytes:
+    """``n`` bytes at ``offset``; past the end of the file they read as zeros (qemu's file driver)."""
+    raw = store.pread(offset, n)
+    return raw if len(raw) == n else bytes(raw) + bytes(n - len(raw))
 
 
 def _grow(arr: np.ndarray, n: int) -> np.ndarray:
