@@ -90,3 +90,49 @@ def resolve_backing(overlay_filename: str, backing_name: str) -> str:
         return backing_name  # a URL (or a json: name) is opened as named, never joined to the overlay's directory
     base = os.path.dirname(overlay_filename)
     return os.path.join(base, backing_name) if base else backing_name
+
+
+#: qemu reads this many bytes to probe a format (BLOCK_PROBE_BUF_SIZE): a magic further in does not count
+PROBE_BYTES = 512
+
+
+#: what each format's probe needs at the least (its magic, from the specs): a driver module whose
+#: hint fails is not even imported while probing, so ``info`` on a raw or qcow2 file loads one or
+#: two modules.  Formats not listed here are always asked.
+_MAGIC_HINTS = {
+    "qcow2": lambda h, f: h[:4] == b"QFI\xfb",
+    "qcow": lambda h, f: h[:4] == b"QFI\xfb",
+    "qed": lambda h, f: h[:4] == b"QED\0",
+    "vdi": lambda h, f: h[64:68] == b"\x7f\x10\xda\xbe",
+    "vpc": lambda h, f: h[:8] == b"conectix",
+    "vhdx": lambda h, f: h[:8] == b"vhdxfile",
+    "bochs": lambda h, f: h[:22] == b"Bochs Virtual HD Image",
+    "cloop": lambda h, f: h[:9] == b"#!/bin/sh",
+    "luks": lambda h, f: h[:6] == b"LUKS\xba\xbe",
+    "cow": lambda h, f: h[:4] in (b"OOOM", b"MOOO"),  # big-endian v2/v3, host-endian (x86) v1
+    # sparse/COWD headers, or a text descriptor (whose first statement is version=N)
+    "vmdk": lambda h, f: h[:4] in (b"KDMV", b"COWD") or b"version=" in h,
+    # the header magics, or a bundle's DiskDescriptor.xml
+    "parallels": lambda h, f: h[:4] == b"With" or b"<Parallels_disk_image" in h,
+    "dmg": lambda h, f: f.endswith(".dmg"),  # qemu probes dmg by name only
+    "file": lambda h, f: False,  # never probed: asked for by name only
+}
+
+
+def probe(head: bytes, filename: str) -> str:
+    """The best-scoring format for the first bytes of a file (raw scores 1)."""
+    best, best_score = "raw", 1
+    for name in FORMATS:
+        if name == "raw":
+            continue
+        hint = _MAGIC_HINTS.get(name)
+        if hint is not None and not hint(head, filename):
+            continue
+        try:
+            cls = get_driver(name)
+        except OpenError:
+            continue
+        score = cls.probe(head, filename)
+        if score > best_score:
+            best, best_score = name, score
+    return best

@@ -59,7 +59,8 @@ class Chain:
             seen = {_identity(top, filename)}
             cur, cur_name = top, filename
             if backing:
-                from .imageopts import BACKING, backing_override
+                from .imageopts import BACKING
+                from .registry import backing_override
 
                 # --image-opts backing=... / json:{"backing": ...}: no backing file, or one of the user's
                 first = backing_override(options, filename, top, guard)

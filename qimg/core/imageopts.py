@@ -172,22 +172,22 @@ def _file_child(fmt_shown: str, node: dict, windows: list, flat: dict) -> tuple[
         full.update({k: child[k] for k in ("offset", "size") if k in child})
         full["file"] = inner
         return name, full
-    from . import registry
+    from .catalog import get_driver
 
-    registry.get_driver(drv)  # "Unknown driver 'x'"
+    get_driver(drv)  # "Unknown driver 'x'"
     raise OpenError(f"A '{drv}' image as the file of a '{fmt_shown}' image is not supported")
 
 
 def _probe_format(filename: str) -> str | None:
     """The format qemu would probe (None when the file cannot be read: the open reports that)."""
-    from . import registry
+    from .catalog import PROBE_BYTES, probe
 
     try:
         with open(filename, "rb") as f:
-            head = f.read(registry.PROBE_BYTES)
+            head = f.read(PROBE_BYTES)
     except OSError:
         return None
-    return registry.probe(head, filename)
+    return probe(head, filename)
 
 
 def plan(tree: dict, display: str, fmt: str | None = None) -> tuple[str, str | None, dict]:
@@ -210,9 +210,9 @@ def plan(tree: dict, display: str, fmt: str | None = None) -> tuple[str, str | N
     if fmt is None and "file" not in node:
         raise OpenError("Must specify either driver or file")
     if fmt is not None:
-        from . import registry
+        from .catalog import get_driver
 
-        registry.get_driver(fmt)
+        get_driver(fmt)
     windows: list = []
     flat: dict = {}
     filename, file_full = _file_child(fmt or "raw", node, windows, flat)
@@ -231,10 +231,12 @@ def plan(tree: dict, display: str, fmt: str | None = None) -> tuple[str, str | N
     if "backing" in node:
         flat[BACKING] = node["backing"]
         if node["backing"] == "":
-            import sys
+            import warnings
 
-            # (a warning straight to stderr, as units.py does)
-            sys.stderr.write('qimg: warning: Use of "backing": "" is deprecated; use "backing": null instead\n')
+            from ..errors import QimgWarning
+
+            # the command line prints it as qemu-img does ("qimg: warning: ...")
+            warnings.warn('Use of "backing": "" is deprecated; use "backing": null instead', QimgWarning, stacklevel=2)
     flat[TREE] = tree
     flat[DISPLAY_NAME] = display
     flat[SHOWN] = shown_name(fmt, node, filename, file_full)
@@ -313,35 +315,3 @@ def open_window(store, options: dict | None):
     return WindowStore(store, base, size)
 
 
-def backing_override(options: dict | None, filename: str, top, guard=None):
-    """The backing file the options give the top image: None when they say nothing or say "no backing
-    file" (Chain then reads the top alone), else (driver, name) opened read-only."""
-    if not options or BACKING not in options:
-        return None
-    from ..options import DISPLAY_NAME
-    from . import registry
-
-    back = options[BACKING]
-    shown = options.get(DISPLAY_NAME) or filename
-    if back is None:
-        return None
-    if back == "":
-        return None  # (plan() warned)
-    if isinstance(back, str):
-        raise OpenError(f"Could not open '{shown}': Could not open backing file: "
-                        f"Cannot find device='{back}' nor node-name='{back}'")
-    try:
-        if "file" not in back and top.backing is not None and top.backing.filename:
-            # options for the backing file the image names: they apply to it
-            back = {**back, "file": {"filename": registry.resolve_backing(filename, top.backing.filename)}}
-            if "driver" not in back and top.backing.fmt:
-                back["driver"] = top.backing.fmt
-        # names given by the user are the user's (relative to the working directory)
-        name, fmt, opts = plan(back, shown)
-        opts.pop(DISPLAY_NAME, None)
-        return registry.open_image(name, fmt, False, opts, guard=guard), name
-    except QimgError as e:
-        inner = str(e)
-        if inner.startswith("Could not open '"):
-            inner = inner.split("': ", 1)[1]
-        raise OpenError(f"Could not open '{shown}': Could not open backing file: {inner}") from None

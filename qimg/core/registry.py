@@ -5,56 +5,20 @@ from __future__ import annotations
 import os
 
 from ..errors import OpenError, QimgError
-from .catalog import FORMATS, PROTOCOLS, _cache, format_names, get_driver, protocol_for, resolve_backing
+from .catalog import (
+    FORMATS,
+    PROBE_BYTES,
+    PROTOCOLS,
+    _cache,
+    format_names,
+    get_driver,
+    probe,
+    protocol_for,
+    resolve_backing,
+)
 
-__all__ = ["FORMATS", "PROTOCOLS", "_cache", "format_names", "get_driver", "protocol_for", "probe", "open_image",
-           "bundle_descriptor", "resolve_backing"]
-
-#: qemu reads this many bytes to probe a format (BLOCK_PROBE_BUF_SIZE): a magic further in does not count
-PROBE_BYTES = 512
-
-
-#: what each format's probe needs at the least (its magic, from the specs): a driver module whose
-#: hint fails is not even imported while probing, so ``info`` on a raw or qcow2 file loads one or
-#: two modules.  Formats not listed here are always asked.
-_MAGIC_HINTS = {
-    "qcow2": lambda h, f: h[:4] == b"QFI\xfb",
-    "qcow": lambda h, f: h[:4] == b"QFI\xfb",
-    "qed": lambda h, f: h[:4] == b"QED\0",
-    "vdi": lambda h, f: h[64:68] == b"\x7f\x10\xda\xbe",
-    "vpc": lambda h, f: h[:8] == b"conectix",
-    "vhdx": lambda h, f: h[:8] == b"vhdxfile",
-    "bochs": lambda h, f: h[:22] == b"Bochs Virtual HD Image",
-    "cloop": lambda h, f: h[:9] == b"#!/bin/sh",
-    "luks": lambda h, f: h[:6] == b"LUKS\xba\xbe",
-    "cow": lambda h, f: h[:4] in (b"OOOM", b"MOOO"),  # big-endian v2/v3, host-endian (x86) v1
-    # sparse/COWD headers, or a text descriptor (whose first statement is version=N)
-    "vmdk": lambda h, f: h[:4] in (b"KDMV", b"COWD") or b"version=" in h,
-    # the header magics, or a bundle's DiskDescriptor.xml
-    "parallels": lambda h, f: h[:4] == b"With" or b"<Parallels_disk_image" in h,
-    "dmg": lambda h, f: f.endswith(".dmg"),  # qemu probes dmg by name only
-    "file": lambda h, f: False,  # never probed: asked for by name only
-}
-
-
-def probe(head: bytes, filename: str) -> str:
-    """The best-scoring format for the first bytes of a file (raw scores 1)."""
-    best, best_score = "raw", 1
-    for name in FORMATS:
-        if name == "raw":
-            continue
-        hint = _MAGIC_HINTS.get(name)
-        if hint is not None and not hint(head, filename):
-            continue
-        try:
-            cls = get_driver(name)
-        except OpenError:
-            continue
-        score = cls.probe(head, filename)
-        if score > best_score:
-            best, best_score = name, score
-    return best
-
+__all__ = ["FORMATS", "PROBE_BYTES", "PROTOCOLS", "_cache", "format_names", "get_driver", "protocol_for", "probe",
+           "open_image", "bundle_descriptor", "resolve_backing"]
 
 def open_image(filename: str, fmt: str | None = None, writable: bool = False, options: dict | None = None,
                warn=None, guard=None, policy=None):
@@ -214,3 +178,38 @@ def bundle_descriptor(filename: str) -> str:
         if os.path.isfile(desc):
             return desc
     return filename
+
+
+def backing_override(options: dict | None, filename: str, top, guard=None):
+    """The backing file the options give the top image: None when they say nothing or say "no backing
+    file" (Chain then reads the top alone), else (driver, name) opened read-only."""
+    from .imageopts import BACKING, plan
+
+    if not options or BACKING not in options:
+        return None
+    from ..options import DISPLAY_NAME
+
+    back = options[BACKING]
+    shown = options.get(DISPLAY_NAME) or filename
+    if back is None:
+        return None
+    if back == "":
+        return None  # (plan() warned)
+    if isinstance(back, str):
+        raise OpenError(f"Could not open '{shown}': Could not open backing file: "
+                        f"Cannot find device='{back}' nor node-name='{back}'")
+    try:
+        if "file" not in back and top.backing is not None and top.backing.filename:
+            # options for the backing file the image names: they apply to it
+            back = {**back, "file": {"filename": resolve_backing(filename, top.backing.filename)}}
+            if "driver" not in back and top.backing.fmt:
+                back["driver"] = top.backing.fmt
+        # names given by the user are the user's (relative to the working directory)
+        name, fmt, opts = plan(back, shown)
+        opts.pop(DISPLAY_NAME, None)
+        return open_image(name, fmt, False, opts, guard=guard), name
+    except QimgError as e:
+        inner = str(e)
+        if inner.startswith("Could not open '"):
+            inner = inner.split("': ", 1)[1]
+        raise OpenError(f"Could not open '{shown}': Could not open backing file: {inner}") from None
