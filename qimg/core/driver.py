@@ -182,6 +182,16 @@ class Driver:
         if self.opener is not None:
             self.opener.charge(what, nbytes)
 
+    def read_host(self, store, host: int, view) -> None:
+        """Fill ``view`` from ``store`` at ``host``: past the end of the file qemu-img reads zeros; the
+        untrusted mode refuses it, naming the image and the offset."""
+        got = store.readinto(host, view)
+        if got < len(view):
+            if self.strict:
+                raise CorruptImage(f"'{self.filename}': data at host offset {host + got:#x} lies past the end "
+                                   "of the file")
+            view[got:] = bytes(len(view) - got)
+
     def read_below(self, offset: int, length: int) -> bytes:
         """The backing chain's guest bytes at ``offset`` (zeros without one, or past its end)."""
         buf = bytearray(length)
@@ -291,12 +301,7 @@ class Driver:
                 raise QimgError(f"driver returned an empty extent at offset {offset + pos}")
             sub = view[pos:pos + n]
             if ext.data and ext.offset is not None:
-                got = self.store.readinto(ext.offset, sub)
-                if got < n:
-                    if self.strict:
-                        raise CorruptImage(f"'{self.filename}': data at host offset {ext.offset + got} lies "
-                                           "past the end of the file")
-                    sub[got:] = bytes(n - got)  # past the end of the host file reads as zeros
+                self.read_host(self.store, ext.offset, sub)
             else:
                 sub[:] = bytes(n)
             pos += n

@@ -284,9 +284,7 @@ class QcowDriver(Driver):
             elif self.crypt_method:
                 self._read_encrypted(off, sub)
             else:
-                got = self.store.readinto(ext.offset, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
+                self.read_host(self.store, ext.offset, sub)
             pos += n
 
     def _read_encrypted(self, off: int, sub) -> None:

@@ -332,11 +332,8 @@ class VpcDriver(Driver):
 
     def readinto(self, offset: int, buf) -> None:
         view = memoryview(buf).cast("B")
-        total = len(view)
         if self.disk_type == VHD_FIXED:
-            got = self.store.readinto(offset, view)
-            if got < total:
-                view[got:] = bytes(total - got)
+            self.read_host(self.store, offset, view)
             return
         super().readinto(offset, view)
 

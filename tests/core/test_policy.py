@@ -151,3 +151,26 @@ def test_every_table_counts_against_the_budget(fmt, tmp_path):
     assert r.rc == 1, r.err
     assert r.err.count("\n") == 1 and "over its limit of 4096 bytes (--max-metadata-memory)" in r.err
     assert run_qimg("--untrusted", "map", "--output=json", str(img)).rc == 0
+
+
+def test_strict_data_past_eof_in_every_reader(tmp_path, oracle):
+    """A VDI block map entry (read through the generic driver path) pointing past EOF: zeros for
+    qemu-img, an error naming the image and offset in untrusted mode."""
+    from qimg.core.chain import Chain
+
+    img = tmp_path / "t.vdi"
+    qemu("create", "-q", "-f", "vdi", img, "4M")
+    subprocess.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x22 0 1M", str(img)], check=True, capture_output=True)
+    with Chain.open(str(img)) as ch:
+        bmap_off = ch.top.header["offset_bmap"]
+    data = bytearray(img.read_bytes())
+    struct.pack_into("<I", data, bmap_off, 3)  # block 0 lives in data block 3: the file holds one block
+    img.write_bytes(data)
+    r = run_qimg("--untrusted", "convert", "-O", "raw", str(img), str(tmp_path / "o.raw"))
+    assert r.rc == 1 and r.err.count("\n") == 1
+    assert f"'{img}': data at host offset " in r.err and "lies past the end of the file" in r.err
+    mine = run_qimg("convert", "-O", "raw", str(img), str(tmp_path / "m.raw"))
+    theirs = qemu("convert", "-O", "raw", img, tmp_path / "q.raw", check=False)
+    assert mine.rc == theirs.rc
+    if theirs.rc == 0:
+        assert (tmp_path / "m.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()

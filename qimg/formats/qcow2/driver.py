@@ -409,9 +409,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
                     pos += n
                     continue
                 host = ext.offset
-                got = self._data().readinto(host, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
+                self.read_host(self._data(), host, sub)
             else:
                 sub[:] = bytes(n)
             pos += n

@@ -339,9 +339,7 @@ class VhdxDriver(VhdxLogMixin, Driver):
                     n = min(n + bs, total - pos, self.virtual_size - off)
                     nidx += 1
                 sub = view[pos:pos + n]
-                got = self.store.readinto(host + in_block, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
+                self.read_host(self.store, host + in_block, sub)
             pos += n
 
 
