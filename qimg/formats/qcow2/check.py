@@ -396,6 +396,18 @@ def _check_once(meta: lc.Qcow2Meta, fix_errors: bool, emit, fix_leaks: bool = Fa
     return res, state
 
 
+def _refcount_of(meta, cluster: int) -> int:
+    """The on-disk refcount of one cluster past what the pass read (0 without a refcount block for it)."""
+    i = cluster // meta.rc_per_block
+    if i >= len(meta.reftable):
+        return 0
+    off = int(meta.reftable[i]) & lc.REFT_OFFSET_MASK
+    if not off or off % meta.cluster_size or off >= meta.file_size:
+        return 0
+    vals = decode_block(meta.store.pread_full(off, meta.cluster_size), meta.header.refcount_bits)
+    return int(vals[cluster % meta.rc_per_block])
+
+
 def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
     bits = meta.cluster_bits
     fixable = 0
@@ -405,7 +417,7 @@ def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
         if not l2_off or l2_off % meta.cluster_size:
             continue
         c = l2_off >> bits
-        r = int(ondisk[c]) if c < len(ondisk) else meta.refcount_of(c)
+        r = int(ondisk[c]) if c < len(ondisk) else _refcount_of(meta, c)
         if (r == 1) != bool(ent & QCOW_OFLAG_COPIED):
             emit(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={ent:x} refcount={r}")
             res.corruptions += 1
@@ -424,7 +436,7 @@ def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
         ok = std & (idx < len(ondisk))
         refs[ok] = ondisk[idx[ok]]
         for k in np.nonzero(std & ~ok)[0].tolist():  # past what the pass read: qemu looks the refcount up
-            refs[k] = meta.refcount_of(int(idx[k]))
+            refs[k] = _refcount_of(meta, int(idx[k]))
         copied = (e & np.uint64(QCOW_OFLAG_COPIED)) != 0
         bad = std & ((refs == 1) != copied)
         for v, r in zip(e[bad].tolist(), refs[bad].tolist()):
