@@ -212,8 +212,8 @@ class DmgDriver(Driver):
             pl = plistlib.loads(raw)
             blkx = pl["resource-fork"]["blkx"]
             blocks = [b["Data"] for b in blkx]
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, ExpatError, OverflowError,
-                RecursionError, struct.error) as e:
+        except (ValueError, LookupError, TypeError, AttributeError, ExpatError, OverflowError,
+                RecursionError, struct.error) as e:  # LookupError: KeyError, IndexError, an unknown XML encoding
             raise CorruptImage(f"dmg plist has no usable blkx table ({type(e).__name__})") from None
         if not all(isinstance(b, bytes) for b in blocks):
             raise CorruptImage("dmg plist blkx entry has no Data bytes")

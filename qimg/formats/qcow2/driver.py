@@ -243,10 +243,13 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
     def _l1_next_nonzero(self, index: int) -> int:
         """The first L1 index >= index whose entry points at an L2 table (len(l1) if none)."""
         if self._l1_nonzero is None:
+            # only entries mapping guest offsets count, scanned a slice at a time (a crafted l1_size of millions)
+            count = min(len(self.l1), (self.virtual_size + (1 << self.l2_span_bits) - 1) >> self.l2_span_bits)
             if isinstance(self.l1, array):
-                self._l1_nonzero = [i for i, e in enumerate(self.l1) if e & L1E_OFFSET_MASK]
+                self._l1_nonzero = [b + i for b in range(0, count, 4096) if any(part := self.l1[b:min(b + 4096, count)])
+                                    for i, e in enumerate(part) if e & L1E_OFFSET_MASK]
             else:
-                self._l1_nonzero = np.flatnonzero(self.l1 & np.uint64(L1E_OFFSET_MASK)).tolist()
+                self._l1_nonzero = np.flatnonzero(self.l1[:count] & np.uint64(L1E_OFFSET_MASK)).tolist()
         nz = self._l1_nonzero
         pos = bisect_left(nz, index)
         return nz[pos] if pos < len(nz) else len(self.l1)
