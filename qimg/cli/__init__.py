@@ -11,7 +11,7 @@ import click
 #: subcommand -> module under qimg.cli (imported only when that command runs)
 COMMANDS = {
     "amend": "amend", "batch": "batch", "bench": "bench", "bitmap": "bitmap", "check": "check", "commit": "commit",
-    "compare": "compare", "convert": "convert", "create": "create", "dd": "dd", "info": "info",
+    "compare": "compare", "convert": "convert", "create": "create", "dd": "dd", "info": "info", "inspect": "inspect",
     "map": "map", "measure": "measure", "rebase": "rebase", "resize": "resize", "snapshot": "snapshot",
 }
 
