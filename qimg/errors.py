@@ -106,6 +106,16 @@ class QimgWarning(UserWarning):
     """A warning qemu-img prints and carries on after (probed raw formats, skipped snapshots...)."""
 
 
+class WriteError(QimgError):
+    """Writing the host file failed (a full disk, an I/O error).  The copy engine notes the guest offset
+    of the write, so convert can report it as qemu-img does ("error while writing at byte N: ...")."""
+
+    def __init__(self, message: str, exit_code: int | None = None, strerror: str | None = None):
+        super().__init__(message, exit_code)
+        self.strerror = strerror
+        self.guest_offset: int | None = None
+
+
 class Interrupted(QimgError):
     """The user interrupted the command."""
 

@@ -71,26 +71,6 @@ def snapshot_spec(param: str | dict | None, strict: bool = True) -> dict | None:
     return {key[len("snapshot."):]: value for key, value in opts.items()}
 
 
-class CallbackProgress:
-    """The engine's progress protocol (``total``, ``update(n)``, ``finish()``) over ``callable(done, total)``."""
-
-    def __init__(self, callback: ProgressCallback):
-        self.callback = callback
-        self.total = 0
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        """``n`` more bytes are done."""
-        if n > 0:
-            self.done += n
-            self.callback(self.done, self.total)
-
-    def finish(self) -> None:
-        """The operation is complete (reported as done == total)."""
-        self.done = self.total
-        self.callback(self.done, self.total)
-
-
 def engine_progress(progress: Any) -> Any:
     """A ``progress=`` argument for the engine: None, a callable(done, total), or already an engine
     progress (the command line's renderer, which has ``update`` and ``finish``)."""
@@ -100,4 +80,6 @@ def engine_progress(progress: Any) -> Any:
         return progress
     if not callable(progress):
         raise QimgError("progress must be a callable(done, total)")
-    return CallbackProgress(progress)
+    from ..engine.progress import Tracker
+
+    return Tracker(progress)

@@ -71,7 +71,7 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str] | Binary
             image_options: dict | Sequence[dict | None] | None = None,
             target_options: dict | None = None, force_share: bool = False, untrusted: Any = False,
             secrets: dict[str, str | bytes] | None = None, progress: ProgressCallback | None = None,
-            warn: WarnCallback | None = None, trap_signals: bool = False) -> ConvertResult:
+            warn: WarnCallback | None = None, note: Callable[[str], None] | None = None) -> ConvertResult:
     """``qimg convert``: copy one image (or several, back to back) into a new image.
 
     Args:
@@ -101,8 +101,8 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str] | Binary
         secrets: keys of encrypted images by secret id (``--object secret,...``).
         progress: ``callable(done, total)`` called as bytes are copied.
         warn: receives the warnings qemu-img prints (default: :mod:`warnings`).
-        trap_signals: turn SIGTERM/SIGHUP into a clean stop (the command line's choice; a library
-            call leaves the process's signal handlers alone).
+        note: receives what is worth saying that is not a warning (a pipe spooled to a temporary file).
+            A library call never installs signal handlers: the command line does (``qimg.cli.signals``).
 
     Returns:
         The target, its format and the virtual size copied.  On failure no partial target is left.
@@ -168,9 +168,8 @@ def convert(src: Source | Sequence[Source], dst: str | os.PathLike[str] | Binary
             backing=backing_file, backing_fmt=backing_fmt, min_sparse=min_sparse, no_create=no_create,
             target_is_zero=target_is_zero, workers=workers, out_of_order=out_of_order, snapshot=snap,
             target_options=dict(target_options or {}), salvage=salvage, copy_offload=copy_offload,
-            bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps, trap_signals=trap_signals,
-            policy=as_policy(untrusted))
-        total = run_convert(req, progress=engine_progress(progress), warn=warn or default_warn)
+            bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps, policy=as_policy(untrusted))
+        total = run_convert(req, progress=engine_progress(progress), warn=warn or default_warn, note=note)
     return ConvertResult(target=target, format=out_fmt, virtual_size=total or 0)
 
 

@@ -11,7 +11,8 @@ import click
 #: subcommand -> module under qimg.cli (imported only when that command runs)
 COMMANDS = {
     "amend": "amend", "batch": "batch", "bench": "bench", "bitmap": "bitmap", "check": "check", "commit": "commit",
-    "compare": "compare", "convert": "convert", "create": "create", "dd": "dd", "info": "info", "inspect": "inspect",
+    "compare": "compare", "completion": "completion", "convert": "convert", "create": "create", "dd": "dd",
+    "info": "info", "inspect": "inspect",
     "map": "map", "measure": "measure", "rebase": "rebase", "resize": "resize", "snapshot": "snapshot",
 }
 
@@ -22,6 +23,23 @@ def version_text() -> str:
     from .. import __version__
 
     return f"{PROG} version {__version__} (compatible with qemu-img 7.2)\n"
+
+
+def command_help_text(name: str) -> str:
+    """``qimg CMD --help`` and ``qimg help CMD``."""
+    from ..core.registry import format_names
+    from .usage import command_help
+
+    return version_text() + command_help(name, sorted(format_names()))
+
+
+def _asks_help(argv: list[str]) -> bool:
+    """``CMD -h``/``CMD --help`` for a command that does not read -h itself (those keep their order of errors)."""
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if "-h" not in args and "--help" not in args:
+        return False
+    cmd = LazyGroup().get_command(None, argv[0])
+    return not any(("-h" in p.opts or "--help" in p.opts) and p.callback is not None for p in cmd.params)
 
 
 def help_text() -> str:
@@ -157,6 +175,14 @@ def run(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help", "help") and len(argv) == 1:
         sys.stdout.write(help_text())
         return 0
+    if argv and argv[0] == "help" and len(argv) == 2:
+        if argv[1] not in COMMANDS:
+            return _usage_fail(f"Command not found: {argv[1]}")
+        sys.stdout.write(command_help_text(argv[1]))
+        return 0
+    if argv and argv[0] in COMMANDS and _asks_help(argv):
+        sys.stdout.write(command_help_text(argv[0]))
+        return 0
     argv = _preprocess(argv)
     debug = bool(os.environ.get("QIMG_DEBUG"))
     import warnings
@@ -166,7 +192,9 @@ def run(argv: list[str] | None = None) -> int:
             # the library's QimgWarnings are printed as qemu-img prints its warnings, every time
             warnings.simplefilter("always", QimgWarning)
             warnings.showwarning = _show_warning
-            rc = main_group.main(argv, prog_name=PROG, standalone_mode=False)
+            # click's main() would turn Ctrl-C into Abort and print a newline: invoke the group directly
+            with main_group.make_context(PROG, argv) as ctx:
+                rc = main_group.invoke(ctx)
         return rc if isinstance(rc, int) else 0  # a command may end with click's Exit(status)
     except CommandNotFound as e:
         return _usage_fail(f"Command not found: {e}")
@@ -195,9 +223,11 @@ def run(argv: list[str] | None = None) -> int:
         if getattr(e, "hint", False):
             sys.stderr.write(f"Try '{PROG} --help' for more information\n")
         return e.exit_code
-    except KeyboardInterrupt:
-        _err("Interrupted")
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP from cli.signals: nothing printed, as qemu-img
+        from .signals import signal_of
+
+        _SIGNALLED[:] = [signal_of(e)]
+        return 128 + _SIGNALLED[0]
     except BrokenPipeError:
         return 1
     except MemoryError:
@@ -262,8 +292,19 @@ def _usage_fail(message: str) -> int:
     return 1
 
 
+#: the signal that ended the last ``run`` (``main`` then ends the process by it)
+_SIGNALLED: list[int] = []
+
+
 def main() -> None:
     """The ``qimg`` program.  numpy's BLAS thread pool is of no use to qimg and spins otherwise: the
-    program (not the library, which leaves its host's environment alone) caps it before numpy loads."""
+    program (not the library, which leaves its host's environment alone) caps it before numpy loads.
+    Signal handlers are the program's too (``qimg.cli.signals``): it ends by SIGINT/SIGTERM as a shell expects."""
+    from .signals import die_by, install
+
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    sys.exit(run())
+    install()
+    rc = run()
+    if _SIGNALLED:
+        die_by(_SIGNALLED[0])
+    sys.exit(rc)

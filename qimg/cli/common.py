@@ -113,6 +113,13 @@ def warn_report(message: str) -> None:
     sys.stderr.write(f"{PROG}: warning: {message}\n")
 
 
+def note(message: str) -> None:
+    """Something the user should know, not a warning (silenced by -q): ``qimg: ...`` on stderr."""
+    from . import PROG
+
+    sys.stderr.write(f"{PROG}: {message}\n")
+
+
 def echo(text: str, quiet: bool = False) -> None:
     if not quiet:
         sys.stdout.write(text)
@@ -126,10 +133,14 @@ def cvtnum(name: str, text: str, minimum: int = 0, maximum: int = (1 << 63) - 1)
 
 
 def show_help() -> None:
-    """Print the full usage text and exit 0 (what qemu-img does for a subcommand's -h)."""
-    from . import help_text
+    """Print the running command's help and exit 0 (qemu-img prints its whole usage text)."""
+    from . import command_help_text, help_text
 
-    sys.stdout.write(help_text())
+    ctx = click.get_current_context(silent=True)
+    name = ctx.command.name if ctx is not None and ctx.command is not None else ""
+    from .usage import syntax
+
+    sys.stdout.write(command_help_text(name) if name in syntax() else help_text())
     raise click.exceptions.Exit(0)
 
 
@@ -156,3 +167,40 @@ def help_now(ctx, param, value):
     if value:
         show_help()
     return value
+
+
+def progress_view(flag: bool, fmt: str | None, quiet: bool):
+    """The renderer a command's progress goes to: ``-p`` (a tqdm bar on a terminal, qemu-img's lines
+    otherwise; silenced by -q), ``--progress=json`` (JSON lines on stderr), or None."""
+    from ..engine import progress as p
+
+    if fmt is not None and fmt not in ("json", "human"):
+        from ..errors import UsageError
+
+        raise UsageError(f"--progress must be human or json, not '{fmt}'")
+    if fmt == "json":
+        return p.JsonLines()
+    if not (flag or fmt == "human") or quiet:
+        return None
+    if sys.stderr.isatty():
+        try:
+            return p.Bar(0)
+        except ImportError:
+            pass
+    return p.QemuLines()
+
+
+def run_with_progress(view, fn):
+    """Run ``fn``; the renderer's last line says how it ended."""
+    if view is None:
+        return fn()
+    status = "failed"
+    try:
+        result = fn()
+        status = "completed"
+        return result
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        view.close(status)

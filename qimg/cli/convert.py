@@ -18,6 +18,7 @@ from . import common as c
 @click.option("-C", "copy_offload", is_flag=True)
 @click.option("-c", "compress", is_flag=True)
 @click.option("-p", "progress", is_flag=True)
+@click.option("--progress", "progress_format", default=None)
 @c.quiet_opt
 @click.option("-n", "no_create", is_flag=True)
 @c.fmt_opt
@@ -34,13 +35,13 @@ from . import common as c
 @click.option("--salvage", "salvage", is_flag=True)
 @click.argument("filenames", nargs=-1)
 def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, skip_broken_bitmaps, force_share,
-            copy_offload,
-            compress, progress, quiet, no_create, fmt, cache, src_cache, out_fmt, backing, backing_fmt, options,
-            snapshot_param, sparse, rate, coroutines, out_of_order, salvage, filenames):
+            copy_offload, compress, progress, progress_format, quiet, no_create, fmt, cache, src_cache, out_fmt,
+            backing, backing_fmt, options, snapshot_param, sparse, rate, coroutines, out_of_order, salvage, filenames):
     from ..api.commands import convert
-    from ..engine.progress import Progress
+    from ..engine.progress import Tracker
     from ..ops.create import options_help
     from ..options import merge_opts
+    from .signals import watch
 
     c.load_objects(objects)
     c.check_cache(cache)
@@ -56,10 +57,14 @@ def command(objects, image_opts, target_image_opts, target_is_zero, bitmaps, ski
         if no_create:
             target, tfmt, target_options = c.image_spec(target, None, True)
             out_fmt = tfmt or out_fmt
-    convert([s[0] for s in sources], target, fmt=[s[1] for s in sources], out_fmt=out_fmt, compress=compress,
+    view = c.progress_view(progress, progress_format, quiet)
+    tracker = Tracker(view)
+    watch("convert", tracker)  # what SIGUSR1 reports
+    c.run_with_progress(view, lambda: convert(
+            [s[0] for s in sources], target, fmt=[s[1] for s in sources], out_fmt=out_fmt, compress=compress,
             options=opts, backing_file=backing, backing_fmt=backing_fmt, sparse_size=sparse, no_create=no_create,
             target_is_zero=target_is_zero, coroutines=coroutines, out_of_order=out_of_order,
             snapshot=snapshot_param, copy_offload=copy_offload, salvage=salvage, bitmaps=bitmaps,
             skip_broken_bitmaps=skip_broken_bitmaps, image_options=[s[2] for s in sources],
-            target_options=target_options, trap_signals=True,
-            progress=Progress(0, enabled=progress and not quiet), warn=c.warn_report, untrusted=c.policy())
+            target_options=target_options, progress=tracker, warn=c.warn_report, note=None if quiet else c.note,
+            untrusted=c.policy()))

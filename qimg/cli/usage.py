@@ -1,4 +1,5 @@
-"""Usage text, worded as qemu-img 7.2 words it."""
+"""Usage text, worded as qemu-img 7.2 words it; each command's own help, the man page and the shell
+completions are cut from this one text (``command_help``, ``qimg.cli.manpage``, ``qimg.cli.completion``)."""
 
 HELP = """\
 usage: qimg [standard options] command [command options]
@@ -15,6 +16,7 @@ Command syntax:
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
   commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
+  completion {bash | zsh | fish}
   compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [--object objectdef] [--image-opts] [--target-image-opts] [--target-is-zero] [--bitmaps] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--salvage] filename [filename2 [...]] output_filename
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
@@ -56,7 +58,8 @@ Command parameters:
        backing file before rebasing in this case (useful for renaming the
        backing file). For image creation, allow creating without attempting
        to open the backing file.
-  '-h' with or without a command shows this help and lists the supported formats
+  '-h' shows this help and lists the supported formats; 'qimg CMD -h' and
+       'qimg help CMD' show the help of one command
   '-p' show progress of command (only certain commands)
   '-q' use Quiet mode - do not print any output (except errors)
   '-S' indicates the consecutive number of bytes (defaults to 4k) that must
@@ -110,3 +113,76 @@ Parameters to dd subcommand:
 """
 
 COPYRIGHT = "qimg is free software under the MIT license; it follows the command line of qemu-img 7.2\n"
+
+#: what qimg adds to a command's parameters (qemu-img has no such options)
+EXTRAS = {
+    "convert": """\
+  '--progress=json' prints progress as JSON lines on stderr (see the README);
+       '--progress=human' is '-p'
+  A source may be a pipe, FIFO or socket (e.g. /dev/stdin): raw and streamOptimized
+       vmdk stream through; other formats are spooled to a temporary file first.
+  The target may be a pipe (e.g. /dev/stdout) for raw, vpc (subformat=fixed),
+       vmdk (subformat=streamOptimized) and qcow2 without -c.
+  A new target is written as 'output_filename.qimg-partial' and renamed when
+       complete; an existing one is written in place.
+""",
+}
+
+
+def command_names() -> list[str]:
+    return sorted(syntax())
+
+
+def syntax() -> dict[str, str]:
+    """command -> its syntax line (after the command name)."""
+    block = HELP.split("Command syntax:\n", 1)[1].split("\n\n", 1)[0]
+    out = {}
+    for line in block.splitlines():
+        name, _, rest = line.strip().partition(" ")
+        out[name] = rest
+    return out
+
+
+def _sections() -> dict[str, str]:
+    """"Command parameters" and each "Parameters to X subcommand" block, by name ("" for the general one)."""
+    out = {}
+    for block in HELP.split("\n\n"):
+        head, _, body = block.partition("\n")
+        if head == "Command parameters:":
+            out[""] = body
+        elif head.startswith("Parameters to ") and head.endswith(" subcommand:"):
+            out[head[len("Parameters to "):-len(" subcommand:")]] = body
+    return out
+
+
+def _general_items(body: str) -> list[tuple[str, str]]:
+    """The general parameters as (key, text) pairs: key is the quoted word each one starts with."""
+    items = []
+    for line in body.splitlines():
+        if line.startswith("  '"):
+            items.append([line[3:line.index("'", 3)], line])
+        elif items:
+            items[-1][1] += "\n" + line
+    return [(k, v) for k, v in items]
+
+
+def command_help(name: str, formats: list[str] | None = None) -> str:
+    """``qimg CMD --help``: the command's usage, the parameters it takes, its own section
+    (and ``formats``, the supported format names, when given)."""
+    import re
+
+    line = syntax()[name]
+    words = set(re.findall(r"[A-Za-z_-]+", line)) | set(re.findall(r"(?<![-\w])-[A-Za-z]\b", line))
+    general = [text for key, text in _general_items(_sections()[""])
+               if key in words or key.split(" ")[0] in words]
+    out = [f"usage: qimg {name} {line}"]
+    if general:
+        out += ["", "Command parameters:", *general]
+    own = _sections().get(name)
+    if own:
+        out += ["", f"Parameters to {name} subcommand:", own]
+    if name in EXTRAS:
+        out += ["", "qimg additions:", EXTRAS[name].rstrip("\n")]
+    if formats:
+        out += ["", "Supported formats: " + " ".join(formats)]
+    return "\n".join(out) + "\n"

@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass, replace
 
 from ..core.extent import Extent, clip, split_at
+from ..errors import WriteError
 
 CHUNK = 2 << 20
 
@@ -44,12 +45,15 @@ class CopyOptions:
     chunk: int = CHUNK
     unmap_zeroes: bool = True       # zero ranges may be deallocated on the target
     offload: bool = False           # -C: data copied as it is (no zero scan), copy_file_range between plain files
+    in_order: bool = False          # every write in guest order from one thread (a pipe, a stream source)
 
 
 class Source:
     """What the engine reads: ``extents(start, end)`` and ``readinto(offset, buf)``."""
 
     virtual_size = 0
+    #: read front to back only (a pipe): one worker, reads in the order the extents come
+    sequential = False
 
     def extents(self, start: int, end: int):
         raise NotImplementedError
@@ -210,7 +214,7 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
         # compressed writes are per cluster: chunks must be whole clusters
         cluster_size = cluster_size or 65536
         chunk = max(cluster_size, chunk // cluster_size * cluster_size)
-    workers = max(1, opts.workers)
+    workers = 1 if src.sequential else max(1, opts.workers)
     prepare = dst.prepare_compressed if opts.compress else None
     # -C: data is copied as it is (no zero scan), in the kernel where both ends are plain files
     scan = gran != 0 and not opts.offload
@@ -219,7 +223,7 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
         if not opts.target_is_zero:
             dst.write_zeroes(off + dst_offset, n, opts.unmap_zeroes)
 
-    mode = "" if opts.compress else dst.direct_writes
+    mode = "" if opts.compress or opts.in_order else dst.direct_writes
     if mode:
         _run_direct(src, dst, start, end, opts, progress, chunk, workers, dst_offset, scan,
                     locked=mode == "locked")
@@ -247,6 +251,9 @@ def copy_range(src: Source, dst, start: int, end: int, opts: CopyOptions, progre
             off, n, buf, runs, prep = runner.result(item) if runner is not None else item
             try:
                 write_runs(off, n, buf, runs, prep)
+            except WriteError as e:
+                e.guest_offset = off if e.guest_offset is None else e.guest_offset
+                raise
             finally:
                 pool.put(buf)
             if progress is not None:
@@ -405,6 +412,12 @@ def _run_direct(src, dst, start, end, opts, progress, chunk, workers, dst_offset
                         return
                 try:
                     work(off, n, buf)
+                except WriteError as e:
+                    e.guest_offset = off if e.guest_offset is None else e.guest_offset
+                    with lock:
+                        state["error"] = state["error"] or e
+                        state["stop"] = True
+                    return
                 except BaseException as e:
                     with lock:
                         state["error"] = state["error"] or e

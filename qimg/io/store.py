@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 
-from ..errors import CorruptImage, OpenError, QimgError
+from ..errors import CorruptImage, OpenError, QimgError, WriteError
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
@@ -203,7 +203,7 @@ class FileStore(Store):
             try:
                 n = os.pwrite(self.fd, view[done:], offset + done)
             except OSError as e:
-                raise QimgError(f"Could not write '{self.filename}': {e.strerror}") from None
+                raise WriteError(f"Could not write '{self.filename}': {e.strerror}", strerror=e.strerror) from None
             done += n
 
     def size(self) -> int:
@@ -215,6 +215,11 @@ class FileStore(Store):
         return os.fstat(self.fd).st_blocks * 512
 
     def truncate(self, size: int) -> None:
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            # devices keep their size (qemu: a device can be "truncated" to at most what it holds)
+            if size > self.size():
+                raise QimgError("Cannot grow device files")
+            return
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:

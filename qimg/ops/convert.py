@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
-import tempfile
 from dataclasses import dataclass, field
 
 from ..core import registry
 from ..core.chain import Chain
 from ..core.policy import Policy
 from ..engine.copy import ChainSource, ConcatSource, CopyOptions, copy_range
+from ..engine.progress import tracker
 from ..engine.reword import RewordedSource
 from ..errors import OpenError, QimgError
-from ..options import CACHE_UNSAFE
+from ..options import CACHE_UNSAFE, DISPLAY_NAME
+from . import stream_source
 
 
 @dataclass
@@ -38,13 +38,15 @@ class ConvertRequest:
     copy_offload: bool = False  # -C
     bitmaps: bool = False       # --bitmaps
     skip_broken_bitmaps: bool = False
-    trap_signals: bool = False  # the command line's: SIGTERM/SIGHUP stop the copy and remove the partial target
     policy: Policy | None = None  # untrusted mode (qimg.core.policy); None: qemu-img's rules
 
 
-def convert(req: ConvertRequest, progress=None, warn=None) -> int:
+def convert(req: ConvertRequest, progress=None, warn=None, note=None) -> int:
     """Run a convert; returns the bytes copied (the virtual size).  On failure a target this call
-    created is removed.  A source is (name, fmt, options) or a callable returning an open Chain."""
+    created is removed.  A source is (name, fmt, options) or a callable returning an open Chain.
+
+    ``progress``: ``callable(done, total)`` (bytes) or an engine Tracker; ``warn(message)``: warnings;
+    ``note(message)``: what the command line says unless -q (a pipe spooled to a temporary file)."""
     from ..io.remote import url_scheme
 
     if url_scheme(req.target) is not None:
@@ -55,18 +57,36 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> int:
         raise QimgError(f"Unknown file format '{req.out_fmt}'")
     if req.no_create and req.options:
         raise QimgError("-o has no effect when skipping image creation")
+    progress = tracker(progress)
     chains = []
+    streams = []
     try:
         if req.snapshot is not None and len(req.sources) > 1:
             raise QimgError("No support for concatenating multiple snapshot")
+        sources = []
         for source in req.sources:
-            chains.append(source() if callable(source) else
-                          Chain.open(source[0], source[1], options=dict(source[2]), policy=req.policy))
+            if callable(source):
+                chains.append(source())
+                sources.append(RewordedSource(chains[-1], _block_status_error))
+                continue
+            name, fmt, opts = source
+            if stream_source.is_stream(name):
+                st = stream_source.open_stream_source(
+                    name, fmt, streamable=len(req.sources) == 1 and req.snapshot is None and not req.bitmaps,
+                    raw_ok=stream_source.raw_stream_fits(req), note=note)
+                streams.append(st)
+                if st.source is not None:
+                    sources.append(st.source)
+                    continue
+                if st.reader is not None:
+                    return stream_source.convert_raw_stream(req, st.reader, progress)
+                name, fmt, opts = st.spooled, st.fmt, {**opts, DISPLAY_NAME: name}
+            chains.append(Chain.open(name, fmt, options=dict(opts), policy=req.policy))
+            sources.append(RewordedSource(chains[-1], _block_status_error))
         if req.snapshot is not None:
             from .measure import _load_snapshot
 
             _load_snapshot(chains[0], req.snapshot)  # "Failed to load snapshot: ..." as qemu-img
-        sources = [RewordedSource(ch, _block_status_error) for ch in chains]
         src = sources[0] if len(sources) == 1 else ConcatSource(sources)
         total = src.virtual_size
         if progress is not None:
@@ -91,6 +111,8 @@ def convert(req: ConvertRequest, progress=None, warn=None) -> int:
     finally:
         for ch in chains:
             ch.close()
+        for st in streams:
+            st.close()
 
 
 def _source_bitmaps(req: ConvertRequest, chains: list, warn) -> list | None:
@@ -138,6 +160,12 @@ def _copy_opts(req: ConvertRequest, target_is_zero: bool) -> CopyOptions:
 
 def _write_into(req, src, total, progress, bitmaps=None):
     from ..io import lock
+    from ..io import target as targets
+
+    if registry.protocol_for(req.target) is None and targets.kind(req.target) == targets.STREAM:
+        from .stream_target import check_streamable
+
+        check_streamable(req)  # refuses -n with the reason
 
     # qemu-img's target open conflicts with its own sources' locks (convert -n a a is refused); qimg's
     # opens of one file share their locks, so that conflict is looked for here
@@ -159,7 +187,7 @@ def _write_into(req, src, total, progress, bitmaps=None):
             raise QimgError(f"Could not write to '{req.target}': target image is smaller than the source")
         _prepare_bitmaps(req, tgt, bitmaps)
         opts = _copy_opts(req, req.target_is_zero)
-        copy_range(_maybe_base(req, src), tgt, 0, total, opts, progress, cluster_size=tgt.cluster_size)
+        _copy(req, src, tgt, total, opts, progress)
         if bitmaps:
             tgt.add_bitmaps(bitmaps)
         if progress is not None:
@@ -175,53 +203,72 @@ def _maybe_base(req, src):
 
 
 def _create_and_write(req, src, total, progress, bitmaps=None):
+    from ..io import target as targets
 
-    target = req.target
-    existed = os.path.lexists(target)
-    in_place = existed and not os.path.isfile(target)  # block devices and the like are written in place
-    in_place = in_place or registry.protocol_for(target) is not None  # so are nbd exports
     cls = registry.get_driver(req.out_fmt)
-    multi_file = not cls.creates_single_file(req.options)
-    tmp = target if in_place or multi_file else _temp_name(target)
-    created = []
-    old_handlers = _trap_signals() if req.trap_signals else {}
-    guard = None
+    if registry.protocol_for(req.target) is not None:  # nbd exports and the like: written in place
+        tgt_file = targets.Target(req.target, targets.DEVICE, req.target)
+    else:
+        single = cls.creates_single_file(req.options)
+        try:
+            tgt_file = targets.prepare(req.target, single)
+        except QimgError as e:
+            raise type(e)(f"{req.target}: error while converting {req.out_fmt}: {e}", e.exit_code) from None
+    if tgt_file.kind == targets.STREAM:
+        from .stream_target import convert_to_stream
+
+        convert_to_stream(req, src, total, progress, tgt_file, _copy, _copy_opts(req, False))
+        return
+    path = tgt_file.path
     try:
-        created.append(tmp)
-        if tmp != target and existed:
-            guard = _lock_target(req)
-        _create_target(req, tmp, total)
+        _create_target(req, tgt_file, total)
         # like qemu-img, the secrets given for creation also unlock the new image
         secrets = {k: v for k, v in req.options.items() if k.endswith("key-secret")}
-        tgt_chain = Chain.open(tmp, req.out_fmt, writable=True, options={**secrets, CACHE_UNSAFE: True},
+        tgt_chain = Chain.open(path, req.out_fmt, writable=True, options={**secrets, CACHE_UNSAFE: True},
                                policy=req.policy)
         tgt = tgt_chain.top
         try:
             _prepare_bitmaps(req, tgt, bitmaps)
             zero_init = tgt.has_zero_init and not req.backing
-            copy_range(_maybe_base(req, src), tgt, 0, total, _copy_opts(req, zero_init), progress,
-                       cluster_size=tgt.cluster_size)
+            _copy(req, src, tgt, total, _copy_opts(req, zero_init), progress)
             tgt.finalize()
             if bitmaps:
                 tgt.add_bitmaps(bitmaps)
-        finally:
-            tgt_chain.close()
-        if tmp != target:
-            os.replace(tmp, target)
-        created.clear()
+        except BaseException:
+            _close_quietly(tgt_chain)  # the first error is the one to report (a full disk fails the close too)
+            raise
+        tgt_chain.close()
+        tgt_file.commit()
         if progress is not None:
             progress.finish()
+    except QimgError as e:
+        if path != req.target and path in str(e):
+            raise type(e)(str(e).replace(path, req.target), e.exit_code) from None
+        raise
     finally:
-        if guard is not None:
-            guard.release()
-        _restore_signals(old_handlers)
-        for name in created:
-            if name == target and existed:
-                continue
-            _remove_created(name, cls, req.options)
+        tgt_file.discard(_created_files(cls, path, req.options))
 
 
-def _create_target(req, tmp, total):
+def _close_quietly(closable) -> None:
+    try:
+        closable.close()
+    except Exception:
+        pass
+
+
+def _copy(req, src, tgt, total, opts, progress):
+    """copy_range, with a failed write reported as qemu-img reports it."""
+    from ..errors import WriteError
+
+    try:
+        copy_range(_maybe_base(req, src), tgt, 0, total, opts, progress, cluster_size=tgt.cluster_size)
+    except WriteError as e:
+        if e.guest_offset is None or e.strerror is None:
+            raise
+        raise WriteError(f"error while writing at byte {e.guest_offset}: {e.strerror}", e.exit_code) from None
+
+
+def _create_target(req, target, total):
     """Create the target as qemu-img convert does: bad -o names first, then the driver's own errors."""
     from .create import create_image, validate_options
 
@@ -231,67 +278,31 @@ def _create_target(req, tmp, total):
     except QimgError as e:
         raise QimgError(str(e).removeprefix(": "), e.exit_code) from None
     try:
-        create_image(tmp, req.out_fmt, total, dict(req.options), req.backing, req.backing_fmt,
+        name, store_for = target.path, None
+        if target.final is not None and target.final != target.path:
+            # the driver creates the image under its final name (a VMDK records its file name) while the
+            # bytes go to the partial file
+            def store_for(path, create):
+                if path != target.final:
+                    return None
+                from ..io.store import FileStore
+
+                return FileStore(target.path, True, create=create)
+
+            name = target.final
+        create_image(name, req.out_fmt, total, dict(req.options), req.backing, req.backing_fmt,
                      unsafe=req.backing is not None and req.backing_fmt is None, display_name=req.target,
-                     policy=req.policy)
+                     policy=req.policy, store_for=store_for)
     except QimgError as e:
         msg = str(e).removeprefix(f"{req.target}: ")
         raise type(e)(f"{req.target}: error while converting {req.out_fmt}: {msg}", e.exit_code) from None
 
 
-def _lock_target(req):
-    """Lock the image being replaced as qemu-img's create does: one in use elsewhere is left alone."""
-    from ..io import lock
-
+def _created_files(cls, name, options) -> list[str]:
     try:
-        return lock.check_free(req.target, *lock.CREATE_PERMS)
-    except QimgError as e:
-        raise type(e)(f"{req.target}: error while converting {req.out_fmt}: {e}", e.exit_code) from None
-
-
-def _temp_name(target: str) -> str:
-    d = os.path.dirname(target) or "."
-    fd, name = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".qimg-partial", dir=d)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return name
-
-
-def _remove_created(name, cls, options):
-    files = [name]
-    try:
-        files = cls.created_files(name, options)
-    except Exception:  # noqa: BLE001 - best effort: the temporary name at least goes
-        pass
-    for f in files:
-        try:
-            os.unlink(f)
-        except OSError:
-            pass
-
-
-def _trap_signals():
-    """Turn SIGTERM/SIGHUP into an exception so a killed convert cleans up its partial target."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):
-            pass
-    return old
-
-
-def _restore_signals(old):
-    for sig, h in old.items():
-        try:
-            signal.signal(sig, h)
-        except (ValueError, OSError):
-            pass
+        return cls.created_files(name, options)
+    except Exception:  # noqa: BLE001 - best effort: the partial file at least goes
+        return [name]
 
 
 def _block_status_error(offset: int, error) -> str:

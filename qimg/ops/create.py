@@ -65,13 +65,28 @@ def format_line(cls, filename: str, opts: CreateOptions) -> str:
     return f"Formatting '{filename}', fmt={cls.format_name} {text}".rstrip() + "\n"
 
 
+class RedirectingOpener(Opener):
+    """An Opener whose files of some names come from the caller: ``store_for(resolved path, create)``
+    returns a store, or None for the usual open."""
+
+    def __init__(self, *args, store_for=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.store_for = store_for
+
+    def open_file(self, name: str, writable: bool | None = None, create: bool = False, **kwargs):
+        store = self.store_for(self.resolve(name), create) if self.store_for is not None else None
+        return store if store is not None else super().open_file(name, writable, create, **kwargs)
+
+
 def create_image(filename: str, fmt: str, size: int | None, options: dict | None = None,
                  backing_file: str | None = None, backing_fmt: str | None = None,
-                 unsafe: bool = False, announce=None, display_name: str | None = None, policy=None) -> str:
+                 unsafe: bool = False, announce=None, display_name: str | None = None, policy=None,
+                 store_for=None) -> str:
     """Create ``filename``; returns the "Formatting ..." line qemu-img prints.
 
     ``announce(line)`` is called with that line just before the driver writes anything,
-    so the line shows even when the driver then fails (as qemu-img prints it).
+    so the line shows even when the driver then fails (as qemu-img prints it).  ``store_for(path, create)``
+    may hand the driver the store of a file it opens (convert: the partial file, a pipe), or None.
     """
     shown = display_name or filename
     cls = registry.get_driver(fmt) if fmt in registry.FORMATS else _unknown(fmt, filename)
@@ -118,8 +133,8 @@ def create_image(filename: str, fmt: str, size: int | None, options: dict | None
         def open_backing(path, bfmt, open_options, backing):
             return Chain.open(path, bfmt, options=open_options, backing=backing, policy=policy)
 
-        cls.create(filename, opts, Opener(filename, writable=True, guard=Guard(policy, filename),
-                                          open_backing=open_backing))
+        cls.create(filename, opts, RedirectingOpener(filename, writable=True, guard=Guard(policy, filename),
+                                                     open_backing=open_backing, store_for=store_for))
     except QimgError as e:
         msg = str(e)
         if not msg.startswith(shown + ":"):

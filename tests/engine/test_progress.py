@@ -70,3 +70,39 @@ def test_finish_twice_is_harmless():
     text = out.getvalue()
     p.finish()
     assert out.getvalue() == text
+
+
+def test_tracker_calls_back_with_done_and_total():
+    from qimg.engine.progress import Tracker, tracker
+
+    seen = []
+    t = tracker(lambda done, total: seen.append((done, total)))
+    assert isinstance(t, Tracker)
+    t.total = 100
+    t.update(30)
+    t.update(0)
+    t.update(80)
+    t.finish()
+    assert seen == [(30, 100), (100, 100), (100, 100)]
+    assert tracker(None) is None and tracker(t) is t
+
+
+def test_json_lines_are_rate_limited_and_end_with_status():
+    import json
+
+    from qimg.engine.progress import JsonLines
+
+    now = [100.0]
+    out = io.StringIO()
+    view = JsonLines(out, clock=lambda: now[0])
+    for i in range(1, 101):
+        now[0] += 0.01  # 100 updates in one second
+        view(i * 10, 1000)
+    view.close("completed")
+    recs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(recs) <= 11 + 1
+    assert all(list(r)[:4] == ["done", "total", "elapsed", "rate"] for r in recs)
+    assert recs[-1] == {"done": 1000, "total": 1000, "elapsed": 1.0, "rate": 1000, "status": "completed"}
+    assert all("status" not in r for r in recs[:-1])
+    times = [r["elapsed"] for r in recs[:-1]]
+    assert all(b - a >= 0.1 - 1e-9 for a, b in zip(times, times[1:]))
