@@ -71,9 +71,8 @@ def convert(req: ConvertRequest, progress=None, warn=None, note=None) -> int:
                 continue
             name, fmt, opts = source
             if stream_source.is_stream(name):
-                st = stream_source.open_stream_source(
-                    name, fmt, streamable=len(req.sources) == 1 and req.snapshot is None and not req.bitmaps,
-                    raw_ok=stream_source.raw_stream_fits(req), note=note)
+                st = stream_source.open_stream_source(name, fmt, streamable=stream_source.read_once(req),
+                                                      raw_ok=stream_source.raw_stream_fits(req), note=note)
                 streams.append(st)
                 if st.source is not None:
                     sources.append(st.source)

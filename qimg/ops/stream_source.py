@@ -112,6 +112,14 @@ class VmdkStreamSource(Source):
         view[:] = data[rel:rel + len(view)]
 
 
+def read_once(req) -> bool:
+    """The convert reads its one source once, front to back (a qcow2 going down a pipe reads it twice)."""
+    from .stream_target import TWO_PASS
+
+    two_pass = req.out_fmt in TWO_PASS and is_stream(req.target)
+    return len(req.sources) == 1 and req.snapshot is None and not req.bitmaps and not two_pass
+
+
 def raw_stream_fits(req) -> bool:
     """A raw stream goes straight into the target only when that is raw and nothing needs its size first."""
     return (req.out_fmt == "raw" and len(req.sources) == 1 and not req.no_create and not req.backing

@@ -70,7 +70,10 @@ def qimg_on_path(tmp_path):
     exe = bindir / "qimg"
     exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m qimg "$@"\n')
     exe.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    home = tmp_path / "home"  # shells keep history and caches there: nothing outside tmp_path
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT), HOME=str(home),
+               XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local" / "share"),
+               XDG_CACHE_HOME=str(home / ".cache"), ZDOTDIR=str(home))
     (tmp_path / "disk.qcow2").write_bytes(b"")
     (tmp_path / "disk.raw").write_bytes(b"")
     return env

@@ -189,3 +189,13 @@ def test_stream_vmdk_of_4_gib_in_bounded_memory(qemu_img, tmp_path):
                                      _vmdk_stream_feed(4 << 30, tmp_path))
     assert (rc, err, n) == (0, "", 4 << 30)
     assert peak <= 64 * 1024, f"peak RSS {peak} KiB"
+
+
+def test_pipe_to_pipe_qcow2_reads_a_spooled_copy_twice(oracle, src, tmp_path):
+    """qcow2 down a pipe needs two passes over its source: a stream source is spooled for them."""
+    oracle("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", src, tmp_path / "s.vmdk")
+    p = subprocess.run([*QIMG, "convert", "-O", "qcow2", "/dev/stdin", "/dev/stdout"],
+                       input=open(tmp_path / "s.vmdk", "rb").read(), capture_output=True)
+    assert p.returncode == 0 and "spooling it to a temporary file first" in p.stderr.decode()
+    (tmp_path / "o.qcow2").write_bytes(p.stdout)
+    assert oracle("compare", "-f", "raw", "-F", "qcow2", src, tmp_path / "o.qcow2").rc == 0
