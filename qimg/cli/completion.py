@@ -19,7 +19,7 @@ def _options(name: str) -> tuple[list[str], list[str]]:
     from . import LazyGroup
     from .usage import syntax
 
-    line = syntax()[name]
+    line = syntax().get(name, "")
     opts = set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", line))
     takes = {m.group(1) for m in re.finditer(r"\[(--?[A-Za-z][\w-]*)[ =][a-z_]", line)}
     cmd = LazyGroup().get_command(None, name)

@@ -81,7 +81,7 @@ def render() -> str:
     lines = syntax()
     for name in command_names():
         parts.append(f".SS {name}\n")
-        parts.append(".B qimg " + name + "\n" + _esc(lines[name]) + "\n.PP\n")
+        parts.append(".B qimg " + name + "\n" + _esc(lines.get(name, "[options]")) + "\n.PP\n")
         own = [b for b in command_help(name).split("\n\n")[1:] if not b.startswith("Command parameters:")]
         if own:
             parts.append(_block("\n\n".join(own)))

@@ -12,6 +12,7 @@ qimg disk image utility (a pure-Python qemu-img 7.2)
 
 Command syntax:
   amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
+  batch [--scheduler ADDRESS | --workers N] [--results FILE [--resume]] [--untrusted] [--retries N] [--progress=json] [-q] JOBS
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
@@ -171,7 +172,7 @@ def command_help(name: str, formats: list[str] | None = None) -> str:
     (and ``formats``, the supported format names, when given)."""
     import re
 
-    line = syntax()[name]
+    line = syntax().get(name, "[options]")
     words = set(re.findall(r"[A-Za-z_-]+", line)) | set(re.findall(r"(?<![-\w])-[A-Za-z]\b", line))
     general = [text for key, text in _general_items(_sections()[""])
                if key in words or key.split(" ")[0] in words]

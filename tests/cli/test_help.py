@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, run_qimg
 
-COMMANDS = ["amend", "bench", "bitmap", "check", "commit", "compare", "completion", "convert", "create", "dd",
+COMMANDS = ["amend", "batch", "bench", "bitmap", "check", "commit", "compare", "completion", "convert", "create", "dd",
             "info", "map", "measure", "rebase", "resize", "snapshot"]
 
 
