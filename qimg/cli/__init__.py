@@ -303,7 +303,7 @@ def main() -> None:
     from .signals import die_by, install
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    install()
+    install(PROG)
     rc = run()
     if _SIGNALLED:
         die_by(_SIGNALLED[0])

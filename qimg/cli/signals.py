@@ -24,6 +24,7 @@ class Terminated(KeyboardInterrupt):
 class _State:
     """What SIGUSR1 reports: the running command's progress, if it has any."""
 
+    prog = "qimg"
     command = ""
     tracker = None
     started = 0.0
@@ -43,7 +44,6 @@ def _terminate(signum, frame):
 
 def _report(signum, frame):
     from ..engine.progress import status_line
-    from . import PROG
 
     t = STATE.tracker
     if t is None:
@@ -51,14 +51,15 @@ def _report(signum, frame):
     else:
         line = status_line(min(t.done, t.total) if t.total else t.done, t.total, time.monotonic() - STATE.started)
     try:
-        sys.stderr.write(f"{PROG}: {STATE.command or 'progress'}: {line}\n")
+        sys.stderr.write(f"{STATE.prog}: {STATE.command or 'progress'}: {line}\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
 
 
-def install() -> None:
-    """Called by ``qimg.cli.main`` only."""
+def install(prog: str) -> None:
+    """Called by ``qimg.cli.main`` only (``prog``: the name its lines start with)."""
+    STATE.prog = prog
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     signal.signal(signal.SIGUSR1, _report)
