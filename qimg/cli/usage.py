@@ -9,6 +9,11 @@ qimg disk image utility (a pure-Python qemu-img 7.2)
     '-V', '--version'    output version information and exit
     '-T', '--trace'      [[enable=]<pattern>][,events=<file>][,file=<file>]
                          specify tracing options
+    '--untrusted'        open no file but the images named and what they reference inside
+                         their own folder (also QIMG_UNTRUSTED=1); strict structure, bounded memory
+    '--allow-dir' DIR    in untrusted mode, also allow references into DIR (repeatable)
+    '--max-depth' N      the deepest backing chain opened (untrusted mode: 16)
+    '--max-metadata-memory' SIZE  the metadata one open may hold (untrusted mode: 64M)
 
 Command syntax:
   amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
@@ -23,6 +28,7 @@ Command syntax:
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  inspect [-f fmt] [--allowed-formats fmt[,fmt...]] [--output=ofmt] filename
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]
   snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
@@ -117,6 +123,12 @@ COPYRIGHT = "qimg is free software under the MIT license; it follows the command
 
 #: what qimg adds to a command's parameters (qemu-img has no such options)
 EXTRAS = {
+    "inspect": """\
+  '--allowed-formats' lists the formats the caller accepts; any other is a finding
+  '--allow-dir', '--max-depth' and '--max-metadata-memory' (standard options) apply
+  Always in untrusted mode. Exit status: 0 safe, 1 unsafe, 2 could not be inspected.
+  FILE may be a pipe (/dev/stdin): it is read once, keeping only what the verdict needs.
+""",
     "convert": """\
   '--progress=json' prints progress as JSON lines on stderr (see the README);
        '--progress=human' is '-p'
