@@ -43,6 +43,7 @@ from .tables import (
     ZERO_PLAIN,
     L2Cache,
     LazyNumpy,
+    LiveL2,
     be_u64_array,
     copy_table,
     decode_l2,
@@ -255,6 +256,11 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         return nz[pos] if pos < len(nz) else len(self.l1)
 
     def _decoded(self, l2_offset: int):
+        if not self.extended:
+            pending = self._dirty_l2_get(l2_offset)
+            if pending is not None:
+                # a table being written is read where it is: no copy, no decoding of the whole table
+                return LiveL2(pending, self.cs, self.h.has_data_file)
         d = self.cache.get(l2_offset)
         if d is None:
             raw = self._read_l2_raw(l2_offset)
@@ -290,7 +296,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         d = self._decoded(l2_off)
         base = l1i * span
         u = (offset - base) >> self.unit_bits
-        kind, uend = d.run_at(u)
+        kind, uend = d.run_at(u, -(-(end - base) >> self.unit_bits))
         stop = min(end, base + (uend << self.unit_bits))
         n = max(stop - offset, 1)
         if kind not in (ZERO_PLAIN, COMPRESSED):

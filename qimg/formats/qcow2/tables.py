@@ -90,8 +90,8 @@ class DecodedL2:
             c = 0
         return c + (index & ((1 << self.shift) - 1)) * self.unit
 
-    def run_at(self, index: int) -> tuple[int, int]:
-        """(kind, end index) of the run holding unit ``index``."""
+    def run_at(self, index: int, limit: int | None = None) -> tuple[int, int]:
+        """(kind, end index) of the run holding unit ``index`` (``limit``: the caller needs no more)."""
         pos = int(np.searchsorted(self.starts, index, side="right"))
         end = int(self.starts[pos]) if pos < len(self.starts) else len(self.kinds)
         return int(self.kinds[index]), end
@@ -118,7 +118,7 @@ class DecodedL2Py:
             return 0
         return 0 if c < 0 else c
 
-    def run_at(self, index: int) -> tuple[int, int]:
+    def run_at(self, index: int, limit: int | None = None) -> tuple[int, int]:
         starts = self.starts
         pos = bisect_right(starts, index)
         end = starts[pos] if pos < len(starts) else len(self.kinds)
@@ -170,6 +170,58 @@ def _decode_l2_py(raw: array, cs: int, has_data_file: bool) -> DecodedL2Py:
         prev_hostful = hostful
         prev_host = h
     return DecodedL2Py(kinds, chosts, starts, cs, raw)
+
+
+class LiveL2:
+    """A standard L2 table the writer is changing (``array('Q')``), read in place.
+
+    Decoding a whole table after every write would cost time proportional to the table, not to the
+    data written; this view answers ``run_at`` by looking only at the entries from the asked index up
+    to ``limit`` (the end of the caller's range), with the same kinds and run breaks as the decoders.
+    It is never cached: the writer's array is the one copy of the table."""
+
+    __slots__ = ("cs", "has_data_file", "raw", "shift", "unit")
+
+    def __init__(self, raw: array, cs: int, has_data_file: bool):
+        self.raw = raw
+        self.cs = self.unit = cs
+        self.shift = 0
+        self.has_data_file = has_data_file
+
+    def _kind(self, e: int) -> tuple[int, int]:
+        """(kind, host offset or -1 when the entry has none) of one entry."""
+        if not e:
+            return UNALLOCATED, -1
+        if e & QCOW_OFLAG_COMPRESSED:
+            return COMPRESSED, -1
+        off = e & L2E_OFFSET_MASK
+        if off or (self.has_data_file and e & QCOW_OFLAG_COPIED):
+            return (ZERO_ALLOC if e & QCOW_OFLAG_ZERO else NORMAL), off
+        return (ZERO_PLAIN if e & QCOW_OFLAG_ZERO else UNALLOCATED), -1
+
+    def host(self, index: int) -> int:
+        return max(self._kind(self.raw[index])[1], 0)
+
+    def run_at(self, index: int, limit: int | None = None) -> tuple[int, int]:
+        raw = self.raw
+        stop = len(raw) if limit is None else min(limit, len(raw))
+        kind, host = self._kind(raw[index])
+        j = index + 1
+        if kind == COMPRESSED:
+            return kind, j
+        if host < 0 and not raw[index]:
+            while j < stop and not raw[j]:  # the common case: a run of never-written entries
+                j += 1
+            if j >= stop or self._kind(raw[j]) != (kind, -1):
+                return kind, j
+        kind_at = self._kind
+        cs = self.cs
+        while j < stop:
+            k, h = kind_at(raw[j])
+            if k != kind or (h < 0) != (host < 0) or (host >= 0 and h != host + (j - index) * cs):
+                break
+            j += 1
+        return kind, j
 
 
 def decode_l2(raw, cluster_bits: int, extended: bool, has_data_file: bool):
