@@ -11,8 +11,6 @@ Everything is written copy-on-write through ``lifecycle.commit``.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ...errors import QimgError
 from ...options import parse_bool
 from . import lifecycle as lc
@@ -33,7 +31,9 @@ from .header import (
 )
 from .resize import apply_size
 from .snapshot_ops import refuse_if_corrupt
-from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
+from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, LazyNumpy
+
+np = LazyNumpy(globals())
 
 AMEND_OPTS = {
     "backing_file": "File name of a base image",

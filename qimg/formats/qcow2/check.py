@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-
 from ...core.check import CheckResult
 from ...errors import QimgError
 from . import lifecycle as lc
@@ -30,7 +28,10 @@ from .tables import (
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
+    LazyNumpy,
 )
+
+np = LazyNumpy(globals())
 
 #: where the incompatible feature bits lie in a version 3 header (qcow2.txt, "Header")
 INCOMPAT_FEATURES_OFFSET = 72

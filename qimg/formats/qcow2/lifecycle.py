@@ -25,8 +25,6 @@ import copy
 import struct
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ...errors import QimgError, check_limit
 from .bitmaps import BME_OFFSET_MASK, pack_directory, set_extension
 from .header import (
@@ -40,7 +38,9 @@ from .header import (
 )
 from .refcount import REFT_OFFSET_MASK, decode_block, encode_block
 from .snapshot import read_snapshots
-from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
+from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, LazyNumpy
+
+np = LazyNumpy(globals())
 
 REFT_RESERVED_MASK = 0x1FF
 HEADER_PAGE = 4096
@@ -73,12 +73,27 @@ class Qcow2Meta:
         self.rc_per_block = cs * 8 // h.refcount_bits
         self.file_clusters = -(-self.file_size // cs)
         self._l2_cache: dict[int, np.ndarray] = {}
-        # the whole tables are read here (their sizes are bounded by the header's limits); what lies
-        # past the end of the file reads as zeros, as in qemu, and check counts it
-        self.l1 = self.read_table(h.l1_table_offset, h.l1_size)
-        self.reftable = self.read_table(h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
+        # the whole tables are read on first use (header-only changes never need them; their sizes are
+        # bounded by the header's limits); what lies past the end of the file reads as zeros, as in qemu,
+        # and check counts it
+        self._l1 = self._reftable = None
         self.snapshots = read_snapshots(store, h.snapshots_offset, h.nb_snapshots, cs, self.file_size)
         self.snapshot_table_bytes = sum(s.entry_size for s in self.snapshots)
+
+    @property
+    def l1(self) -> np.ndarray:
+        if self._l1 is None:
+            h = self.header
+            self._l1 = self.read_table(h.l1_table_offset, h.l1_size)
+        return self._l1
+
+    @property
+    def reftable(self) -> np.ndarray:
+        if self._reftable is None:
+            h = self.header
+            n = h.refcount_table_clusters * self.cluster_size // 8
+            self._reftable = self.read_table(h.refcount_table_offset, n)
+        return self._reftable
 
     # ----- reading -----
     def read_table(self, offset: int, entries: int) -> np.ndarray:

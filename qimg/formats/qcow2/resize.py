@@ -11,14 +11,14 @@ The change is made copy-on-write through ``lifecycle.commit``.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ...errors import QimgError
 from . import lifecycle as lc
 from .bitmaps import resized_bitmaps
 from .header import MAX_L1_SIZE_BYTES, QCOW2_AUTOCLEAR_BITMAPS
 from .snapshot_ops import refuse_if_corrupt
-from .tables import QCOW_L2_BITMAP_ALL_ALLOC
+from .tables import QCOW_L2_BITMAP_ALL_ALLOC, LazyNumpy
+
+np = LazyNumpy(globals())
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from ...errors import QimgError, reports
 from . import lifecycle as lc
 from .bitmaps import bitmaps_of
 from .header import MAX_SNAPSHOTS, QCOW2_INCOMPAT_CORRUPT
 from .snapshot import Snapshot, snapshot_index
+from .tables import LazyNumpy
+
+np = LazyNumpy(globals())
 
 
 def refuse_if_corrupt(meta: lc.Qcow2Meta) -> np.ndarray:

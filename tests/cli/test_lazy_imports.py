@@ -1,0 +1,94 @@
+"""Metadata commands import only what they use: no numpy, tqdm, cryptography or zstandard.
+
+Each command runs in a fresh interpreter (as a user runs it) and reports which of the heavy modules
+ended up in ``sys.modules``; the exit status and the image left behind are checked too, so a command
+that fails early cannot pass by importing nothing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import qemu
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("numpy", "tqdm", "cryptography", "zstandard")
+
+PROBE = """
+import json, runpy, sys
+sys.argv = ["qimg"] + sys.argv[1:]
+rc = 0
+try:
+    runpy.run_module("qimg", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    rc = e.code or 0
+print(json.dumps({"rc": rc, "heavy": sorted(m for m in %r if m in sys.modules)}))
+""" % (HEAVY,)
+
+
+def _run(cwd, *args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    p = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True,
+                       timeout=120, env=env, cwd=str(cwd))
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def images(tmp_path, qemu_img):
+    """A base with data and a snapshot, an overlay with different data on it."""
+    qemu("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "64M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 3M", "-c", "write -P 9 40M 1M",
+                    str(tmp_path / "base.qcow2")], check=True, capture_output=True)
+    qemu("snapshot", "-c", "s1", str(tmp_path / "base.qcow2"))
+    qemu("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", str(tmp_path / "ov.qcow2"))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 1M 64k", str(tmp_path / "ov.qcow2")],
+                   check=True, capture_output=True)
+    qemu("create", "-q", "-f", "qcow2", str(tmp_path / "other.qcow2"), "64M")
+    return tmp_path
+
+
+CASES = {
+    "info": (["info", "ov.qcow2"], 0),
+    "info --backing-chain json": (["info", "--backing-chain", "--output=json", "ov.qcow2"], 0),
+    "check": (["check", "base.qcow2"], 0),
+    "map": (["map", "--output=json", "ov.qcow2"], 0),
+    "measure": (["measure", "-O", "qcow2", "ov.qcow2"], 0),
+    "compare same": (["compare", "base.qcow2", "base.qcow2"], 0),
+    "compare differing": (["compare", "ov.qcow2", "base.qcow2"], 1),
+    "compare against zeros": (["compare", "base.qcow2", "other.qcow2"], 1),
+    "snapshot -l": (["snapshot", "-l", "base.qcow2"], 0),
+    "resize": (["resize", "other.qcow2", "128M"], 0),
+    "amend": (["amend", "-o", "lazy_refcounts=on", "other.qcow2"], 0),
+    "rebase -u": (["rebase", "-u", "-F", "qcow2", "-b", "other.qcow2", "ov.qcow2"], 0),
+}
+#: still numpy-based: the copy-on-write metadata rewrite (lifecycle.py) and check's walk
+NUMPY_YET = {"check", "resize", "amend"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_metadata_command_imports_no_heavy_module(images, name):
+    argv, rc = CASES[name]
+    r = _run(images, *argv)
+    assert r["rc"] == rc
+    if name in NUMPY_YET:
+        assert set(r["heavy"]) <= {"numpy"}
+        if r["heavy"] == ["numpy"]:
+            pytest.xfail(f"{name} still imports numpy")
+        return
+    assert r["heavy"] == []
+
+
+def test_commands_did_their_job(images):
+    """The commands above really ran: their effects show in qemu-img's view of the images."""
+    assert _run(images, "resize", "other.qcow2", "128M")["rc"] == 0
+    assert _run(images, "rebase", "-u", "-F", "qcow2", "-b", "other.qcow2", "ov.qcow2")["rc"] == 0
+    info = json.loads(qemu("info", "--output=json", str(images / "ov.qcow2")).out)
+    assert info["backing-filename"] == "other.qcow2"
+    info = json.loads(qemu("info", "--output=json", str(images / "other.qcow2")).out)
+    assert info["virtual-size"] == 128 << 20
