@@ -176,7 +176,9 @@ def _write_into(req, src, total, progress, bitmaps=None):
     try:
         # as a chain: a target whose backing file is missing is refused, as qemu-img refuses it, and the
         # layers below hand the target what copy-on-write needs
-        tgt_chain = Chain.open(req.target, req.out_fmt, writable=True, options=req.target_options, policy=req.policy)
+        # (qemu-img writes every convert target with cache mode unsafe, an existing one (-n) too)
+        tgt_chain = Chain.open(req.target, req.out_fmt, writable=True,
+                               options={**req.target_options, CACHE_UNSAFE: True}, policy=req.policy)
     finally:
         if guard is not None:
             guard.release()

@@ -225,13 +225,36 @@ def test_convert_workers_write_new_qcow2_directly(sources, tmp_path, monkeypatch
     assert not any(e["data"] and e["start"] <= 11 * MiB + 4096 < e["start"] + e["length"] for e in m)
 
 
-def test_convert_into_existing_qcow2_keeps_ordered_writes(sources, tmp_path, monkeypatch):
-    """An image convert did not create (-n) is edited in place: no worker writes into it."""
+def test_convert_into_existing_empty_qcow2_writes_directly(sources, tmp_path, monkeypatch):
+    """convert -n writes with qemu-img's cache mode unsafe: the workers write the data themselves, and the
+    zero ranges of a target that already reads as zeros cost nothing (no L2 table allocated for them)."""
     from qimg.formats.qcow2 import writer
 
-    monkeypatch.setattr(writer.Qcow2Writer, "direct_map", lambda *a: pytest.fail("direct write into -n target"))
+    calls = []
+    orig = writer.Qcow2Writer.direct_map
+    monkeypatch.setattr(writer.Qcow2Writer, "direct_map", lambda self, *a: calls.append(a) or orig(self, *a))
     out = tmp_path / "o.qcow2"
     qemu("create", "-q", "-f", "qcow2", out, str(12 * MiB + 4096))
+    r = run_qimg("convert", "-n", "-O", "qcow2", sources["raw"], out)
+    assert r.rc == 0, r.err
+    assert calls
+    qemu("check", "-q", out)
+    assert qemu("compare", "-q", sources["raw"], out, check=False).rc == 0
+    m = json.loads(qemu("map", "--output=json", out).out)
+    # the hole at 10 MiB stayed unallocated (not written as zero clusters)
+    at10 = [e for e in m if e["start"] <= 10 * MiB < e["start"] + e["length"]]
+    assert at10 and at10[0]["present"] is False and at10[0]["data"] is False
+
+
+@pytest.mark.parametrize("cluster", ["64k", "4k"])
+def test_convert_into_existing_qcow2_with_data(sources, tmp_path, cluster):
+    """A -n target that already holds data (allocated, zero and unallocated clusters): the result is the
+    source, byte for byte, and the image stays consistent."""
+    out = tmp_path / "o.qcow2"
+    qemu("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", out, str(12 * MiB + 4096))
+    subprocess.run(["qemu-io", "-c", "write -P 0x55 0 1M", "-c", "write -P 0x66 2M 3M", "-c", "write -z 6M 1M",
+                    "-c", "write -P 0x77 10M 100k", "-c", "write -P 1 12M 4096", str(out)],
+                   check=True, capture_output=True)
     r = run_qimg("convert", "-n", "-O", "qcow2", sources["raw"], out)
     assert r.rc == 0, r.err
     qemu("check", "-q", out)

@@ -1,42 +1,48 @@
-"""Writing qcow2: cluster allocation, L2 updates, zero clusters, compressed clusters, flushing.
+"""Writing qcow2: cluster allocation, data writes and L2 updates (the writer's core).
 
 References: QEMU docs/interop/qcow2.txt ("Cluster mapping", "Extended L2 Entries",
 "Reference counts", "Compressed Clusters Descriptor").
 
 Data goes to the file at once; metadata is kept in memory (L1, the L2 tables touched,
-the refcount blocks touched) and written by ``_flush_metadata`` in a crash-safe order:
+the refcount blocks touched) and written by ``_flush_metadata`` (flush.py) in a crash-safe order:
 refcount blocks (and a moved refcount table, with the header pointing at it), then L2 tables,
 then the L1 table, then the header, then the refcount decrements of freed clusters.
 New clusters come from ``Refcounts.alloc`` at the end of the file, contiguous,
 so convert's sequential writes produce one pwrite per chunk and one L2 write per table.
+
+This module allocates and writes data; its neighbours hold the other jobs of the writer:
+zeroes.py (write_zeroes, discard), compressed.py (the compressed-cluster pipeline) and flush.py
+(metadata written back, and the sync policy).  An image opened with the ``CACHE_UNSAFE`` open option
+(convert's target, created or -n: qemu-img's cache mode unsafe) is not synced between metadata
+stages and may be written by the copy engine's workers directly.
 """
 
 from __future__ import annotations
 
-import struct
 from array import array
 
 from ...errors import QimgError, Unsupported
 from ...options import CACHE_UNSAFE
 from . import compress as qcompress
+from .compressed import Qcow2CompressedWriter
+from .flush import Qcow2MetadataFlush
 from .refcount import Refcounts
 from .tables import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
-    QCOW_L2_BITMAP_ALL_ZERO,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
     SUBCLUSTERS_PER_CLUSTER,
     LazyNumpy,
     copy_table,
-    table_bytes,
 )
+from .zeroes import Qcow2ZeroWriter
 
 np = LazyNumpy(globals())
 
-DIRTY_L2_LIMIT_BYTES = 64 << 20
-class Qcow2Writer:
+
+class Qcow2Writer(Qcow2CompressedWriter, Qcow2ZeroWriter, Qcow2MetadataFlush):
     """Mixin for Qcow2Driver: everything that changes the image."""
 
     def _init_writer(self, options: dict | None = None) -> None:
@@ -360,389 +366,6 @@ class Qcow2Writer:
             self._dwrite(newhost + lo, data, gc + lo)
         raw[2 * i] = np.uint64(newhost | QCOW_OFLAG_COPIED)
         raw[2 * i + 1] = np.uint64(((bm >> 32) & ~mask) << 32 | mask)
-
-    # ------------------------------------------------------------------ zeroes
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
-        self._check_writable()
-        self._track(offset, min(length, self.virtual_size - offset))
-        self._flush_pending()
-        self._zero_now(offset, length, may_unmap)
-
-    def _zero_now(self, offset: int, length: int, may_unmap: bool = True) -> None:
-        end = min(offset + length, self.virtual_size)
-        if self.h.version < 3:
-            self._zero_by_writing(offset, end)
-            return
-        unit = self.cs // SUBCLUSTERS_PER_CLUSTER if self.extended else self.cs
-        a = -(-offset // unit) * unit
-        b = end if end == self.virtual_size else end // unit * unit
-        if b <= a:
-            self._zero_by_writing(offset, end)
-            return
-        if a > offset:
-            self._zero_by_writing(offset, a)
-        span = 1 << self.l2_span_bits
-        pos = a
-        while pos < b:
-            l1i = pos >> self.l2_span_bits
-            n = min(b - pos, (l1i + 1) * span - pos)
-            self._zero_segment(l1i, pos, pos + n, may_unmap)
-            pos += n
-        if b < end:
-            self._zero_by_writing(b, end)
-        self._maybe_flush()
-
-    def _zero_by_writing(self, start: int, end: int) -> None:
-        """Zeros as data, skipping runs that already read as zeros with nothing showing through."""
-        pos = start
-        chunk = None
-        while pos < end:
-            ext = self.block_status(pos, end - pos)
-            n = min(ext.length, end - pos)
-            if not (ext.zero and (ext.present or self.backing is None)):
-                if chunk is None:
-                    chunk = bytes(min(end - start, 1 << 20))
-                p = pos
-                while p < pos + n:
-                    k = min(len(chunk), pos + n - p)
-                    self._pwrite_now(p, chunk[:k])
-                    p += k
-            pos += n
-
-    def _zero_segment(self, l1i: int, start: int, end: int, may_unmap: bool) -> None:
-        l2off, raw = self._l2_for_write(l1i)
-        try:
-            self._zero_entries(raw, start, end, may_unmap)
-        finally:
-            self.cache.drop(l2off)
-
-    def _zero_entries(self, raw, start: int, end: int, may_unmap: bool) -> None:
-        cs, cb = self.cs, self.cluster_bits
-        if not self.extended:
-            c0, c1 = start >> cb, -(-end // cs)
-            i0 = c0 & (self.l2_entries - 1)
-            i1 = i0 + (c1 - c0)
-            ents = raw[i0:i1]
-            keep = [not may_unmap and bool(e & QCOW_OFLAG_COPIED) and not e & QCOW_OFLAG_COMPRESSED
-                    and bool(e & L2E_OFFSET_MASK) for e in ents]
-            for e, k in zip(ents, keep):
-                if e and not k:
-                    self._free_entry(e)
-            if self.h.data_file_raw:
-                self._zero_data_file(start, end)
-            raw[i0:i1] = array("Q", [(e | QCOW_OFLAG_ZERO) if k else QCOW_OFLAG_ZERO for e, k in zip(ents, keep)])
-            return
-        sc = cs // SUBCLUSTERS_PER_CLUSTER
-        pos = start
-        while pos < end:
-            gc = pos & ~(cs - 1)
-            i = (pos >> cb) & (self.l2_entries - 1)
-            s0 = (pos - gc) // sc
-            s1 = min(SUBCLUSTERS_PER_CLUSTER, -(-(min(end, gc + cs) - gc) // sc))
-            e, bm = int(raw[2 * i]), int(raw[2 * i + 1])
-            vend_sub = -(-min(cs, self.virtual_size - gc) // sc)
-            whole = s0 == 0 and s1 >= vend_sub
-            if whole and (may_unmap or e & QCOW_OFLAG_COMPRESSED or not e & QCOW_OFLAG_COPIED):
-                if e:
-                    self._free_entry(e)
-                raw[2 * i] = np.uint64(0)
-                raw[2 * i + 1] = np.uint64(QCOW_L2_BITMAP_ALL_ZERO)
-            elif e & QCOW_OFLAG_COMPRESSED:
-                self._zero_by_writing(gc + s0 * sc, min(gc + s1 * sc, self.virtual_size))
-            else:
-                mask = ((1 << (s1 - s0)) - 1) << s0
-                raw[2 * i + 1] = np.uint64(((bm & ~mask) & 0xFFFFFFFF) | (((bm >> 32) | mask) << 32))
-            if self.h.data_file_raw:
-                self._zero_data_file(gc + s0 * sc, min(gc + s1 * sc, self.virtual_size))
-            pos = gc + cs
-
-    def _zero_data_file(self, start: int, end: int) -> None:
-        st = self.data_store
-        size = st.size()
-        if start >= size:
-            return
-        end = min(end, size)
-        if hasattr(st, "punch_hole") and st.punch_hole(start, end - start):
-            return
-        zero = bytes(min(end - start, 1 << 20))
-        pos = start
-        while pos < end:
-            n = min(len(zero), end - pos)
-            st.pwrite(pos, zero[:n])
-            pos += n
-
-    def discard(self, offset: int, length: int) -> None:
-        """Release whole clusters (they read as zeros afterwards, as qemu's discard leaves them)."""
-        if self.h.version < 3:
-            return
-        start = -(-offset // self.cs) * self.cs
-        end = min(offset + length, self.virtual_size)
-        if end < self.virtual_size:
-            end = end // self.cs * self.cs
-        if end > start:
-            self.write_zeroes(start, end - start, True)
-
-    # ------------------------------------------------------------------ compressed clusters
-    def prepare_compressed(self, offset: int, data) -> list:
-        """Compress the whole clusters in ``data`` (runs in worker threads).
-
-        Returns [(kind, guest offset, payload)]: "z" all zeros, "c" compressed bytes, "p" did not
-        shrink (plain bytes), "part" a piece of a cluster (merged in ``write_prepared``).
-        """
-        cs = self.cs
-        view = memoryview(data).cast("B")
-        out = []
-        pos = 0
-        total = len(view)
-        while pos < total:
-            off = offset + pos
-            gc = off - off % cs
-            n = min(total - pos, gc + cs - off)
-            piece = view[pos:pos + n]
-            pos += n
-            if off != gc or (n < cs and off + n < self.virtual_size):
-                out.append(("part", off, bytes(piece)))
-                continue
-            chunk = piece if n == cs else bytes(piece) + bytes(cs - n)
-            out.append(self._compress_cluster(gc, chunk, n))
-        return out
-
-    def _compress_cluster(self, gc: int, chunk, n: int) -> tuple:
-        if not np.frombuffer(chunk, dtype=np.uint64).any():
-            return ("z", gc, None)
-        comp = qcompress.compress(chunk, self.cs, self.h.compression_type)
-        return ("c", gc, comp) if comp is not None else ("p", gc, bytes(chunk[:n]))
-
-    def write_prepared(self, offset: int, prepared: list) -> None:
-        self._check_writable()
-        self._track(offset, min(len(prepared) * self.cs, self.virtual_size - offset))
-        if self.h.has_data_file:
-            raise Unsupported("Compression is not supported with an external data file")
-        if self.encrypted:
-            raise Unsupported("Compression is not supported for encrypted qcow2 images")
-        plain: list = []  # a run of uncompressible clusters, written with one pwrite
-        plain_at = plain_end = 0
-        for kind, gc, payload in prepared:
-            if gc >= self.virtual_size:
-                break
-            if kind == "part":
-                if plain:
-                    self._pwrite_now(plain_at, b"".join(plain))
-                    plain = []
-                self._add_partial(gc, payload)
-                continue
-            pend = self._pending
-            if pend is not None:
-                if pend[0] == gc:
-                    self._pending = None  # a whole-cluster write replaces the partial one
-                else:
-                    self._flush_pending()
-            if kind == "p":
-                if plain and plain_end != gc:
-                    self._pwrite_now(plain_at, b"".join(plain))
-                    plain = []
-                if not plain:
-                    plain_at = gc
-                plain.append(payload)
-                plain_end = gc + len(payload)
-                continue
-            if plain:
-                self._pwrite_now(plain_at, b"".join(plain))
-                plain = []
-            self._write_cluster_item(kind, gc, payload)
-        if plain:
-            self._pwrite_now(plain_at, b"".join(plain))
-        self._maybe_flush()
-
-    def _write_cluster_item(self, kind: str, gc: int, payload) -> None:
-        n = min(self.cs, self.virtual_size - gc)
-        if kind == "z":
-            if self.backing is None and self._raw_entry(gc) == (0, 0):
-                return  # unallocated without a backing file already reads as zeros
-            self._zero_now(gc, n)
-        elif kind == "p":
-            self._pwrite_now(gc, payload)
-        else:
-            self._write_one_compressed(gc, payload)
-
-    def _raw_entry(self, gc: int) -> tuple[int, int]:
-        """(L2 entry, extended bitmap or 0) of the guest cluster at ``gc``, from memory when possible."""
-        l1i = gc >> self.l2_span_bits
-        l2off = int(self.l1[l1i]) & L1E_OFFSET_MASK if l1i < len(self.l1) else 0
-        if not l2off:
-            return 0, 0
-        raw = self._l2_dirty.get(l2off)
-        if raw is None:
-            raw = self._decoded(l2off).raw
-        i = (gc >> self.cluster_bits) & (self.l2_entries - 1)
-        if self.extended:
-            return int(raw[2 * i]), int(raw[2 * i + 1])
-        return int(raw[i]), 0
-
-    def _add_partial(self, off: int, piece: bytes) -> None:
-        """Collect a piece of a cluster; the cluster is compressed once it is complete or left."""
-        cs = self.cs
-        gc = off - off % cs
-        pend = self._pending
-        if pend is not None and pend[0] != gc:
-            self._flush_pending()
-            pend = None
-        if pend is None:
-            n = min(cs, self.virtual_size - gc)
-            buf = self._guest_read(gc, n)
-            pend = self._pending = (gc, buf)
-        buf = pend[1]
-        buf[off - gc:off - gc + len(piece)] = piece
-
-    def _flush_pending(self) -> None:
-        pend = self._pending
-        if pend is None:
-            return
-        self._pending = None
-        gc, buf = pend
-        n = len(buf)
-        chunk = bytes(buf) + bytes(self.cs - n)
-        self._write_cluster_item(*self._compress_cluster(gc, chunk, n))
-
-    def write_compressed(self, offset: int, data) -> None:
-        """Compress and write whole clusters (the synchronous path)."""
-        self.write_prepared(offset, self.prepare_compressed(offset, data))
-
-    def _write_one_compressed(self, gc: int, payload: bytes) -> None:
-        rc = self._refcounts()
-        cs = self.cs
-        size = len(payload)
-        pos = self._cpos
-        if pos is not None and pos % cs and rc.get(pos // cs) >= rc.max_ref:
-            pos = None  # the shared cluster's refcount is at its maximum: start a new one
-        if pos is not None and pos % cs and pos + size <= -(-pos // cs) * cs:
-            rc.add(pos // cs, 1, 1)  # fits in the current partly used cluster
-        elif pos is not None and pos % cs and -(-pos // cs) * cs == rc.next_free:
-            first = pos // cs
-            extra = -(-(pos + size - rc.next_free) // cs)
-            got = rc.alloc(extra)
-            if got != (first + 1) * cs:
-                pos = None
-            else:
-                rc.add(first, 1, 1)
-        else:
-            pos = None
-        if pos is None:
-            pos = rc.alloc(-(-size // cs))
-        self.store.pwrite(pos, payload)
-        self._cpos = pos + size
-        l1i = gc >> self.l2_span_bits
-        l2off, raw = self._l2_for_write(l1i)
-        i = (gc >> self.cluster_bits) & (self.l2_entries - 1)
-        entry = QCOW_OFLAG_COMPRESSED | qcompress.encode_descriptor(pos, size, self.cluster_bits)
-        if self.extended:
-            old = int(raw[2 * i])
-            raw[2 * i] = np.uint64(entry)
-            raw[2 * i + 1] = np.uint64(0)
-        else:
-            old = int(raw[i])
-            raw[i] = entry
-        if old and (old & ~1):
-            self._free_entry(old)
-        self.cache.drop(l2off)
-
-    # ------------------------------------------------------------------ flushing
-    def _maybe_flush(self) -> None:
-        if len(self._l2_dirty) * self.cs * (2 if self.extended else 1) > DIRTY_L2_LIMIT_BYTES:
-            self._flush_metadata(sync=self._sync_meta)
-
-    def _flush_metadata(self, sync: bool) -> None:
-        """Write metadata so that a crash after any single write leaves a consistent image.
-
-        Order: data -> refcount blocks and table (and the header's refcount table fields when the
-        table moved) -> L2 tables -> L1 table -> header -> refcount decrements.  Every cluster an
-        L2/L1 entry on disk references is counted by the refcount structure the header on disk
-        points at; clusters freed meanwhile at worst leak.  With ``sync`` each stage is made
-        durable (fdatasync) before the next one starts.
-        """
-        if not self.writable or self.store is None:
-            return
-        self._flush_pending()
-        rc = self._rc
-        frees = self._deferred_frees
-        if not self._l2_dirty and not self._l1_dirty and not self._header_dirty and not frees and (
-                rc is None or (not rc.dirty and not rc.table_dirty and not rc.old_tables)):
-            return
-        store = self.store
-        if sync and self.data_store is not store:
-            self.data_store.flush()
-        if rc is not None and (rc.dirty or rc.table_dirty):
-            if sync:
-                store.flush()  # data before the refcounts that count it
-            rc.flush_blocks()
-            if rc.table_dirty:
-                if sync:
-                    store.flush()  # blocks before the table that points at them
-                if rc.flush_table():
-                    self.h.refcount_table_offset = rc.table_offset
-                    self.h.refcount_table_clusters = len(rc.table) * 8 // self.cs
-                    if sync:
-                        store.flush()
-                    # the header must point at the new table before anything counted only there is used
-                    self._write_refcount_header_fields()
-        if self._l2_dirty:
-            if sync:
-                store.flush()
-            for off in sorted(self._l2_dirty):
-                store.pwrite(off, table_bytes(self._l2_dirty[off]))
-                self.cache.drop(off)
-            self._l2_dirty.clear()
-        if self._l1_dirty and len(self.l1):
-            if sync:
-                store.flush()
-            store.pwrite(self.h.l1_table_offset, table_bytes(self.l1))
-            self._l1_dirty = False
-        if self._header_dirty:
-            if sync:
-                store.flush()
-            self._write_header_fields()
-            self._header_dirty = False
-        if rc is not None and rc.old_tables and self.h.refcount_table_offset == rc.table_offset:
-            rc.release_old_tables()
-        if frees:
-            rc = self._refcounts()
-            for first, count in frees:
-                rc.add(first, count, -1)
-            self._deferred_frees = []
-        if rc is not None and (rc.dirty or rc.table_dirty):
-            if sync:
-                store.flush()  # the references are gone before their clusters' refcounts drop
-            rc.flush_blocks()
-            if rc.table_dirty and rc.flush_table():
-                # cannot happen for decrements (no new blocks); kept for safety
-                self.h.refcount_table_offset = rc.table_offset
-                self.h.refcount_table_clusters = len(rc.table) * 8 // self.cs
-                if sync:
-                    store.flush()
-                self._write_refcount_header_fields()
-        if sync:
-            store.flush()
-
-    def _write_refcount_header_fields(self) -> None:
-        """Point the header at the (moved) refcount table: refcount_table_offset and _clusters only."""
-        h = self.h
-        self.store.pwrite(48, struct.pack(">QI", h.refcount_table_offset, h.refcount_table_clusters))
-
-    def _write_header_fields(self) -> None:
-        """Rewrite the fixed header fields that writing may change (L1 and refcount table)."""
-        h = self.h
-        self.store.pwrite(36, struct.pack(">IQQI", h.l1_size, h.l1_table_offset, h.refcount_table_offset,
-                                          h.refcount_table_clusters))
-
-    def flush(self) -> None:
-        self._flush_pending()
-        self._flush_metadata(sync=True)
-
-    def finalize(self) -> None:
-        """Write every pending table (convert calls this before close; no fsync, like qemu-img)."""
-        if self.writable and self.store is not None:
-            self._flush_pending()
-        self._flush_metadata(sync=False)
 
 
 def _prealloc_method(self, mode: str) -> None:
