@@ -15,8 +15,8 @@ def rebase(filename: str, backing: str | None, backing_fmt: str | None = None, f
     """qemu-img rebase.  ``backing`` '' (or None with unsafe) removes the backing file.
 
     Safe mode: every range the overlay does not hold itself is read through the old and the new
-    backing chain and compared sector by sector (numpy); differing sectors are written into the
-    overlay, which is flushed before the header names the new backing file (one atomic write)."""
+    backing chain and compared sector by sector; differing sectors are written into the overlay,
+    which is flushed before the header names the new backing file (one atomic write)."""
     if backing is None and not unsafe:
         raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
     new_name = backing or None
@@ -70,52 +70,75 @@ def _set_backing(drv, backing, new_name, backing_fmt):
 
 
 def _copy_differences(chain, new_chain, top, progress) -> None:
-    import numpy as np
+    """Write into ``top`` every sector of the ranges it does not hold whose old view (through the old
+    backing chain) differs from the new one.  Two workers read both views and find the differing
+    sectors; this thread walks the overlay's allocation and writes, in guest order."""
+    from ..engine.compare import BufferPool, ordered_map
 
     size = chain.virtual_size
     if progress is not None:
         progress.total = size
-    old_buf = bytearray(CHUNK)
-    new_buf = bytearray(CHUNK)
-    pos = 0
-    while pos < size:
-        ext = top.block_status(pos, min(size - pos, CHUNK * 16))
-        n = max(1, min(ext.length, size - pos))
-        if ext.present:
-            if progress is not None:
-                progress.update(n)
-            pos += n
-            continue
-        end = pos + n
-        while pos < end:
-            k = min(CHUNK - pos % CHUNK, end - pos)
-            if _both_zero(chain, new_chain, pos, k):
+    workers = 2
+    depth = workers * 2
+    old_pool, new_pool = BufferPool(CHUNK, depth + 1), BufferPool(CHUNK, depth + 1)
+
+    def ranges():
+        """(offset, length) pieces that need reading: not held by the overlay, and not zero in both chains."""
+        pos = 0
+        while pos < size:
+            ext = top.block_status(pos, min(size - pos, CHUNK * 16))
+            n = max(1, min(ext.length, size - pos))
+            if ext.present:
                 if progress is not None:
-                    progress.update(k)
-                pos += k
+                    progress.update(n)
+                pos += n
                 continue
-            ov = memoryview(old_buf)[:k]
-            nv = memoryview(new_buf)[:k]
-            chain.readinto(pos, ov, 1)
-            if new_chain is not None:
-                new_chain.readinto(pos, nv)
-            else:
-                nv[:] = bytes(k)
-            whole = k // SECTOR * SECTOR
-            a = np.frombuffer(ov, np.uint8)[:whole].reshape(-1, SECTOR)
-            b = np.frombuffer(nv, np.uint8)[:whole].reshape(-1, SECTOR)
-            diff = (a != b).any(axis=1)
-            if whole < k:
-                diff = np.append(diff, bytes(ov[whole:]) != bytes(nv[whole:]))
-            if diff.any():
-                d = np.concatenate(([0], diff.astype(np.int8), [0]))
-                edges = np.diff(d)
-                for s, e in zip(np.nonzero(edges == 1)[0].tolist(), np.nonzero(edges == -1)[0].tolist()):
-                    lo, hi = s * SECTOR, min(e * SECTOR, k)
+            end = pos + n
+            while pos < end:
+                k = min(CHUNK - pos % CHUNK, end - pos)
+                if _both_zero(chain, new_chain, pos, k):
+                    if progress is not None:
+                        progress.update(k)
+                else:
+                    yield pos, k
+                pos += k
+
+    def differing(item):
+        pos, k = item
+        ob = old_pool.get()
+        ov = memoryview(ob)[:k]
+        chain.readinto(pos, ov, 1)
+        if new_chain is None:
+            from ..engine.zeroscan import nonzero_runs
+
+            return ob, nonzero_runs(ov, pos, SECTOR)  # the new view is all zeros
+        nb = new_pool.get()
+        nv = memoryview(nb)[:k]
+        try:
+            new_chain.readinto(pos, nv)
+            if bytes(ov).startswith(nv):  # one memcmp: most chunks of a similar base are equal
+                return ob, []
+            from ..engine.compare import diff_runs
+
+            return ob, diff_runs(ov, nv, SECTOR)
+        finally:
+            nv.release()
+            new_pool.put(nb)
+
+    try:
+        for (pos, k), (ob, runs) in ordered_map(differing, ranges(), workers=workers, depth=depth):
+            try:
+                ov = memoryview(ob)
+                for lo, hi in runs:
                     top.pwrite(pos + lo, ov[lo:hi])
+                del ov
+            finally:
+                old_pool.put(ob)
             if progress is not None:
                 progress.update(k)
-            pos += k
+    finally:
+        old_pool.close()
+        new_pool.close()
 
 
 def _both_zero(chain, new_chain, pos, k) -> bool:
