@@ -404,7 +404,7 @@ def run_case(case: Case, pairs: int, qimg_cmd: list[str], qemu_cmd: list[str]) -
         _run(a_argv, out if uses_out else None, setup_a)
         if b_argv:
             _run(b_argv, out if uses_out else None, setup_b)
-    ta, tb, ra, rb, ca, cb, ratios = [], [], [], [], [], [], []
+    ta, tb, ra, rb, ca, cb, ratios, cpu_ratios = [], [], [], [], [], [], [], []
     for _ in range(n):
         t, r, c = _run(a_argv, out if uses_out else None, setup_a)
         ta.append(t)
@@ -416,6 +416,7 @@ def run_case(case: Case, pairs: int, qimg_cmd: list[str], qemu_cmd: list[str]) -
             rb.append(r2)
             cb.append(c2)
             ratios.append(t / t2)
+            cpu_ratios.append(c / c2 if c2 else float("nan"))
     if uses_out:
         _remove(out)
     res = {"name": case.name, "pairs": n, "qimg_s": statistics.median(ta), "qimg_min_s": min(ta),
@@ -423,7 +424,8 @@ def run_case(case: Case, pairs: int, qimg_cmd: list[str], qemu_cmd: list[str]) -
            "qimg_argv": " ".join(([] if case.whole else ["qimg"]) + case.qimg)}
     if b_argv:
         res.update(qemu_s=statistics.median(tb), qemu_min_s=min(tb), qemu_cpu_s=statistics.median(cb),
-                   qemu_rss_kib=max(rb), ratio=statistics.median(ratios), ratios=[round(x, 3) for x in ratios])
+                   qemu_rss_kib=max(rb), ratio=statistics.median(ratios), ratios=[round(x, 3) for x in ratios],
+                   cpu_ratio=statistics.median(cpu_ratios))
     return res
 
 
@@ -517,11 +519,12 @@ def _versions() -> str:
 
 def _row(r: dict) -> str:
     if "skipped" in r:
-        return f"| {r['name']} | - | skipped: {r['skipped']} | | | | | | |"
+        return f"| {r['name']} | - | skipped: {r['skipped']} | | | | | | | |"
     ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+    cratio = f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else "-"
     return (f"| {r['name']} | {r['pairs']} | {_fmt_s(r['qimg_s'])} | {_fmt_s(r.get('qemu_s'))} | "
             f"**{ratio}** | {_fmt_s(r['qimg_min_s'])} / {_fmt_s(r.get('qemu_min_s'))} | "
-            f"{_fmt_s(r['qimg_cpu_s'])} / {_fmt_s(r.get('qemu_cpu_s'))} | "
+            f"{_fmt_s(r['qimg_cpu_s'])} / {_fmt_s(r.get('qemu_cpu_s'))} | {cratio} | "
             f"{_fmt_m(r['qimg_rss_kib'])} / {_fmt_m(r.get('qemu_rss_kib'))} | "
             f"{r.get('measured', '?')}, {r.get('load', '?')} |")
 
@@ -540,19 +543,21 @@ def _section(scale: str, sec: dict) -> list[str]:
         f"- command: `{sec.get('command', '?')}`",
         "",
         "| case | pairs | qimg wall | qemu-img wall | **ratio** | best of qimg / qemu-img | CPU qimg / qemu-img "
-        "| peak RSS qimg / qemu-img | measured (UTC), load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU ratio | peak RSS qimg / qemu-img | measured (UTC), load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(r) for r in sec["rows"]]
-    floor = next((r["qimg_s"] for r in sec["rows"] if r["name"].startswith("start-up: python -c 'import click'")
+    floor = next((r for r in sec["rows"] if r["name"].startswith("start-up: python -c 'import click'")
                   and "qimg_s" in r), None)
     if floor:
         meta = [r for r in sec["rows"] if "qimg_s" in r and r["name"].split(" ")[0] in ("info", "map", "measure",
                                                                                          "snapshot")
                 and "W3" in r["name"]]
         if meta:
-            lines += ["", "Against the `import click` floor (" + _fmt_s(floor) + "): " + ", ".join(
-                f"{r['name']} {r['qimg_s'] / floor:.2f}x" for r in meta) + "."]
+            lines += ["", f"Against the `import click` floor ({_fmt_s(floor['qimg_s'])} wall, "
+                      f"{_fmt_s(floor['qimg_cpu_s'])} CPU), wall / CPU: " + ", ".join(
+                          f"{r['name']} {r['qimg_s'] / floor['qimg_s']:.2f}x / "
+                          f"{r['qimg_cpu_s'] / floor['qimg_cpu_s']:.2f}x" for r in meta) + "."]
     return lines + [""]
 
 
@@ -565,7 +570,8 @@ def write_results(data: dict) -> str:
         f"- oracle: {qemu_version()}",
         "- method: alternating runs (qimg, qemu-img, ...) after one untimed warm-up each, output deleted "
         "before every run; times are medians, *ratio* is the median of per-pair ratios qimg/qemu-img; "
-        "CPU is user+system time; RSS is the peak resident set (`/usr/bin/time -f %M`).  qimg runs as "
+        "CPU is user+system time and *CPU ratio* the median of per-pair CPU ratios (steadier than wall time on a "
+        "loaded machine); RSS is the peak resident set (`/usr/bin/time -f %M`).  qimg runs as "
         "`python -m qimg` from compiled bytecode (`compileall`).  The machine is shared with other jobs: "
         "the load average is recorded per scale and per row.",
         "- workloads (scale S): W1 = S GiB sparse raw, S/4 GiB random data in 64 KiB-4 MiB extents + S/16 GiB "

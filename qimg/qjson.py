@@ -7,8 +7,6 @@ order makes ``--output=json`` byte-compatible without a per-command key list.
 
 from __future__ import annotations
 
-import json
-
 QDICT_BUCKET_MAX = 512
 
 
@@ -39,6 +37,8 @@ def _scalar(value) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value)
+    import json  # (only JSON output pays for it)
+
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -49,6 +49,8 @@ def dumps(value, indent: int = 0) -> str:
     if isinstance(value, dict):
         if not value:
             return "{}"
+        import json
+
         parts = [f"{pad}{json.dumps(k)}: {dumps(value[k], indent + 1)}" for k in qdict_order(list(value))]
         return "{\n" + ",\n".join(parts) + "\n" + end + "}"
     if isinstance(value, (list, tuple)):
