@@ -67,8 +67,8 @@ CASES = {
     "amend": (["amend", "-o", "lazy_refcounts=on", "other.qcow2"], 0),
     "rebase -u": (["rebase", "-u", "-F", "qcow2", "-b", "other.qcow2", "ov.qcow2"], 0),
 }
-#: still numpy-based: the copy-on-write metadata rewrite (lifecycle.py) and check's walk
-NUMPY_YET = {"check", "resize", "amend"}
+#: still numpy-based: the copy-on-write metadata rewrite (lifecycle.py)
+NUMPY_YET = {"resize", "amend"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -191,6 +191,12 @@ def _check_and_repair(store, repair, emit, messages) -> CheckResult:
     fix_leaks = repair in ("leaks", "all")
     fix_errors = repair == "all"
     meta = lc.Qcow2Meta(store)
+    if not repair:
+        from .check_quick import quick_check
+
+        quick = quick_check(meta)  # a consistent image is verified without numpy
+        if quick is not None:
+            return quick
     res, state = _check_once(meta, fix_errors, emit, fix_leaks)
     if not repair or (res.leaks == 0 and res.corruptions == 0):
         return res

@@ -1,0 +1,180 @@
+"""qcow2 check without numpy: the common case of a consistent image, verified in plain Python.
+
+References: see check.py (qcow2 specification, "Host cluster management" and "Cluster mapping";
+qemu-img 7.2's check output).
+
+``check`` of a healthy image is a metadata command: it should cost about what reading the tables
+costs, not numpy's import.  This pass recomputes every reference count the way check.py's walk does
+(header, L1/L2 tables of the active state and of the snapshots, snapshot table, refcount table and
+blocks), compares them with the stored refcounts and checks OFLAG_COPIED and the alignment of every
+entry.  Bulk steps stay in C (``bytes.translate``, ``map``, ``array`` comparison); the per-entry
+Python work is one counting loop.  The moment anything is unusual (compressed clusters, extended L2,
+an external data file, bitmaps, encryption, other refcount widths, or any disagreement at all) it
+gives up and check.py's full walk runs, which reports every problem with qemu-img's messages.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from array import array
+
+from ...core.check import CheckResult
+from .header import MAX_L1_SIZE_BYTES
+from .refcount import REFT_OFFSET_MASK
+from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, be_u64_array
+
+REFT_RESERVED_MASK = 0x1FF
+#: first bytes (big-endian) an entry may have here: 0, or only OFLAG_COPIED; anything else (compressed,
+#: offsets past 2**56) leaves the decision to the full walk
+_PLAIN_FIRST_BYTES = b"\x00\x80"
+
+
+class _GiveUp(Exception):
+    """Something the quick pass does not decide: the full walk takes over."""
+
+
+def quick_check(meta) -> CheckResult | None:
+    """The result of ``check`` for a consistent image, or None when the full walk must decide."""
+    h = meta.header
+    if (h.extended_l2 or h.has_data_file or h.refcount_order != 4 or h.crypto_header or h.bitmaps_ext
+            or h.incompatible_features & 1):  # (a dirty image: lazy refcounts are stale by design)
+        return None
+    try:
+        return _Quick(meta).run()
+    except _GiveUp:
+        return None
+
+
+class _Quick:
+    def __init__(self, meta):
+        self.meta = meta
+        self.h = meta.header
+        self.cs = meta.cluster_size
+        self.bits = meta.cluster_bits
+        self.nb = meta.file_clusters
+        self.file_len = meta.file_size
+        self.counts = [0] * max(self.nb, 1)
+
+    def inc(self, offset: int, size: int) -> None:
+        if size <= 0:
+            return
+        first, last = offset >> self.bits, (offset + size - 1) >> self.bits
+        if last >= self.nb:
+            raise _GiveUp
+        counts = self.counts
+        for c in range(first, last + 1):
+            counts[c] += 1
+
+    def table(self, offset: int, entries: int) -> array:
+        if offset + entries * 8 > self.file_len:
+            raise _GiveUp
+        return be_u64_array(self.meta.store.pread_full(offset, entries * 8))
+
+    def l1(self, offset: int, size: int, tables: dict) -> list:
+        """Count an L1 table and its L2 table clusters; ``tables`` counts references per L2 table."""
+        if size > MAX_L1_SIZE_BYTES // 8 or offset % self.cs:
+            raise _GiveUp
+        self.inc(offset, size * 8)
+        ents = self.table(offset, size) if size else array("Q")
+        out = []
+        for ent in ents:
+            l2 = ent & L1E_OFFSET_MASK
+            if not l2:
+                continue
+            if l2 % self.cs:
+                raise _GiveUp
+            self.inc(l2, self.cs)
+            tables[l2] = tables.get(l2, 0) + 1
+            out.append(ent)
+        return out
+
+    def run(self) -> CheckResult:
+        meta, h, cs, bits = self.meta, self.h, self.cs, self.bits
+        res = CheckResult(total_clusters=-(-h.size // cs))
+        self.inc(0, cs)
+        active_tables: dict = {}
+        all_tables: dict = {}
+        active_l1 = self.l1(h.l1_table_offset, h.l1_size, active_tables)
+        for l2, k in active_tables.items():
+            if k > 1:
+                raise _GiveUp  # one L2 table twice in the active L1: the full walk's statistics decide
+            all_tables[l2] = 1
+        for s in meta.snapshots:
+            snap: dict = {}
+            self.l1(s.l1_table_offset, s.l1_size, snap)
+            for l2, k in snap.items():
+                all_tables[l2] = all_tables.get(l2, 0) + k
+        if h.nb_snapshots:
+            self.inc(h.snapshots_offset, meta.snapshot_table_bytes)
+        self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        reftable = self.table(h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
+        blocks = []
+        for ent in reftable:
+            off = ent & REFT_OFFSET_MASK
+            if ent & REFT_RESERVED_MASK or off % cs or (off >> bits) >= self.nb:
+                raise _GiveUp
+            if off:
+                self.inc(off, cs)
+            blocks.append(off)
+        # the data clusters, one pass per distinct L2 table, weighted by its references
+        counts = self.counts
+        mask, low = L2E_OFFSET_MASK, cs - 1
+        entries = meta.l2_entries
+        offsets: dict = {}
+        for l2, weight in all_tables.items():
+            if (l2 >> bits) >= self.nb:
+                raise _GiveUp
+            raw = meta.store.pread_full(l2, entries * 8)
+            if raw[0::8].translate(None, _PLAIN_FIRST_BYTES):
+                raise _GiveUp  # compressed entries (or offsets past 2**56)
+            ents = be_u64_array(raw)
+            offs = [x for x in map(mask.__and__, ents) if x]
+            if not offs:
+                continue
+            if any(map(low.__and__, offs)) or (max(offs) >> bits) >= self.nb:
+                raise _GiveUp  # unaligned or past the end of the file: the full walk reports it
+            for x in offs:
+                counts[x >> bits] += weight
+            if l2 in active_tables:
+                offsets[l2] = (ents, offs)
+                res.allocated_clusters += len(offs)
+                steps = list(map(operator.sub, offs[1:], offs[:-1]))
+                res.fragmented_clusters += len(steps) - steps.count(cs)
+        # the stored refcounts must be exactly these
+        try:
+            computed = array("H", counts)
+        except OverflowError:
+            raise _GiveUp from None
+        rpb = meta.rc_per_block
+        n = len(computed)
+        for i, off in enumerate(blocks):
+            lo = i * rpb
+            if not off:
+                if any(computed[lo:lo + rpb]):
+                    raise _GiveUp
+                continue
+            blk = array("H", meta.store.pread_full(off, cs))
+            if sys.byteorder == "little":
+                blk.byteswap()
+            # (past the clusters of the file every stored refcount must be 0)
+            if blk[:max(0, n - lo)] != computed[lo:lo + rpb] or any(blk[max(0, n - lo):]):
+                raise _GiveUp
+        if len(blocks) * rpb < n and any(computed[len(blocks) * rpb:]):
+            raise _GiveUp
+        if any(counts[off >> bits] != 1 for off in blocks if off):
+            raise _GiveUp
+        # OFLAG_COPIED: set exactly where the refcount is 1 (L2 tables in the active L1, and their data)
+        for ent in active_l1:
+            if (counts[(ent & L1E_OFFSET_MASK) >> bits] == 1) != bool(ent & QCOW_OFLAG_COPIED):
+                raise _GiveUp
+        for ents, offs in offsets.values():
+            copied = [e >> 63 for e in ents if e & mask]
+            refs_one = [int(counts[x >> bits] == 1) for x in offs]
+            if copied != refs_one:
+                raise _GiveUp
+        last = n - 1
+        while last >= 0 and not counts[last]:
+            last -= 1
+        res.image_end_offset = (last + 1) * cs if last >= 0 else cs
+        return res
