@@ -18,11 +18,12 @@ from __future__ import annotations
 import operator
 import sys
 from array import array
+from itertools import compress, repeat
 
 from ...core.check import CheckResult
 from .header import MAX_L1_SIZE_BYTES
 from .refcount import REFT_OFFSET_MASK
-from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, be_u64_array
+from .tables import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED, be_u64_array
 
 REFT_RESERVED_MASK = 0x1FF
 #: first bytes (big-endian) an entry may have here: 0, or only OFLAG_COPIED; anything else (compressed,
@@ -117,30 +118,48 @@ class _Quick:
             if off:
                 self.inc(off, cs)
             blocks.append(off)
-        # the data clusters, one pass per distinct L2 table, weighted by its references
+        # the data clusters, one pass per distinct L2 table, weighted by its references.  Entries are
+        # taken apart with byte slices: bits 8-39 of every entry become one small int (no 64-bit ints
+        # with flags to mask), which holds any host offset below 1 TiB (larger: the full walk)
         counts = self.counts
-        mask, low = L2E_OFFSET_MASK, cs - 1
+        shift = bits - 8
+        # bytes 6 and 5 of an entry hold bits 8-15 and 16-23: reserved bit 8 and the offset bits below
+        # the cluster size must be clear (the bytes that may appear there)
+        low = ((1 << shift) - 1) | 1
+        ok6 = bytes(b for b in range(256) if not b & low & 0xFF)
+        ok5 = bytes(b for b in range(256) if not b & (low >> 8)) if low >> 8 else None
+        step = cs >> 8
         entries = meta.l2_entries
         offsets: dict = {}
         for l2, weight in all_tables.items():
             if (l2 >> bits) >= self.nb:
                 raise _GiveUp
             raw = meta.store.pread_full(l2, entries * 8)
-            if raw[0::8].translate(None, _PLAIN_FIRST_BYTES):
-                raise _GiveUp  # compressed entries (or offsets past 2**56)
-            ents = be_u64_array(raw)
-            offs = [x for x in map(mask.__and__, ents) if x]
+            first = raw[0::8]
+            if (first.translate(None, _PLAIN_FIRST_BYTES) or raw[1::8].count(0) != entries
+                    or raw[2::8].count(0) != entries or raw[6::8].translate(None, ok6)
+                    or (ok5 is not None and raw[5::8].translate(None, ok5))):
+                raise _GiveUp  # compressed, offsets of 1 TiB or more, reserved bit 8 set, unaligned
+            w = bytearray(4 * entries)
+            for k in range(4):
+                w[k::4] = raw[3 + k::8]
+            v = array("I")
+            v.frombytes(w)
+            if sys.byteorder == "little":
+                v.byteswap()
+            offs = list(filter(None, v))  # host offset >> 8 of the entries with a host cluster
             if not offs:
                 continue
-            if any(map(low.__and__, offs)) or (max(offs) >> bits) >= self.nb:
-                raise _GiveUp  # unaligned or past the end of the file: the full walk reports it
-            for x in offs:
-                counts[x >> bits] += weight
+            try:
+                for x in offs:  # (the one per-entry Python loop)
+                    counts[x >> shift] += weight
+            except IndexError:
+                raise _GiveUp from None  # past the end of the file: the full walk reports it
             if l2 in active_tables:
-                offsets[l2] = (ents, offs)
+                offsets[l2] = (list(compress(first, v)), list(map(operator.rshift, offs, repeat(shift))))
                 res.allocated_clusters += len(offs)
                 steps = list(map(operator.sub, offs[1:], offs[:-1]))
-                res.fragmented_clusters += len(steps) - steps.count(cs)
+                res.fragmented_clusters += len(steps) - steps.count(step)
         # the stored refcounts must be exactly these
         try:
             computed = array("H", counts)
@@ -168,10 +187,16 @@ class _Quick:
         for ent in active_l1:
             if (counts[(ent & L1E_OFFSET_MASK) >> bits] == 1) != bool(ent & QCOW_OFLAG_COPIED):
                 raise _GiveUp
-        for ents, offs in offsets.values():
-            copied = [e >> 63 for e in ents if e & mask]
-            refs_one = [int(counts[x >> bits] == 1) for x in offs]
-            if copied != refs_one:
+        for flags, idxs in offsets.values():  # flags: each entry's first byte, 0x80 when COPIED
+            refs = list(map(counts.__getitem__, idxs))
+            ones = refs.count(1)
+            if ones == len(refs):
+                ok = flags.count(0x80) == len(flags)
+            elif ones == 0:
+                ok = flags.count(0) == len(flags)
+            else:
+                ok = [f >> 7 for f in flags] == [int(r == 1) for r in refs]
+            if not ok:
                 raise _GiveUp
         last = n - 1
         while last >= 0 and not counts[last]:
