@@ -218,7 +218,12 @@ def _copy(src: str, dst: str) -> None:
 
 
 def _prep_overlay(paths, tool) -> None:
-    """A private copy of W4 (and, for commit, of its base W3) at {out}: both tools edit it in place."""
+    """A private copy of W4 at {out} (its backing file stays W3, which rebase only reads)."""
+    _copy(paths["W4"], paths["out"])
+
+
+def _prep_overlay_and_base(paths, tool) -> None:
+    """Private copies of W4 and of its base W3 at {out} and {out}.base: commit writes into both."""
     out, base = paths["out"], paths["out"] + ".base"
     _copy(paths["W4"], out)
     _copy(paths["W3"], base)
@@ -268,7 +273,7 @@ CASES: list[Case] = [
     Case("rebase (safe) W4 onto no backing file", ("W4", "W3"), ["rebase", "-f", "qcow2", "-b", "", "{out}"],
          ["rebase", "-f", "qcow2", "-b", "", "{out}"], needs=("qcow2",), setup=_prep_overlay),
     Case("commit W4", ("W4", "W3"), ["commit", "-f", "qcow2", "{out}"], ["commit", "-f", "qcow2", "{out}"],
-         needs=("qcow2",), setup=_prep_overlay),
+         needs=("qcow2",), setup=_prep_overlay_and_base),
     _case("convert W1 -O qcow2 -c (zlib)", "qcow2", extra=("-c",), needs=("qcow2",), slow=True, pairs=1),
     _case("convert W1 -O qcow2 -c zstd", "qcow2", extra=("-c", "-o", "compression_type=zstd"),
           needs=("qcow2",), slow=True, pairs=2),
@@ -474,34 +479,27 @@ def _fmt_m(kib):
 NOTES = """\
 ## Notes
 
-- Every qimg run pays a fixed start-up: the interpreter and `site` (~30 ms here, of which a
-  CA-bundle `.pth` hook of this machine and the editable-install finder of `pip install -e` take
-  ~15 ms; a plain `pip install .` has no finder), click (~12 ms) and qimg's own modules (~10 ms).
-  qemu-img starts in ~5 ms.  That is all of `info`/`--help` and roughly 0.1x of the raw
-  convert ratios.
-- raw and new qcow2 targets: two worker threads take 2 MiB chunks, read them into page-aligned
-  buffers, find zero blocks (first/last word of each 4 KiB block from a strided memoryview;
-  `bytes.startswith` as a copy-free memcmp for zero runs; numpy only for chunks with many
-  data/zero transitions) and write the data runs themselves, in whatever order they finish.  A
-  qcow2 that convert has just created reserves its clusters under a lock (`direct_map`) and the
-  data goes straight to the host file.  numpy is not imported for such a copy, hence ~22 MiB
-  peak RSS.  Holes are found with SEEK_DATA/SEEK_HOLE.
-- The data is written from the buffer it was scanned in.  On this ext4 (no reflinks)
-  `os.copy_file_range` is a page-by-page splice: 1 GiB takes ~270 ms against ~230 ms for a read
-  plus a write from the buffer, so after a zero scan it only added work.  It is used with `-C`,
-  which (as in qemu-img) skips the zero scan.
-- Two writers to one file contend for its inode lock (ext4 buffered writes take it exclusively):
-  the kernel spins (`rwsem_spin_on_owner`), which is why qimg's CPU column is above its wall time
-  on raw targets.  Serialising the writes in Python saved that CPU but cost ~20 ms of wall time.
-- Other output formats (and `-c`) go through the same engine with the writes done in guest
-  order by the calling thread.  Zero extents do not stall that pipeline when the target already
-  reads as zeros: before, every hole drained it, and `-c` kept only ~1.4 of the 2 cores busy.
-- vdi/vpc/vhdx: their block tables are Python ``array`` objects up to 65536 entries (numpy only
-  for bigger images), so converting a W1-sized image to or from them does not import numpy
-  (~0.15 s of CPU, ~10 MiB of RSS); a raw source caches its file size and its last
-  SEEK_DATA/SEEK_HOLE run (one fstat per open instead of three per extent query).
-- The machine is shared with other jobs (see the load average): single pairs swing by 2x and
-  more.  Compare the ratio (median of per-pair ratios) and the CPU column, which is steadier.
+- Start-up is part of every small job.  The `python -c pass` and `python -c "import click"` rows are
+  the floor any click-based Python command line pays here (this machine's `site` also runs a CA-bundle
+  `.pth` hook); qimg's own modules add about 10 ms on top of click for `info`, and click's parser
+  builds a suggestion list (difflib, gettext) for every short option it first tries as a long one.
+  qemu-img starts in ~5 ms.
+- Metadata commands (info, check, map, measure, compare, snapshot -l, rebase -u) import no numpy,
+  tqdm, cryptography or zstandard (tests/cli/test_lazy_imports.py).  `check` verifies a consistent
+  image in plain Python (qcow2/check_quick.py: the L2 entries taken apart with byte slices, one
+  counting loop) and leaves anything unusual to the numpy walk that reports it.  resize, amend and
+  commit's emptying of the overlay still rewrite the metadata through the numpy-based lifecycle code.
+- Compressed qcow2 writes: a table being written is read in place (LiveL2), never copied and decoded
+  whole per write; compression runs in two worker threads, the writer enters the clusters in order.
+- convert writes its target as qemu-img does (cache mode unsafe), -n targets included: no syncs
+  between metadata stages, and the workers write the data runs themselves (`direct_map`).
+- rebase (safe): two workers read the old and new views and find the differing sectors (zeroscan
+  against no backing file, numpy only for a new base whose chunks differ); the caller writes.
+- raw and new qcow2 targets: two worker threads read 2 MiB chunks into page-aligned buffers, find zero
+  blocks and write the data runs in whatever order they finish; holes are found with SEEK_DATA/SEEK_HOLE.
+- The machine is shared with other jobs (see the load averages): wall-time pairs swing by 2x and
+  more, and a loaded machine hurts the multi-threaded side most (every hand-off waits for a time
+  slice).  The CPU ratio column is the steadier comparison.
 """
 
 
@@ -578,8 +576,8 @@ def write_results(data: dict) -> str:
         "written zeros; W2 = S/4 GiB dense random raw; W3 = W1 converted to qcow2 by qemu-img; W4 = a qcow2 "
         "overlay on W3 with 50*S MiB written in 1 MiB pieces; W5 = W1 converted to qcow2 with 4 KiB clusters "
         "(65536*S allocated) plus one internal snapshot; W1 (vdi/vpc/vhdx/vmdk) = W1 converted by qemu-img.  "
-        "rebase and commit run on a fresh copy of W4 (and of W3 as its base) each time; convert -n writes into "
-        "an empty qcow2 created (untimed) before each run.",
+        "rebase runs on a fresh copy of W4 each time, commit on fresh copies of W4 and of W3 as its base; "
+        "convert -n writes into an empty qcow2 created (untimed) before each run.",
         "",
         "Targets (issue 17): every uncompressed convert <= 1.0x at scale 4 and <= 1.3x at scale 1; -c zlib "
         "<= 0.55x and zstd <= 0.6x at every scale; streamOptimized VMDK <= 0.2x; info/map/measure/snapshot -l "
