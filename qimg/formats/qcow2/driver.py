@@ -256,11 +256,9 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         return nz[pos] if pos < len(nz) else len(self.l1)
 
     def _decoded(self, l2_offset: int):
-        if not self.extended:
-            pending = self._dirty_l2_get(l2_offset)
-            if pending is not None:
-                # a table being written is read where it is: no copy, no decoding of the whole table
-                return LiveL2(pending, self.cs, self.h.has_data_file)
+        pending = None if self.extended else self._dirty_l2_get(l2_offset)
+        if pending is not None:  # a table being written is read where it is (no copy, no whole-table decode)
+            return LiveL2(pending, self.cs, self.h.has_data_file)
         d = self.cache.get(l2_offset)
         if d is None:
             raw = self._read_l2_raw(l2_offset)
