@@ -62,3 +62,11 @@ def test_live_view_matches_decoded_table(seed, data_file):
         # a limit shortens the run but never changes its kind
         lim = min(end, i + 1 + i % 7)
         assert live.run_at(i, lim) == (kind, lim), i
+
+
+@pytest.mark.parametrize("data_file", [False, True])
+def test_live_view_hosts_per_cluster_match(data_file):
+    raw = _table(11, 1024, data_file)
+    dec = decode_l2(array("Q", raw), CB, False, data_file)
+    live = LiveL2(raw, CS, data_file)
+    assert [live.chosts[i] for i in range(1024)] == [dec.chosts[i] for i in range(1024)]

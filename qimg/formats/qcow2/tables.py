@@ -180,13 +180,14 @@ class LiveL2:
     to ``limit`` (the end of the caller's range), with the same kinds and run breaks as the decoders.
     It is never cached: the writer's array is the one copy of the table."""
 
-    __slots__ = ("cs", "has_data_file", "raw", "shift", "unit")
+    __slots__ = ("chosts", "cs", "has_data_file", "raw", "shift", "unit")
 
     def __init__(self, raw: array, cs: int, has_data_file: bool):
         self.raw = raw
         self.cs = self.unit = cs
         self.shift = 0
         self.has_data_file = has_data_file
+        self.chosts = _LiveHosts(self)
 
     def _kind(self, e: int) -> tuple[int, int]:
         """(kind, host offset or -1 when the entry has none) of one entry."""
@@ -222,6 +223,20 @@ class LiveL2:
                 break
             j += 1
         return kind, j
+
+
+class _LiveHosts:
+    """``chosts`` of a LiveL2, entry by entry: the host offset, -1 for an external data file's offset 0,
+    0 for none (as the decoders store them)."""
+
+    __slots__ = ("live",)
+
+    def __init__(self, live: LiveL2):
+        self.live = live
+
+    def __getitem__(self, index: int) -> int:
+        h = self.live._kind(self.live.raw[index])[1]
+        return 0 if h < 0 else (h or -1)
 
 
 def decode_l2(raw, cluster_bits: int, extended: bool, has_data_file: bool):
