@@ -43,7 +43,6 @@ from .tables import (
     ZERO_PLAIN,
     L2Cache,
     LazyNumpy,
-    LiveL2,
     be_u64_array,
     copy_table,
     decode_l2,
@@ -256,10 +255,7 @@ class Qcow2Driver(Qcow2LifecycleMixin, Qcow2Writer, Driver):
         return nz[pos] if pos < len(nz) else len(self.l1)
 
     def _decoded(self, l2_offset: int):
-        pending = None if self.extended else self._dirty_l2_get(l2_offset)
-        if pending is not None:  # a table being written is read where it is (no copy, no whole-table decode)
-            return LiveL2(pending, self.cs, self.h.has_data_file)
-        d = self.cache.get(l2_offset)
+        d = self._live_l2(l2_offset) or self.cache.get(l2_offset)
         if d is None:
             raw = self._read_l2_raw(l2_offset)
             d = decode_l2(raw, self.cluster_bits, self.extended, self.h.has_data_file)

@@ -35,6 +35,7 @@ from .tables import (
     QCOW_OFLAG_ZERO,
     SUBCLUSTERS_PER_CLUSTER,
     LazyNumpy,
+    LiveL2,
     copy_table,
 )
 from .zeroes import Qcow2ZeroWriter
@@ -85,6 +86,11 @@ class Qcow2Writer(Qcow2CompressedWriter, Qcow2ZeroWriter, Qcow2MetadataFlush):
 
     def _dirty_l2_get(self, l2_offset: int):
         return self._l2_dirty.get(l2_offset)
+
+    def _live_l2(self, l2_offset: int):
+        """A standard table being written, read where it is (no copy, no whole-table decode), or None."""
+        pending = None if self.extended else self._l2_dirty.get(l2_offset)
+        return None if pending is None else LiveL2(pending, self.cs, self.h.has_data_file)
 
     @property
     def has_zero_init(self) -> bool:
