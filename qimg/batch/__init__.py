@@ -2,8 +2,8 @@
 
 Each job runs the library in a worker (no subprocess): ``convert``, ``check``, ``info``, ``measure``,
 ``compare``, ``map`` (and ``inspect`` where the inspect command exists), with sources and destinations
-as paths or URLs.  Without a client, an embedded ``LocalCluster`` of worker processes (one thread
-each, one per core by default) runs the batch and is closed after it.  Example, from an existing
+as paths or URLs.  Without a client, an embedded ``LocalCluster`` of workers in this process (one job at
+a time each, one per core by default) runs the batch and is closed after it.  Example, from an existing
 client::
 
     from dask.distributed import Client
@@ -50,12 +50,16 @@ def has_dashboard() -> bool:
 
 
 def connect(address: str | None, workers: int | None = None, retries: int = DEFAULT_RETRIES,
-            start_method: str | None = None):
-    """(client, cluster or None): a client of the scheduler at ``address``, or of a new LocalCluster.
+            processes: bool = False):
+    """(client, cluster or None): a client of the scheduler at ``address``, or of a new LocalCluster of
+    ``workers`` workers running one job at a time each.
 
-    ``start_method``: how the LocalCluster starts its worker processes (multiprocessing's; Dask's
-    default is "spawn": "fork" starts them in a fraction of a second, but its workers ran convert jobs
-    several times slower in benchmarks/batch.py, so ``qimg batch`` keeps "spawn")."""
+    The embedded cluster's workers are threads of this process (``processes=False``): they start in a
+    fraction of a second where worker processes take seconds (a fresh interpreter each, importing
+    Dask and qimg again), and jobs go to them without pickling.  A convert spends its time in system
+    calls, zlib and numpy, which release the GIL, so two threads keep two cores busy.  ``processes``
+    gives each worker its own process (what a job that may crash its interpreter, or a worker killed
+    in the middle of a job, needs); a cluster given by address is whatever it was started as."""
     dist = distributed()
     import logging
 
@@ -69,12 +73,12 @@ def connect(address: str | None, workers: int | None = None, retries: int = DEFA
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise BatchError(f"Could not connect to the Dask scheduler at '{address}': {reason}") from None
     n = workers or os.cpu_count() or 1
-    settings = {"distributed.scheduler.allowed-failures": max(retries, 0)}
-    if start_method:
-        settings["distributed.worker.multiprocessing-method"] = start_method
-    with dask.config.set(settings):
-        cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                    dashboard_address=":0", silence_logs=logging.ERROR)
+    # no dashboard without bokeh: Dask would only warn that it cannot serve one
+    dashboard = ":0" if has_dashboard() else None
+    extra = {"host": "127.0.0.1"} if processes else {}
+    with dask.config.set({"distributed.scheduler.allowed-failures": max(retries, 0)}):
+        cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
+                                    dashboard_address=dashboard, silence_logs=logging.ERROR, **extra)
     try:
         return dist.Client(cluster, set_as_default=False), cluster
     except BaseException:
@@ -88,7 +92,7 @@ def run(jobs, client=None, *, workers: int | None = None, retries: int = DEFAULT
 
     A job that cannot run (malformed, unknown op or option) gets its error result at once, before the
     others.  ``client``: an existing ``dask.distributed.Client``; None starts a LocalCluster of
-    ``workers`` processes for this call.  ``retries``: further attempts for a job whose failure was
+    ``workers`` worker threads for this call (``connect``).  ``retries``: further attempts for a job whose failure was
     transient (a network error, a lost worker); a bad image is never retried.  ``untrusted`` runs every
     job in the untrusted mode: True for its defaults, or a ``qimg.core.policy.Policy`` with its folders
     and limits (a job may also ask with ``"untrusted": true``).  ``skip``: ids not to run

@@ -41,9 +41,13 @@ def is_transient(e: BaseException) -> bool:
 
 
 def _io_counters() -> tuple[int, int] | None:
-    """(bytes read, bytes written) by this process so far (Linux: /proc/self/io rchar, wchar)."""
+    """(bytes read, bytes written) by this thread so far (Linux: /proc/thread-self/io rchar, wchar).
+
+    Per thread, as the workers of the embedded cluster are threads of one process running jobs side
+    by side; a convert copies in the job's own thread (one copy worker), so its reads are all counted,
+    while reads the library hands to helper threads (parallel HTTP ranges, compare's read-ahead) are not."""
     try:
-        with open("/proc/self/io") as f:
+        with open("/proc/thread-self/io") as f:
             fields = dict(line.split(": ", 1) for line in f.read().splitlines() if ": " in line)
         return int(fields["rchar"]), int(fields["wchar"])
     except (OSError, KeyError, ValueError):

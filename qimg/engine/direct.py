@@ -148,6 +148,13 @@ def run_direct(src, dst, start, end, opts, progress, chunk, workers, dst_offset,
             except BufferError:
                 pass
 
+    if workers == 1 and progress is None:
+        # one copy worker and no progress to report: the calling thread copies (no thread of its own
+        # per copy; a batch job's I/O is then counted on the job's thread)
+        loop()
+        if state["error"] is not None:
+            raise state["error"]
+        return
     threads = [threading.Thread(target=loop, daemon=True, name=f"qimg-copy-{i}") for i in range(workers)]
     for t in threads:
         t.start()

@@ -25,7 +25,8 @@ def moto_s3(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cluster(moto_s3):
-    """A LocalCluster of two worker processes that reach moto's S3 server (the address is passed to
+    """A LocalCluster of two worker processes (not the embedded cluster's threads: the worker processes
+    of a cluster given by address) that reach moto's S3 server (the address is passed to
     ``qimg batch --scheduler`` and the client to ``qimg.batch.run``)."""
     import qimg.batch
 
@@ -33,7 +34,7 @@ def cluster(moto_s3):
     for k, v in {**moto_s3.env(), "PYTHONPATH": str(ROOT)}.items():
         mp.setenv(k, v)  # inherited by the worker processes
     try:
-        client, local = qimg.batch.connect(None, workers=2)
+        client, local = qimg.batch.connect(None, workers=2, processes=True)
     finally:
         mp.undo()
     yield client
