@@ -75,8 +75,20 @@ def connect(address: str | None, workers: int | None = None, retries: int = DEFA
     n = workers or os.cpu_count() or 1
     # no dashboard without bokeh: Dask would only warn that it cannot serve one
     dashboard = ":0" if has_dashboard() else None
-    extra = {"host": "127.0.0.1"} if processes else {}
-    with dask.config.set({"distributed.scheduler.allowed-failures": max(retries, 0)}):
+    settings = {"distributed.scheduler.allowed-failures": max(retries, 0)}
+    if processes:
+        extra = {"host": "127.0.0.1"}
+    else:
+        # the scheduler and the workers share the jobs' process: their periodic chores (the event
+        # loop's 20 ms tick, a psutil sample of the process every 100-500 ms, work stealing's
+        # rebalancing) each take the GIL from the jobs, and a busy machine makes every wake-up
+        # costly.  Results are small dicts: no memory limit to watch (it is the worker processes'
+        # guard), and stealing cannot place a job better among identical threads.
+        extra = {"memory_limit": 0}
+        settings.update({"distributed.admin.tick.interval": "1s", "distributed.admin.system-monitor.interval": "5s",
+                         "distributed.scheduler.work-stealing": False,
+                         "distributed.worker.profile.enabled": False})
+    with dask.config.set(settings):
         cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
                                     dashboard_address=dashboard, silence_logs=logging.ERROR, **extra)
     try:
