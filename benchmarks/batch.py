@@ -4,13 +4,16 @@
 
 Workload: 100 images of 64 MiB (raw, qcow2 and vmdk in turn), each with 16 MiB of random data in four
 extents, converted to qcow2 by
-- `qimg batch --workers 2` (its embedded LocalCluster; start-up and shutdown included),
+- `qimg batch --workers 2` (its embedded LocalCluster of two worker threads; interpreter start, Dask's
+  import, cluster start-up and shutdown included),
 - `xargs -P 2 qemu-img convert -O qcow2`,
 - a shell loop calling `qimg convert -O qcow2` once per image.
-Outputs are deleted between runs.  Scheduler overhead: 200 `info` jobs on a running 2-worker cluster;
-per job, (wall time - job time / workers) / jobs.
+Outputs are deleted between runs; batch and xargs runs alternate (`--runs` of each), the slow shell loop
+runs `--loop-runs` times.  Scheduler overhead: 200 `info` jobs on a running 2-worker cluster; per job,
+(wall time - job time / workers) / jobs.  The load average is recorded before and after: on a shared
+machine the ratios move with it.
 
-    python benchmarks/batch.py [--images 100] [--runs 1]     # writes its section of benchmarks/RESULTS.md
+    python benchmarks/batch.py [--images 100] [--runs 3] [--loop-runs 1]   # writes its section of RESULTS.md
 """
 
 from __future__ import annotations
@@ -124,30 +127,36 @@ def overhead(images, n_jobs: int = 200) -> tuple[float, float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100)
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--loop-runs", type=int, default=1)
     args = ap.parse_args()
     images = build(args.images)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     times = {"batch": [], "xargs": [], "loop": []}
+    machine = machine_line()
     for _ in range(args.runs):
         times["xargs"].append(run_xargs(images, env))
         times["batch"].append(run_batch(images, env))
+    for _ in range(args.loop_runs):
         times["loop"].append(run_loop(images, env))
     shutil.rmtree(WORK / "out", ignore_errors=True)
     per_job, job_ms, start = overhead(images)
     b, x, loop = (median(times[k]) for k in ("batch", "xargs", "loop"))
+    load_after = os.getloadavg()[0]
+    each = "; ".join(f"{k}: {', '.join(f'{t:.2f}' for t in times[k])} s" for k in ("batch", "xargs", "loop"))
     total = args.images * 64
     text = f"""## Batch: qimg batch on Dask (benchmarks/batch.py)
 
-- {machine_line()}
+- {machine}; load average {load_after:.2f} at the end
 - workload: {args.images} images of 64 MiB (raw, qcow2, vmdk in turn; 16 MiB of random data each, in 4 extents)
-  converted to qcow2; {args.runs} run(s) of each method, the median shown; throughput in guest MiB per second.
+  converted to qcow2; {args.runs} alternating run(s) of batch and xargs, {args.loop_runs} of the loop, the median
+  shown; throughput in guest MiB per second.  Every run: {each}.
 - targets: batch >= 1.0x the throughput of `xargs -P 2 qemu-img convert`, >= 1.5x a shell loop of `qimg convert`;
   scheduler overhead <= 20 ms per job.
 
 | method | wall | throughput | **batch speed-up** |
 |---|---|---|---|
-| `qimg batch --workers 2` (embedded LocalCluster, start-up included) | {fmt_s(b)} | {total / b:.0f} MiB/s | - |
+| `qimg batch --workers 2` (2 worker threads, start-up included) | {fmt_s(b)} | {total / b:.0f} MiB/s | - |
 | `xargs -P 2 qemu-img convert -O qcow2` | {fmt_s(x)} | {total / x:.0f} MiB/s | **{x / b:.2f}x** |
 | shell loop of `qimg convert -O qcow2` | {fmt_s(loop)} | {total / loop:.0f} MiB/s | **{loop / b:.2f}x** |
 
