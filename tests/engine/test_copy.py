@@ -172,9 +172,10 @@ def test_worker_errors_reach_the_caller():
     src, data = make_source()
     broken = Broken(data, src.ranges)
     dst = RecordingTarget(len(data))
+    before = threading.active_count()  # other tests' servers may be running
     with pytest.raises(OSError, match="Input/output error"):
         copy_range(broken, dst, 0, len(data), CopyOptions())
-    assert threading.active_count() < 10  # worker threads were joined
+    assert threading.active_count() <= before  # worker threads were joined
 
 
 def test_progress_counts_every_byte():
