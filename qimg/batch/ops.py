@@ -11,6 +11,7 @@ would have exited with, and its one-line message (None when that status is 0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import inspect
 
@@ -51,8 +52,10 @@ def available_ops() -> list[str]:
     return [op for op in BATCH_OPS if function(op) is not None]
 
 
+@functools.lru_cache(maxsize=None)
 def _parameters(op: str) -> dict[str, inspect.Parameter]:
-    """The function's parameters a job may give, under the names jobs use."""
+    """The function's parameters a job may give, under the names jobs use (read once per op: every
+    job is checked against them, and again where it runs)."""
     return {_ALIASES.get(name, name): p for name, p in inspect.signature(function(op)).parameters.items()
             if name not in EXCLUDED}
 
