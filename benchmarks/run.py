@@ -43,6 +43,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / "work"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.sections import write_section  # noqa: E402  (each script owns its section of RESULTS.md)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -659,7 +662,7 @@ def main(argv=None) -> int:
     if args.render:
         text = write_results(json.loads(Path(args.json).read_text()))
         if args.output != "-":
-            Path(args.output).write_text(text)
+            write_section("run", text, Path(args.output))
         print(text)
         return 0
     if shutil.which("qemu-img") is None:
@@ -687,7 +690,7 @@ def main(argv=None) -> int:
         if args.json and args.json != "-":
             Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
         if args.output != "-":
-            Path(args.output).write_text(write_results(data))
+            write_section("run", write_results(data), Path(args.output))
     print(write_results(data))
     return 0
 
