@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import CorruptImage, QimgError, Unsupported
+from ..errors import QimgError, Unsupported
 from .extent import Extent
+from .policy import check_host, read_host
 
 
 def c_string(raw: bytes) -> str:
@@ -184,13 +185,12 @@ class Driver:
 
     def read_host(self, store, host: int, view) -> None:
         """Fill ``view`` from ``store`` at ``host``: past the end of the file qemu-img reads zeros; the
-        untrusted mode refuses it, naming the image and the offset."""
-        got = store.readinto(host, view)
-        if got < len(view):
-            if self.strict:
-                raise CorruptImage(f"'{self.filename}': data at host offset {host + got:#x} lies past the end "
-                                   "of the file")
-            view[got:] = bytes(len(view) - got)
+        untrusted mode refuses it, naming the image and the offset (qimg.core.policy.read_host)."""
+        read_host(store, host, view, self.strict, self.filename)
+
+    def check_host(self, store, host: int, align: int, guest_offset: int, what: str = "host offset") -> None:
+        """Untrusted mode: a table entry's host offset is aligned and inside ``store`` (policy.check_host)."""
+        check_host(store, host, align, guest_offset, self.filename, what)
 
     def read_below(self, offset: int, length: int) -> bytes:
         """The backing chain's guest bytes at ``offset`` (zeros without one, or past its end)."""

@@ -168,6 +168,34 @@ def short_read(raw: bytes, want: int, strict: bool, image: str, what: str, offse
     return raw + bytes(want - len(raw))
 
 
+def read_host(store, host: int, view, strict: bool, image: str) -> None:
+    """Fill ``view`` from ``store`` at ``host``: past the end of the file zeros, as qemu-img reads them,
+    or, in strict (untrusted) mode, an error naming the image and the offset."""
+    got = store.readinto(host, view)
+    if got < len(view):
+        if strict:
+            from ..errors import CorruptImage
+
+            raise CorruptImage(f"'{image}': data at host offset {host + got:#x} lies past the end of the file")
+        view[got:] = bytes(len(view) - got)
+
+
+def check_host(store, host: int, align: int, guest_offset: int, image: str, what: str = "host offset") -> None:
+    """Strict mode: a table entry's host offset is aligned to ``align`` and lies inside ``store`` (qemu-img
+    reads zeros past the end of the file); else an error naming the image and the offset.  The file's
+    size is asked again only for an offset past the last one seen (the file may have grown)."""
+    from ..errors import CorruptImage
+
+    if align > 1 and host % align:
+        raise CorruptImage(f"'{image}': {what} {host:#x} of guest offset {guest_offset:#x} is not "
+                           f"aligned to {align} bytes")
+    if host >= getattr(store, "strict_size", 0):
+        store.strict_size = store.size()
+        if host >= store.strict_size:
+            raise CorruptImage(f"'{image}': {what} {host:#x} of guest offset {guest_offset:#x} lies "
+                               "past the end of the file")
+
+
 def refuse_overlaps(image: str, ranges) -> None:
     """Strict mode: metadata areas [(name, offset, length), ...] must not overlap one another."""
     from ..errors import CorruptImage

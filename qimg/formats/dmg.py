@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 
 from ..core.driver import Driver
+from ..core.policy import short_read
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 
 KOLY_SIZE = 512
@@ -228,16 +229,24 @@ class DmgDriver(Driver):
         _start, length, t, host, clen = self.chunks[i]
         import zlib
 
-        raw = self.store.pread_full(host, clen)
+        # past the end of the file the chunk reads as zeros, as in qemu-img (refused in untrusted mode)
+        raw = short_read(self.store.pread(host, clen), clen, self.strict, self.filename, "dmg chunk", host)
+        more = b""
         try:
             if t == UDIF_RAW:
                 out = raw[:length].ljust(length, b"\0")
             elif t == UDIF_ZLIB:
-                out = zlib.decompressobj().decompress(raw, length)
+                d = zlib.decompressobj()
+                out = d.decompress(raw, length)
+                if self.strict and not d.eof:
+                    more = d.decompress(d.unconsumed_tail, 1)
             elif t == UDIF_BZIP2:
                 import bz2
 
-                out = bz2.BZ2Decompressor().decompress(raw, length)
+                d = bz2.BZ2Decompressor()
+                out = d.decompress(raw, length)
+                if self.strict and not d.eof and not d.needs_input:
+                    more = d.decompress(b"", 1)
             elif t == UDIF_ADC:
                 out = adc_decompress(raw, length)
             else:
@@ -246,6 +255,9 @@ class DmgDriver(Driver):
             raise CorruptImage(f"dmg chunk at host offset {host} is damaged: {e}") from None
         if len(out) < length:
             raise CorruptImage(f"dmg chunk at host offset {host} inflates to {len(out)} bytes, not {length}")
+        if more:  # untrusted mode: a chunk that inflates past its size is refused
+            raise CorruptImage(f"'{self.filename}': dmg chunk at host offset {host:#x} inflates past its size "
+                               f"{length}")
         self._cache = (i, out)
         return out
 

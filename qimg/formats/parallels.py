@@ -172,6 +172,8 @@ class ParallelsDriver(Driver):
         if first == 0:
             return Extent(offset, n, data=False, zero=True, present=False)
         host = first * self.off_multiplier + offset % cs
+        if self.strict:
+            self.check_host(self.store, first * self.off_multiplier, 1, offset, "BAT entry")
         return Extent(offset, n, data=True, zero=False, present=True, offset=host)
 
     def readinto(self, offset: int, buf) -> None:

@@ -23,6 +23,7 @@ import struct
 from ..core.check import CheckResult, check_then_recheck
 from ..core.driver import BackingRef, CreateOptions, Driver, c_string
 from ..core.extent import Extent, split_at
+from ..core.policy import refuse_overlaps
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
 from ..options import BACKING_FILE_OPT, BACKING_FMT_OPT, SIZE_OPT, OptSpec, parse_opt_size
 from ..units import round_up
@@ -148,6 +149,11 @@ class QedDriver(Driver):
         return (off > 0 and off % cs == 0 and off >= self.header_clusters * cs and self.table_size > 1
                 and off + self.table_bytes <= file_size)
 
+    def _refuse_overlap(self, what: str, off: int, length: int) -> None:
+        """Untrusted mode: a table or data cluster must not overlap the header or the L1 table."""
+        refuse_overlaps(self.filename, [("header", 0, self.header_clusters * self.cluster_bytes),
+                                        ("L1 table", self.l1_offset, self.table_bytes), (what, off, length)])
+
     def _write_header(self) -> None:
         raw = self.store.pread_full(0, HEADER.size)
         h = list(HEADER.unpack(raw))
@@ -176,6 +182,8 @@ class QedDriver(Driver):
             raise CorruptImage(f"QED L2 table offset {off} is invalid")
         import numpy as np
 
+        if self.strict:
+            self._refuse_overlap("L2 table", off, self.table_bytes)
         tbl = np.frombuffer(self.store.pread_full(off, self.table_bytes), dtype="<u8").copy()
         if len(self._l2_cache) > 64:
             self._l2_cache.clear()
@@ -208,6 +216,8 @@ class QedDriver(Driver):
         else:
             if first % cs or first + cs > round_up(self.store.size(), cs):
                 raise CorruptImage(f"QED cluster offset {first} is invalid")
+            if self.strict:
+                self._refuse_overlap("data cluster", first, cs)
             expect = np.arange(len(ents), dtype=np.uint64) * np.uint64(cs) + np.uint64(first)
             same = ents == expect
         bad = np.nonzero(~same)[0]

@@ -229,6 +229,8 @@ class VdiDriver(Driver):
         if entry >= VDI_IMAGE_BLOCK_ZERO:
             return Extent(offset, n, data=False, zero=True, present=True)
         host = self.header["offset_data"] + entry * bs + (offset - idx * bs)
+        if self.strict:
+            self.check_host(self.store, host - (offset - idx * bs), 1, offset, "block map entry at host offset")
         if self.header["image_type"] == VDI_TYPE_STATIC:
             # qemu looks through a static image's blocks into the file: holes there read as zeros
             return self._host_status(offset, n, host)

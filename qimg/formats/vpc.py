@@ -302,6 +302,8 @@ class VpcDriver(Driver):
             return Extent(offset, min(nb * bs, end) - offset, data=False, zero=True, present=True)
         # each block has its own bitmap in front, so host runs never span blocks
         host = entry * SECTOR + self.bitmap_size + (offset - idx * bs)
+        if self.strict:
+            self.check_host(self.store, entry * SECTOR, 1, offset, "BAT entry at host offset")
         return Extent(offset, min((idx + 1) * bs, end) - offset, data=True, zero=False, present=True, offset=host)
 
     def _fixed_status(self, offset: int, end: int) -> Extent:

@@ -35,16 +35,5 @@ def open_checks(drv) -> None:
 
 def check_host(drv, host: int, unit_bytes: int, guest_offset: int) -> None:
     """Strict mode: a data run's host offset is aligned and lies inside the file holding it."""
-    if host % unit_bytes:
-        raise CorruptImage(f"'{drv.filename}': host offset {host:#x} of guest offset {guest_offset:#x} is not "
-                           "aligned to the cluster size")
     store = drv.data_store if drv.data_store is not None else drv.store
-    # the size is asked again only when an offset lies past the last one seen (the file may have grown)
-    if host >= getattr(store, "strict_size", 0) and host >= _size(store):
-        raise CorruptImage(f"'{drv.filename}': host offset {host:#x} of guest offset {guest_offset:#x} lies past "
-                           "the end of the file")
-
-
-def _size(store) -> int:
-    store.strict_size = store.size()
-    return store.strict_size
+    drv.check_host(store, host, unit_bytes, guest_offset)

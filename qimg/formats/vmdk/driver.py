@@ -86,6 +86,7 @@ class VmdkDriver(Driver):
             self._open_descriptor_file()
         pos = 0
         for ext in self.extents:
+            ext.strict = self.strict  # untrusted mode: extents refuse what qemu-img reads as zeros
             self.starts.append(pos)
             pos += ext.size
         if pos > MAX_VIRTUAL_SIZE:

@@ -8,6 +8,8 @@ References:
 
 from __future__ import annotations
 
+from ...core.policy import read_host
+
 #: extent-local kinds beyond the grain kinds: a flat range whose host bytes are a hole
 FLAT_DATA, FLAT_HOLE, ZERO_EXTENT = 10, 11, 12
 
@@ -18,6 +20,8 @@ class FlatExtent:
     flat = True
     compressed = False
     grain_bytes = None
+    #: untrusted mode (set by the driver): bytes past the end of the file are refused, not zeros
+    strict = False
 
     def __init__(self, store, filename: str, size: int, offset: int, kind_name: str = "FLAT"):
         self.store = store
@@ -38,9 +42,7 @@ class FlatExtent:
         return FLAT_DATA, max(1, min(hole - host, length)), host
 
     def readinto(self, offset: int, buf) -> None:
-        got = self.store.readinto(self.offset + offset, buf)
-        if got < len(buf):
-            memoryview(buf).cast("B")[got:] = bytes(len(buf) - got)
+        read_host(self.store, self.offset + offset, memoryview(buf).cast("B"), self.strict, self.filename)
 
     def pwrite(self, offset: int, data, base_reader=None) -> None:
         self.store.pwrite(self.offset + offset, data)

@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 
+from ...core.policy import check_host, read_host
 from ...errors import CorruptImage, Unsupported
 
 SECTOR = 512
@@ -31,6 +32,8 @@ class GrainExtent:
     kind_name = "SPARSE"
     compressed = False
     flat = False
+    #: untrusted mode (set by the driver): grains past the end of the file and inexact inflation refused
+    strict = False
 
     def __init__(self, store, filename: str):
         self.store = store
@@ -96,6 +99,8 @@ class GrainExtent:
             if steps.size:
                 count = int(steps[0]) + 1
             host = int(offs[first]) + in_grain
+            if self.strict:
+                check_host(self.store, int(offs[first]), 1, offset, self.filename, "grain at host offset")
         n = min(count * gb - in_grain, length)
         return kind, n, host
 
@@ -106,9 +111,7 @@ class GrainExtent:
             kind, n, host = self.status(offset + pos, total - pos)
             sub = view[pos:pos + n]
             if kind == DATA:
-                got = self.store.readinto(host, sub)
-                if got < n:
-                    sub[got:] = bytes(n - got)
+                read_host(self.store, host, sub, self.strict, self.filename)
             elif kind == COMPRESSED:
                 self._read_compressed(offset + pos, sub)
             else:
@@ -140,13 +143,18 @@ class GrainExtent:
     def _inflate(self, host: int, grain: int) -> bytes:
         raise CorruptImage("compressed grains are not supported in this extent")
 
-    @staticmethod
-    def inflate(data, gb: int, where: str) -> bytes:
+    def inflate(self, data, gb: int, where: str, grain: int = 0) -> bytes:
+        """A compressed grain inflated to at most ``gb`` bytes (zero-padded, as qemu-img reads it); in
+        untrusted mode it must inflate to exactly the grain (or the extent's last, shorter part)."""
         try:
             d = zlib.decompressobj()
             out = d.decompress(data, gb)
+            more = b"" if d.eof or not self.strict else d.decompress(d.unconsumed_tail, 1)
         except zlib.error as e:
             raise CorruptImage(f"compressed grain at {where} cannot be inflated: {e}") from None
+        if self.strict and (more or not d.eof or len(out) not in (gb, min(gb, self.size - grain * gb))):
+            raise CorruptImage(f"'{self.filename}': compressed grain at {where} does not inflate to exactly "
+                               f"the grain size {gb}")
         if len(out) < gb:
             out += bytes(gb - len(out))
         return out

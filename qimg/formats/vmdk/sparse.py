@@ -192,7 +192,7 @@ class SparseExtent(GrainExtent):
         else:
             # without markers the compressed length is unknown: a grain never inflates from more than this
             data = self.store.pread(host, 2 * gb + 1024)
-        return self.inflate(data, gb, where)
+        return self.inflate(data, gb, where, grain)
 
     # --- the write side (hosted sparse, not stream) ---
     def _raw_gt(self, gt_index: int) -> np.ndarray:
