@@ -184,8 +184,9 @@ class DmgDriver(Driver):
                     if clen > DMG_LENGTHS_MAX:
                         raise CorruptImage(f"Length {clen} for chunk is larger than max ({DMG_LENGTHS_MAX})")
                     host = data_fork + data_off + coff
-                    if host + clen > size:
-                        raise CorruptImage("dmg chunk data lies outside the file")
+                    # qemu-img reads a chunk past the end of the file as zeros; untrusted mode refuses it
+                    if self.strict and host + clen > size:
+                        raise CorruptImage(f"dmg chunk at host offset {host:#x} lies past the end of the file")
                 else:
                     host = 0
                 start = first_sector + sec
@@ -231,22 +232,20 @@ class DmgDriver(Driver):
 
         # past the end of the file the chunk reads as zeros, as in qemu-img (refused in untrusted mode)
         raw = short_read(self.store.pread(host, clen), clen, self.strict, self.filename, "dmg chunk", host)
-        more = b""
+        more = False
         try:
             if t == UDIF_RAW:
                 out = raw[:length].ljust(length, b"\0")
             elif t == UDIF_ZLIB:
                 d = zlib.decompressobj()
                 out = d.decompress(raw, length)
-                if self.strict and not d.eof:
-                    more = d.decompress(d.unconsumed_tail, 1)
+                more = not d.eof  # as qemu-img: the stream must end exactly at the chunk's size
             elif t == UDIF_BZIP2:
                 import bz2
 
                 d = bz2.BZ2Decompressor()
                 out = d.decompress(raw, length)
-                if self.strict and not d.eof and not d.needs_input:
-                    more = d.decompress(b"", 1)
+                more = not d.eof
             elif t == UDIF_ADC:
                 out = adc_decompress(raw, length)
             else:
@@ -255,9 +254,9 @@ class DmgDriver(Driver):
             raise CorruptImage(f"dmg chunk at host offset {host} is damaged: {e}") from None
         if len(out) < length:
             raise CorruptImage(f"dmg chunk at host offset {host} inflates to {len(out)} bytes, not {length}")
-        if more:  # untrusted mode: a chunk that inflates past its size is refused
-            raise CorruptImage(f"'{self.filename}': dmg chunk at host offset {host:#x} inflates past its size "
-                               f"{length}")
+        if more:  # a stream that goes on past the chunk's size (a bomb) or does not end there
+            raise CorruptImage(f"'{self.filename}': dmg chunk at host offset {host:#x} does not inflate to exactly "
+                               f"its size {length}")
         self._cache = (i, out)
         return out
 
