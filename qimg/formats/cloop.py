@@ -87,6 +87,8 @@ class CloopDriver(Driver):
             raise CorruptImage(f"cloop block {i} is damaged: {e}") from None
         if len(out) != self.block_size:
             raise CorruptImage(f"cloop block {i} inflates to {len(out)} bytes, not {self.block_size}")
+        if not d.eof:  # as qemu-img: the stream ends at the block's size (a bomb stops there)
+            raise CorruptImage(f"cloop block {i} does not inflate to exactly {self.block_size} bytes")
         self._cache = (i, out)
         return out
 

@@ -168,7 +168,8 @@ def test_strict_data_past_eof_in_every_reader(tmp_path, oracle):
     img.write_bytes(data)
     r = run_qimg("--untrusted", "convert", "-O", "raw", str(img), str(tmp_path / "o.raw"))
     assert r.rc == 1 and r.err.count("\n") == 1
-    assert f"'{img}': block map entry at host offset 0x300400 of guest offset 0x0 lies past the end of the file" in r.err
+    assert f"'{img}': block map entry at host offset 0x300400 of guest offset 0x0 lies past the end of the file" \
+        in r.err
     mine = run_qimg("convert", "-O", "raw", str(img), str(tmp_path / "m.raw"))
     theirs = qemu("convert", "-O", "raw", img, tmp_path / "q.raw", check=False)
     assert mine.rc == theirs.rc
