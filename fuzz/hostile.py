@@ -151,6 +151,20 @@ def _bochs(path: str, catalog: int, extent: int, disk: int, entry: int) -> str:
     return path
 
 
+def _stream_bomb(path: str) -> bool:
+    """Replace the first grain of a streamOptimized VMDK by a stream inflating to 64 MiB (in place)."""
+    bomb = zlib.compress(bytes(64 << 20), 9)
+    with open(path, "r+b") as f:
+        raw = f.read()
+        for o in range(512, len(raw) - 512, 512):
+            lba, size = struct.unpack_from("<QI", raw, o)
+            if lba == 0 and len(bomb) <= size < 1 << 20 and raw[o + 12] == 0x78:
+                f.seek(o)
+                f.write(struct.pack("<QI", 0, len(bomb)) + bomb)
+                return True
+    return False
+
+
 def _seed(d: str, name: str, fmt: str, size: str = "64M", opts: str = "", data: bool = True) -> str:
     path = os.path.join(d, name)
     raw = os.path.join(d, "seed.raw")
@@ -341,6 +355,9 @@ def craft(d: str, secret: str) -> list[Case]:
     add("vmdk/grain-past-eof", "vmdk", p)
     s = _seed(d, "seed-stream.vmdk", "vmdk", opts="subformat=streamOptimized", size="")
     add("vmdk/stream-seed", "vmdk", s)
+    p = _variant(d, s, "vmdk-stream-bomb.vmdk")
+    if _stream_bomb(p):
+        add("vmdk/stream-grain-bomb", "vmdk", p)
     p = os.path.join(d, "vmdk-flat-escape.vmdk")
     with open(p, "w") as f:
         f.write('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'

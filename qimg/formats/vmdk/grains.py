@@ -144,17 +144,17 @@ class GrainExtent:
         raise CorruptImage("compressed grains are not supported in this extent")
 
     def inflate(self, data, gb: int, where: str, grain: int = 0) -> bytes:
-        """A compressed grain inflated to at most ``gb`` bytes (zero-padded, as qemu-img reads it); in
-        untrusted mode it must inflate to exactly the grain (or the extent's last, shorter part)."""
+        """A compressed grain inflated to at most ``gb`` bytes (a shorter one zero-padded, as qemu-img reads
+        it); a stream going on past the grain fails as in qemu-img (a bomb stops there).  In untrusted mode
+        it must inflate to exactly the grain (or to the extent's last, shorter part)."""
         try:
             d = zlib.decompressobj()
             out = d.decompress(data, gb)
-            more = b"" if d.eof or not self.strict else d.decompress(d.unconsumed_tail, 1)
+            more = not d.eof and bool(d.decompress(d.unconsumed_tail, 1))
         except zlib.error as e:
             raise CorruptImage(f"compressed grain at {where} cannot be inflated: {e}") from None
-        if self.strict and (more or not d.eof or len(out) not in (gb, min(gb, self.size - grain * gb))):
-            raise CorruptImage(f"'{self.filename}': compressed grain at {where} does not inflate to exactly "
-                               f"the grain size {gb}")
+        if more or self.strict and (not d.eof or len(out) not in (gb, min(gb, self.size - grain * gb))):
+            raise CorruptImage(f"compressed grain at {where} does not inflate to exactly the grain size {gb}")
         if len(out) < gb:
             out += bytes(gb - len(out))
         return out
