@@ -320,7 +320,8 @@ def craft(d: str, secret: str) -> list[Case]:
     for name, dyn, fmt, val, foot in (("bat-entries-huge", 28, ">I", 0xFFFFFFFF, None),
                                       ("bat-past-eof", 16, ">Q", 1 << 40, None),
                                       ("block-size-huge", 32, ">I", 0x80000000, None),
-                                      ("size-huge", None, ">Q", (1 << 63) - 512, 48)):
+                                      ("size-huge", None, ">Q", (1 << 63) - 512, 48),
+                                      ("bat-over-header", 16, ">Q", 512, None)):
         p = _variant(d, h, f"vpc-{name}.vhd")
         _vpc_patch(p, dyn, fmt, val, foot)
         add(f"vpc/{name}", "vpc", p)

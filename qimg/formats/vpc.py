@@ -35,6 +35,7 @@ import uuid
 
 from ..core.driver import CreateOptions, Driver
 from ..core.extent import Extent, split_at
+from ..core.policy import refuse_overlaps
 from ..errors import CorruptImage, OpenError, QimgError
 from ..options import SIZE_OPT, OptSpec, parse_bool
 from .blockmap import SMALL_TABLE, uint_table_bytes, zero_stale
@@ -218,6 +219,9 @@ class VpcDriver(Driver):
         bat_bytes = max_entries * 4
         if table_offset + bat_bytes > file_size:
             raise CorruptImage(_TRUNCATED)
+        if self.strict:  # untrusted mode: the footer copy, the dynamic header and the BAT do not overlap
+            refuse_overlaps(self.filename, [("footer copy", 0, HEADER_SIZE), ("BAT", table_offset, bat_bytes),
+                                            ("dynamic header", dyn_off, DYN_HEADER_SIZE)])
         self.block_size = block_size
         self.bitmap_size = ((block_size // (8 * SECTOR)) + 511) & ~511
         self.max_table_entries = max_entries

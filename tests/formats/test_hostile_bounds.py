@@ -73,3 +73,19 @@ def test_stream_inflating_past_its_size_fails_as_qemu(crafted, name):
     for untrusted in (False, True):
         o = hostile.run_one(case, "convert", untrusted, out_dir, str(ROOT))
         assert o.rc == theirs.rc == 1 and o.err.count("\n") == 1 and "inflate to exactly" in o.err, o.err
+
+
+@pytest.mark.parametrize("name, message", [
+    ("qed/l2-is-l1", "L2 table at offset 0x10000 overlaps L1 table at offset 0x10000"),
+    ("vpc/bat-over-header", "dynamic header at offset 0x200 overlaps BAT at offset 0x200"),
+])
+def test_overlapping_metadata_strict(crafted, name, message):
+    """Untrusted: metadata overlapping metadata is refused naming the image and the offsets; trusted: the
+    exit status is qemu-img 7.2's."""
+    out_dir, cases = crafted
+    case = next(c for c in cases if c.name == name)
+    o = hostile.run_one(case, "convert", True, out_dir, str(ROOT))
+    assert o.rc == 1 and o.err.count("\n") == 1 and f"'{case.path}': {message}" in o.err, o.err
+    trusted = hostile.run_one(case, "convert", False, out_dir, str(ROOT))
+    theirs = qemu("convert", "-O", "raw", case.path, f"{out_dir}/q.raw", check=False)
+    assert trusted.rc == theirs.rc, (trusted.err, theirs.err)
