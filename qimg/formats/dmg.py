@@ -26,6 +26,7 @@ import struct
 from ..core.driver import Driver
 from ..core.policy import short_read
 from ..errors import CorruptImage, OpenError, QimgError, check_limit
+from .inflate import inflate_into
 
 KOLY_SIZE = 512
 SECTOR = 512
@@ -237,15 +238,15 @@ class DmgDriver(Driver):
             if t == UDIF_RAW:
                 out = raw[:length].ljust(length, b"\0")
             elif t == UDIF_ZLIB:
-                d = zlib.decompressobj()
-                out = d.decompress(raw, length)
-                more = not d.eof  # as qemu-img: the stream must end exactly at the chunk's size
+                out, got, ended = inflate_into(zlib.decompressobj(), raw, length)
+                more = got == length and not ended  # as qemu-img: the stream ends exactly at the chunk's size
+                out = memoryview(out)[:got]
             elif t == UDIF_BZIP2:
                 import bz2
 
-                d = bz2.BZ2Decompressor()
-                out = d.decompress(raw, length)
-                more = not d.eof
+                out, got, ended = inflate_into(bz2.BZ2Decompressor(), raw, length)
+                more = got == length and not ended
+                out = memoryview(out)[:got]
             elif t == UDIF_ADC:
                 out = adc_decompress(raw, length)
             else:
@@ -282,6 +283,6 @@ class DmgDriver(Driver):
             if t in (UDIF_ZERO, UDIF_IGNORE):
                 view[pos:pos + n] = bytes(n)
             else:
-                view[pos:pos + n] = self._chunk_data(i)[within:within + n]
+                view[pos:pos + n] = memoryview(self._chunk_data(i))[within:within + n]
             pos += n
 
