@@ -70,3 +70,48 @@ def test_live_view_hosts_per_cluster_match(data_file):
     dec = decode_l2(array("Q", raw), CB, False, data_file)
     live = LiveL2(raw, CS, data_file)
     assert [live.chosts[i] for i in range(1024)] == [dec.chosts[i] for i in range(1024)]
+
+
+def _hostile_table(seed: int, n: int) -> array:
+    """Entries a crafted image can hold: reserved bits set, offsets at the top of the offset field
+    (where adding a cluster would carry into the reserved bits), flags without offsets."""
+    rng = random.Random(seed)
+    top = ((1 << 56) - CS)
+    raw = array("Q", bytes(8 * n))
+    i = 0
+    while i < n:
+        run = rng.randrange(1, 12)
+        k = rng.randrange(5)
+        base = rng.choice([top - CS * rng.randrange(0, 4), rng.randrange(1, 1 << 20) * CS])
+        for j in range(i, min(n, i + run)):
+            if k == 0:
+                e = (base + (j - i) * CS) | QCOW_OFLAG_COPIED  # may run past the offset field
+            elif k == 1:
+                e = rng.choice([QCOW_OFLAG_COPIED, 1 << 57, QCOW_OFLAG_ZERO | (1 << 3), 0])
+            elif k == 2:
+                e = (base + (j - i) * CS) | rng.choice([0, QCOW_OFLAG_ZERO]) | (rng.randrange(2) << 60)
+            elif k == 3:
+                e = QCOW_OFLAG_COMPRESSED | rng.randrange(1 << 60)
+            else:
+                e = rng.randrange(1 << 64)
+            raw[j] = e
+        i += run
+    return raw
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("data_file", [False, True])
+@pytest.mark.parametrize("shape", ["ordinary", "hostile"])
+def test_plain_decoder_matches_numpy_decoder(seed, data_file, shape):
+    """The run-at-a-time plain-Python decoder answers every entry as the numpy decoder does."""
+    np = pytest.importorskip("numpy")
+    n = 1024
+    raw = _table(seed, n, data_file) if shape == "ordinary" else _hostile_table(seed, n)
+    plain = decode_l2(array("Q", raw), CB, False, data_file)
+    ref = decode_l2(np.frombuffer(raw.tobytes(), dtype=np.uint64).copy(), CB, False, data_file)
+    assert list(plain.starts) == [int(x) for x in ref.starts]
+    assert bytes(plain.kinds) == ref.kinds.tobytes()
+    assert list(plain.chosts) == ref.chosts.tolist()
+    for i in range(n):
+        assert plain.run_at(i) == ref.run_at(i), i
+        assert plain.host(i) == ref.host(i), i

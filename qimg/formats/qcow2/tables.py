@@ -11,6 +11,7 @@ then costs one binary search per extent instead of a walk over entries.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from array import array
@@ -125,50 +126,79 @@ class DecodedL2Py:
         return self.kinds[index], end
 
 
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
+_OFFSET_LIMIT = 1 << 56  # one past the largest offset an L2 entry can hold (bits 9-55)
+
+
+def _run_length(raw: array, i: int, stop: int, expected) -> int:
+    """How many entries from ``i`` (at least 1, at most ``stop - i``) equal ``expected(k, count)`` for
+    their position ``k`` in the run: compared in slices that double while they match and halve
+    when they do not, so a run of L entries costs O(log L) slice comparisons, each in C."""
+    length, step, most = 1, 1, stop - i
+    while length < most:
+        count = min(step, most - length)
+        if raw[i + length:i + length + count] == expected(length, count):
+            length += count
+            step *= 2
+        elif count == 1:
+            break
+        else:
+            step = count // 2
+    return length
+
+
 def _decode_l2_py(raw: array, cs: int, has_data_file: bool) -> DecodedL2Py:
-    """Plain-Python decode_l2 for standard L2 entries (same kinds, hosts and run starts)."""
+    """Plain-Python decode_l2 for standard L2 entries (same kinds, hosts and run starts as the numpy
+    decoder), built a run at a time: never-written entries are skipped with one C-level byte scan,
+    and a run of contiguous clusters (or of equal entries) is measured with slice comparisons, so
+    the Python work grows with the number of runs, not of entries."""
     n = len(raw)
     kinds = bytearray(n)
     chosts = array("q", bytes(8 * n))
-    starts = []
-    prev_kind = -1
-    prev_host = 0  # value of the previous cluster's host (None-like 0 when it has none)
-    prev_hostful = False
+    starts: list[int] = []
+    prev = None  # (kind, next host or None) of the run before, to merge runs the decoders see as one
     mask = L2E_OFFSET_MASK
-    comp_flag = QCOW_OFLAG_COMPRESSED
-    copied_flag = QCOW_OFLAG_COPIED
-    for i in range(n):
+    nonzero = _NONZERO_BYTE.search
+    i = 0
+    while i < n:
         e = raw[i]
         if not e:
-            kind = UNALLOCATED
-            hostful = False
-            h = 0
-        else:
-            off = e & mask
-            compressed = e & comp_flag
-            has_off = bool(off) or (has_data_file and bool(e & copied_flag))
-            if compressed:
-                kind = COMPRESSED
-                hostful = False
-                h = 0
-            else:
-                zero = e & QCOW_OFLAG_ZERO
-                if has_off:
-                    kind = ZERO_ALLOC if zero else NORMAL
-                    hostful = True
-                    h = off
-                    chosts[i] = off if off else -1
-                else:
-                    kind = ZERO_PLAIN if zero else UNALLOCATED
-                    hostful = False
-                    h = 0
-        kinds[i] = kind
-        if (kind != prev_kind or hostful != prev_hostful or (hostful and h != prev_host + cs)
-                or kind == COMPRESSED):
+            m = nonzero(raw, 8 * i)
+            j = n if m is None else m.start() >> 3
+            if prev != (UNALLOCATED, None):
+                starts.append(i)
+                prev = (UNALLOCATED, None)
+            i = j
+            continue
+        if e & QCOW_OFLAG_COMPRESSED:
+            kinds[i] = COMPRESSED
             starts.append(i)
-        prev_kind = kind
-        prev_hostful = hostful
-        prev_host = h
+            prev = (COMPRESSED, None)
+            i += 1
+            continue
+        off = e & mask
+        zero = e & QCOW_OFLAG_ZERO
+        if off or (has_data_file and e & QCOW_OFLAG_COPIED):
+            kind = ZERO_ALLOC if zero else NORMAL
+            # e, e + cs, e + 2 cs, ...: the same flags on contiguous clusters, never carried out of
+            # the offset bits into the reserved ones
+            most = min(n, i + (_OFFSET_LIMIT - 1 - off) // cs + 1)
+            j = i + _run_length(raw, i, most, lambda k, c, e=e: array("Q", range(e + k * cs, e + (k + c) * cs, cs)))
+            chosts[i:j] = array("q", range(off, off + (j - i) * cs, cs))
+            if not off:
+                chosts[i] = -1  # an external data file's offset 0
+            if prev != (kind, off):
+                starts.append(i)
+            prev = (kind, off + (j - i) * cs)
+        else:
+            kind = ZERO_PLAIN if zero else UNALLOCATED
+            j = i + _run_length(raw, i, n, lambda k, c, e=e: array("Q", (e,)) * c)
+            if prev != (kind, None):
+                starts.append(i)
+            prev = (kind, None)
+        if kind:
+            kinds[i:j] = bytes((kind,)) * (j - i)
+        i = j
     return DecodedL2Py(kinds, chosts, starts, cs, raw)
 
 
