@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
     "open": "qimg.api.image", "Image": "qimg.api.image", "Layer": "qimg.api.image",
-    "ImageInfo": "qimg.api.results", "CheckResult": "qimg.api.results", "CompareResult": "qimg.api.results",
-    "MeasureResult": "qimg.api.results", "CreateResult": "qimg.api.results", "ConvertResult": "qimg.api.results",
+    "ImageInfo": "qimg.api.results", "CheckResult": "qimg.api.results", "CompareResult": "qimg.api.outcomes",
+    "MeasureResult": "qimg.api.outcomes", "CreateResult": "qimg.api.outcomes", "ConvertResult": "qimg.api.outcomes",
     "SnapshotInfo": "qimg.api.results", "MapEntry": "qimg.ops.map",
     "convert": "qimg.api.commands", "create": "qimg.api.commands", "info": "qimg.api.query",
     "check": "qimg.api.query", "compare": "qimg.api.commands", "map": "qimg.api.query",
@@ -45,16 +45,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .api.commands import compare, convert, create, dd, measure
     from .api.edit import amend, commit, rebase, resize, snapshot_apply, snapshot_create, snapshot_delete
     from .api.image import Image, Layer, open
+    from .api.outcomes import CompareResult, ConvertResult, CreateResult, MeasureResult
     from .api.query import check, info, map, snapshot_list
-    from .api.results import (
-        CheckResult,
-        CompareResult,
-        ConvertResult,
-        CreateResult,
-        ImageInfo,
-        MeasureResult,
-        SnapshotInfo,
-    )
+    from .api.results import CheckResult, ImageInfo, SnapshotInfo
     from .errors import (
         BackingChainError,
         CheckUnsupported,

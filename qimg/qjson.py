@@ -59,3 +59,8 @@ def dumps(value, indent: int = 0) -> str:
         parts = [pad + dumps(v, indent + 1) for v in value]
         return "[\n" + ",\n".join(parts) + "\n" + end + "]"
     return _scalar(value)
+
+
+def output_text(value) -> str:
+    """The text ``--output=json`` prints for ``value``: the JSON and a newline."""
+    return dumps(value) + "\n"

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ..errors import QimgError, Unsupported, UsageError
 from .args import ProgressCallback, as_opts, check_cache, check_src_cache, engine_progress, snapshot_spec
-from .results import CompareResult, ConvertResult, CreateResult, MeasureResult
+from .outcomes import CompareResult, ConvertResult, CreateResult, MeasureResult
 from .sources import BinaryFile, Source, as_policy, call_scope, default_warn, open_chain, path_of, source_name
 
 WarnCallback = Callable[[str], None]

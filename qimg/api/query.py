@@ -5,13 +5,15 @@ None of them imports numpy, tqdm, cryptography or zstandard for the common forma
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, overload
+from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
-from ..ops.map import MapEntry
 from ..options import DISPLAY_NAME
 from .args import check_src_cache, refuse_shared_write
 from .results import CheckResult, ImageInfo, SnapshotInfo
 from .sources import Source, as_policy, call_scope, open_chain, path_of, source_name
+
+if TYPE_CHECKING:
+    from ..ops.map import MapEntry
 
 
 @overload

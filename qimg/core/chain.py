@@ -203,6 +203,22 @@ class Chain:
         self.close()
 
 
+def open_for_command(filename: str, fmt: str | None = None, **kw) -> Chain:
+    """``Chain.open`` for a command that names the image (check, commit, rebase, resize, amend,
+    snapshot): a backing file that cannot be opened is reported with qemu-img's wording,
+    "Could not open 'TOP': Could not open backing file: ..."."""
+    try:
+        return Chain.open(filename, fmt, **kw)
+    except QimgError as e:
+        msg = str(e)
+        if not msg.startswith("Could not open backing file"):
+            raise
+        import re
+
+        msg = re.sub(r"Could not open '([^']*)': Could not open '\1': ", r"Could not open '\1': ", msg)
+        raise type(e)(f"Could not open '{filename}': {msg}", e.exit_code) from None
+
+
 class _Below:
     """The guest view of a chain from one layer down: what the layer above reads for copy-on-write."""
 

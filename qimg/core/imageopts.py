@@ -15,8 +15,6 @@ with qemu-img's messages.
 
 from __future__ import annotations
 
-import json
-
 from ..errors import OpenError, QimgError
 
 #: private option keys (never on a command line: qemu's option names have no leading underscore)
@@ -88,6 +86,8 @@ def parse_opts_string(text: str) -> dict:
 
 def parse_json_name(name: str) -> dict:
     """A ``json:{...}`` filename as a node tree."""
+    import json
+
     try:
         value = json.loads(name[len("json:"):])
     except ValueError as e:
@@ -130,6 +130,8 @@ def _check_format(fmt: str, node: dict, with_backing: bool) -> None:
 
 
 def _str(value) -> str:
+    import json
+
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -258,6 +260,8 @@ def shown_name(fmt: str | None, node: dict, filename: str, file_full: dict) -> s
 
 def compact(value) -> str:
     """qemu's one-line JSON (qobject_to_json): ", " and ": " separators, QDict key order."""
+    import json
+
     from ..qjson import qdict_order
 
     if isinstance(value, dict):

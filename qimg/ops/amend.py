@@ -11,7 +11,7 @@ def amend_help(fmt: str) -> str:
 
 def amend(filename: str, options: dict, fmt: str | None = None, force: bool = False, open_options=None,
           warn=None, policy=None) -> None:
-    from .commit import open_chain
+    from ..core.chain import open_for_command as open_chain
 
     chain = open_chain(filename, fmt, writable=True, options=open_options, warn=warn, policy=policy)  # as qemu-img
     drv = chain.top

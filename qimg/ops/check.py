@@ -19,7 +19,7 @@ def check_image(filename: str, fmt: str | None = None, repair: str | None = None
 
     The image is opened once, with its backing chain (qemu-img check fails when a backing file is
     missing), writable only for a repair."""
-    from .commit import open_chain
+    from ..core.chain import open_for_command as open_chain
 
     # "check": qemu opens for a check what it refuses otherwise (a qcow2 without a refcount table)
     chain = open_chain(filename, fmt, writable=bool(repair), options={**(options or {}), "check": True}, warn=warn,

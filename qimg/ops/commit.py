@@ -6,6 +6,7 @@ import os
 
 from ..core import registry
 from ..core.chain import Chain
+from ..core.chain import open_for_command as open_chain
 from ..engine.copy import ChainSource, CopyOptions, copy_range
 from ..errors import QimgError, Unsupported
 from ..io.lock import LockError
@@ -16,20 +17,6 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
-
-
-def open_chain(filename: str, fmt: str | None = None, **kw) -> Chain:
-    """Chain.open with qemu-img's wording when a backing file cannot be opened."""
-    import re
-
-    try:
-        return Chain.open(filename, fmt, **kw)
-    except QimgError as e:
-        msg = str(e)
-        if not msg.startswith("Could not open backing file"):
-            raise
-        msg = re.sub(r"Could not open '([^']*)': Could not open '\1': ", r"Could not open '\1': ", msg)
-        raise type(e)(f"Could not open '{filename}': {msg}", e.exit_code) from None
 
 
 def commit(filename: str, fmt: str | None = None, base: str | None = None, drop: bool = False,

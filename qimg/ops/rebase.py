@@ -33,7 +33,7 @@ def rebase(filename: str, backing: str | None, backing_fmt: str | None = None, f
         finally:
             drv.close()
         return
-    from .commit import open_chain
+    from ..core.chain import open_for_command as open_chain
 
     chain = open_chain(filename, fmt, writable=True, options=options, warn=warn, policy=policy)
     try:

@@ -37,7 +37,7 @@ def resize(filename: str, size_text: str, fmt: str | None = None, shrink: bool =
     if prealloc is not None and prealloc not in PREALLOC_MODES:
         raise QimgError(f"Invalid preallocation mode '{prealloc}'")
     sign, value = parse_resize_size(size_text)
-    from .commit import open_chain
+    from ..core.chain import open_for_command as open_chain
 
     chain = open_chain(filename, fmt, writable=True, options=options, warn=warn, policy=policy)  # as qemu-img
     drv = chain.top

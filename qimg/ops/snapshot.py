@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def _open(filename, fmt, writable, options, warn, policy):
     """The image's chain: like qemu-img, snapshot refuses an image whose backing file is missing."""
-    from .commit import open_chain
+    from ..core.chain import open_for_command as open_chain
 
     return open_chain(filename, fmt, writable=writable, options=options, warn=warn if writable else None,
                       policy=policy)

@@ -7,8 +7,9 @@ qemu-img 7.2's check output).
 costs, not numpy's import.  This pass recomputes every reference count the way check.py's walk does
 (header, L1/L2 tables of the active state and of the snapshots, snapshot table, refcount table and
 blocks), compares them with the stored refcounts and checks OFLAG_COPIED and the alignment of every
-entry.  Bulk steps stay in C (``bytes.translate``, ``map``, ``array`` comparison); the per-entry
-Python work is one counting loop.  The moment anything is unusual (compressed clusters, extended L2,
+entry.  Bulk steps stay in C (``bytes.translate``, slices, ``array`` comparisons): the data clusters
+of a table are taken as runs of contiguous host clusters, and the Python work grows with the runs,
+not with the entries.  The moment anything is unusual (compressed clusters, extended L2,
 an external data file, bitmaps, encryption, other refcount widths, or any disagreement at all) it
 gives up and check.py's full walk runs, which reports every problem with qemu-img's messages.
 """
@@ -18,12 +19,12 @@ from __future__ import annotations
 import operator
 import sys
 from array import array
-from itertools import compress, repeat
+from itertools import repeat
 
 from ...core.check import CheckResult
 from .header import MAX_L1_SIZE_BYTES
 from .refcount import REFT_OFFSET_MASK
-from .tables import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED, be_u64_array
+from .tables import L1E_OFFSET_MASK, NONZERO_BYTE, QCOW_OFLAG_COPIED, be_u64_array, run_length
 
 REFT_RESERVED_MASK = 0x1FF
 #: first bytes (big-endian) an entry may have here: 0, or only OFLAG_COPIED; anything else (compressed,
@@ -43,8 +44,33 @@ def quick_check(meta) -> CheckResult | None:
         return None
     try:
         return _Quick(meta).run()
-    except _GiveUp:
+    except (_GiveUp, OverflowError):  # (OverflowError: a refcount past 65535, which the walk reports)
         return None
+
+
+def _host_runs(v: array, step: int) -> list[tuple[int, int, int]]:
+    """(index, first value, count) of each run of non-zero entries of ``v`` that rise by ``step`` from
+    one to the next (contiguous host clusters), split at zero entries (no host cluster)."""
+    runs = []
+    n = len(v)
+    i = 0
+    while i < n:
+        x = v[i]
+        if not x:
+            m = NONZERO_BYTE.search(v, 4 * i)
+            if m is None:
+                break
+            i = m.start() >> 2
+            continue
+        try:
+            stop = v.index(0, i)
+        except ValueError:
+            stop = n
+        stop = min(stop, i + (0xFFFFFFFF - x) // step + 1)  # (the values stay 32-bit)
+        count = run_length(v, i, stop, lambda k, c, x=x: array("I", range(x + k * step, x + (k + c) * step, step)))
+        runs.append((i, x, count))
+        i += count
+    return runs
 
 
 class _Quick:
@@ -55,7 +81,7 @@ class _Quick:
         self.bits = meta.cluster_bits
         self.nb = meta.file_clusters
         self.file_len = meta.file_size
-        self.counts = [0] * max(self.nb, 1)
+        self.counts = array("H", bytes(2 * max(self.nb, 1)))
 
     def inc(self, offset: int, size: int) -> None:
         if size <= 0:
@@ -130,7 +156,7 @@ class _Quick:
         ok5 = bytes(b for b in range(256) if not b & (low >> 8)) if low >> 8 else None
         step = cs >> 8
         entries = meta.l2_entries
-        offsets: dict = {}
+        active_runs: list = []  # (each entry's first byte, its runs) of the tables in the active L1
         for l2, weight in all_tables.items():
             if (l2 >> bits) >= self.nb:
                 raise _GiveUp
@@ -144,27 +170,26 @@ class _Quick:
             for k in range(4):
                 w[k::4] = raw[3 + k::8]
             v = array("I")
-            v.frombytes(w)
+            v.frombytes(w)  # host offset >> 8 of each entry, 0 when it has no host cluster
             if sys.byteorder == "little":
                 v.byteswap()
-            offs = list(filter(None, v))  # host offset >> 8 of the entries with a host cluster
-            if not offs:
-                continue
-            try:
-                for x in offs:  # (the one per-entry Python loop)
-                    counts[x >> shift] += weight
-            except IndexError:
-                raise _GiveUp from None  # past the end of the file: the full walk reports it
-            if l2 in active_tables:
-                offsets[l2] = (list(compress(first, v)), list(map(operator.rshift, offs, repeat(shift))))
-                res.allocated_clusters += len(offs)
-                steps = list(map(operator.sub, offs[1:], offs[:-1]))
-                res.fragmented_clusters += len(steps) - steps.count(step)
+            runs = _host_runs(v, step)
+            for _i, x, count in runs:
+                a = x >> shift
+                if a + count > self.nb:
+                    raise _GiveUp  # past the end of the file: the full walk reports it
+                seg = counts[a:a + count]
+                if seg.count(0) == count:  # the common case: clusters no other table has counted
+                    counts[a:a + count] = array("H", (weight,)) * count
+                else:
+                    counts[a:a + count] = array("H", map(operator.add, seg, repeat(weight)))
+            if l2 in active_tables and runs:
+                active_runs.append((first, runs))
+                res.allocated_clusters += sum(r[2] for r in runs)
+                # fragmented: a host cluster not right after the one before it (entries without one skipped)
+                res.fragmented_clusters += sum(1 for p, q in zip(runs, runs[1:]) if q[1] != p[1] + p[2] * step)
         # the stored refcounts must be exactly these
-        try:
-            computed = array("H", counts)
-        except OverflowError:
-            raise _GiveUp from None
+        computed = counts
         rpb = meta.rc_per_block
         n = len(computed)
         for i, off in enumerate(blocks):
@@ -187,17 +212,19 @@ class _Quick:
         for ent in active_l1:
             if (counts[(ent & L1E_OFFSET_MASK) >> bits] == 1) != bool(ent & QCOW_OFLAG_COPIED):
                 raise _GiveUp
-        for flags, idxs in offsets.values():  # flags: each entry's first byte, 0x80 when COPIED
-            refs = list(map(counts.__getitem__, idxs))
-            ones = refs.count(1)
-            if ones == len(refs):
-                ok = flags.count(0x80) == len(flags)
-            elif ones == 0:
-                ok = flags.count(0) == len(flags)
-            else:
-                ok = [f >> 7 for f in flags] == [int(r == 1) for r in refs]
-            if not ok:
-                raise _GiveUp
+        for first, runs in active_runs:  # first: each entry's first byte, 0x80 when COPIED
+            for i, x, count in runs:
+                refs = counts[x >> shift:(x >> shift) + count]
+                flags = first[i:i + count]
+                ones = refs.count(1)
+                if ones == count:
+                    ok = flags.count(0x80) == count
+                elif ones == 0:
+                    ok = flags.count(0) == count
+                else:
+                    ok = [f >> 7 for f in flags] == [int(r == 1) for r in refs]
+                if not ok:
+                    raise _GiveUp
         last = n - 1
         while last >= 0 and not counts[last]:
             last -= 1

@@ -100,41 +100,67 @@ class DecodedL2:
 
 class DecodedL2Py:
     """DecodedL2 for a standard (not extended) L2 table held as ``array('Q')``: the same interface,
-    built with plain Python once per table so that reading never needs numpy."""
+    kept as runs (where each starts, its kind, its first host offset) so that neither building nor
+    reading it needs numpy or a Python step per entry."""
 
-    __slots__ = ("chosts", "kinds", "nbytes", "raw", "shift", "starts", "unit")
+    __slots__ = ("chosts", "count", "kinds", "nbytes", "raw", "run_hosts", "shift", "starts", "unit")
 
-    def __init__(self, kinds, chosts, starts: list, unit: int, raw):
-        self.kinds = kinds
-        self.chosts = chosts
-        self.starts = starts
+    def __init__(self, starts: list, kinds: bytearray, run_hosts: list, count: int, unit: int, raw):
+        self.starts = starts        # index of each run's first entry
+        self.kinds = kinds          # each run's kind
+        self.run_hosts = run_hosts  # each run's first host offset: 0 none, -1 an external data file's 0
+        self.count = count
         self.shift = 0
         self.unit = unit
         self.raw = raw
-        self.nbytes = len(kinds) + 8 * len(chosts) + 8 * len(raw) + 8 * len(starts)
+        self.chosts = _RunHosts(self)
+        self.nbytes = 8 * len(raw) + 17 * len(starts)
+
+    def host_of(self, index: int) -> int:
+        """The decoders' ``chosts`` value of entry ``index``: its host offset, -1 for an external data
+        file's offset 0, 0 for none."""
+        pos = bisect_right(self.starts, index) - 1
+        h = self.run_hosts[pos]
+        if not h:
+            return 0
+        return (max(h, 0) + (index - self.starts[pos]) * self.unit) or -1
 
     def host(self, index: int) -> int:
-        c = self.chosts[index]
-        if not c:
-            return 0
-        return 0 if c < 0 else c
+        return max(self.host_of(index), 0)
 
     def run_at(self, index: int, limit: int | None = None) -> tuple[int, int]:
         starts = self.starts
         pos = bisect_right(starts, index)
-        end = starts[pos] if pos < len(starts) else len(self.kinds)
-        return self.kinds[index], end
+        end = starts[pos] if pos < len(starts) else self.count
+        return self.kinds[pos - 1], end
 
 
-_NONZERO_BYTE = re.compile(rb"[^\x00]")
+class _RunHosts:
+    """``chosts`` of a DecodedL2Py, entry by entry (as the numpy decoder stores them)."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: DecodedL2Py):
+        self.table = table
+
+    def __getitem__(self, index: int) -> int:
+        return self.table.host_of(index)
+
+
+#: finds the first non-zero byte of a buffer from a position, in C (the next written entry of a table)
+NONZERO_BYTE = re.compile(rb"[^\x00]")
 _OFFSET_LIMIT = 1 << 56  # one past the largest offset an L2 entry can hold (bits 9-55)
 
 
-def _run_length(raw: array, i: int, stop: int, expected) -> int:
+def run_length(raw: array, i: int, stop: int, expected) -> int:
     """How many entries from ``i`` (at least 1, at most ``stop - i``) equal ``expected(k, count)`` for
-    their position ``k`` in the run: compared in slices that double while they match and halve
+    their position ``k`` in the run.  The whole span is tried first (a table written in one go is
+    one run up to its next unwritten entry); otherwise slices double while they match and halve
     when they do not, so a run of L entries costs O(log L) slice comparisons, each in C."""
-    length, step, most = 1, 1, stop - i
+    most = stop - i
+    if most > 1 and raw[i:stop] == expected(0, most):
+        return most
+    length, step = 1, 1
     while length < most:
         count = min(step, most - length)
         if raw[i + length:i + length + count] == expected(length, count):
@@ -148,17 +174,17 @@ def _run_length(raw: array, i: int, stop: int, expected) -> int:
 
 
 def _decode_l2_py(raw: array, cs: int, has_data_file: bool) -> DecodedL2Py:
-    """Plain-Python decode_l2 for standard L2 entries (same kinds, hosts and run starts as the numpy
-    decoder), built a run at a time: never-written entries are skipped with one C-level byte scan,
-    and a run of contiguous clusters (or of equal entries) is measured with slice comparisons, so
-    the Python work grows with the number of runs, not of entries."""
+    """Plain-Python decode_l2 for standard L2 entries (the same kinds, hosts and run starts as the
+    numpy decoder), built a run at a time: never-written entries are skipped with one C-level byte
+    scan, and a run of contiguous clusters (or of equal entries) is measured with slice comparisons,
+    so the Python work grows with the number of runs, not of entries."""
     n = len(raw)
-    kinds = bytearray(n)
-    chosts = array("q", bytes(8 * n))
     starts: list[int] = []
+    kinds = bytearray()
+    hosts: list[int] = []
     prev = None  # (kind, next host or None) of the run before, to merge runs the decoders see as one
     mask = L2E_OFFSET_MASK
-    nonzero = _NONZERO_BYTE.search
+    nonzero = NONZERO_BYTE.search
     i = 0
     while i < n:
         e = raw[i]
@@ -167,12 +193,15 @@ def _decode_l2_py(raw: array, cs: int, has_data_file: bool) -> DecodedL2Py:
             j = n if m is None else m.start() >> 3
             if prev != (UNALLOCATED, None):
                 starts.append(i)
+                kinds.append(UNALLOCATED)
+                hosts.append(0)
                 prev = (UNALLOCATED, None)
             i = j
             continue
         if e & QCOW_OFLAG_COMPRESSED:
-            kinds[i] = COMPRESSED
             starts.append(i)
+            kinds.append(COMPRESSED)
+            hosts.append(0)
             prev = (COMPRESSED, None)
             i += 1
             continue
@@ -182,24 +211,27 @@ def _decode_l2_py(raw: array, cs: int, has_data_file: bool) -> DecodedL2Py:
             kind = ZERO_ALLOC if zero else NORMAL
             # e, e + cs, e + 2 cs, ...: the same flags on contiguous clusters, never carried out of
             # the offset bits into the reserved ones
-            most = min(n, i + (_OFFSET_LIMIT - 1 - off) // cs + 1)
-            j = i + _run_length(raw, i, most, lambda k, c, e=e: array("Q", range(e + k * cs, e + (k + c) * cs, cs)))
-            chosts[i:j] = array("q", range(off, off + (j - i) * cs, cs))
-            if not off:
-                chosts[i] = -1  # an external data file's offset 0
+            try:
+                written = raw.index(0, i)  # a run of clusters ends at the next unwritten entry at the latest
+            except ValueError:
+                written = n
+            most = min(written, i + (_OFFSET_LIMIT - 1 - off) // cs + 1)
+            j = i + run_length(raw, i, most, lambda k, c, e=e: array("Q", range(e + k * cs, e + (k + c) * cs, cs)))
             if prev != (kind, off):
                 starts.append(i)
+                kinds.append(kind)
+                hosts.append(off or -1)
             prev = (kind, off + (j - i) * cs)
         else:
             kind = ZERO_PLAIN if zero else UNALLOCATED
-            j = i + _run_length(raw, i, n, lambda k, c, e=e: array("Q", (e,)) * c)
+            j = i + run_length(raw, i, n, lambda k, c, e=e: array("Q", (e,)) * c)
             if prev != (kind, None):
                 starts.append(i)
+                kinds.append(kind)
+                hosts.append(0)
             prev = (kind, None)
-        if kind:
-            kinds[i:j] = bytes((kind,)) * (j - i)
         i = j
-    return DecodedL2Py(kinds, chosts, starts, cs, raw)
+    return DecodedL2Py(starts, kinds, hosts, n, cs, raw)
 
 
 class LiveL2:
