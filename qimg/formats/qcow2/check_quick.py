@@ -37,12 +37,24 @@ class _GiveUp(Exception):
 
 def quick_check(meta) -> CheckResult | None:
     """The result of ``check`` for a consistent image, or None when the full walk must decide."""
+    q = _quick(meta)
+    return None if q is None else q[0]
+
+
+def quick_refcounts(meta) -> list | None:
+    """The reference counts check computes, for a consistent image (None: the full walk must decide)."""
+    q = _quick(meta)
+    return None if q is None else q[1]
+
+
+def _quick(meta):
     h = meta.header
     if (h.extended_l2 or h.has_data_file or h.refcount_order != 4 or h.crypto_header or h.bitmaps_ext
             or h.incompatible_features & 1):  # (a dirty image: lazy refcounts are stale by design)
         return None
+    q = _Quick(meta)
     try:
-        return _Quick(meta).run()
+        return q.run(), q.counts
     except _GiveUp:
         return None
 
