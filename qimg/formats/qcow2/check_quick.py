@@ -122,6 +122,10 @@ class _Quick:
             self.inc(h.snapshots_offset, meta.snapshot_table_bytes)
         self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
         reftable = self.table(h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
+        # the unused tail of the table (zero entries) needs no look: the refcounts it would cover are
+        # checked to be zero below
+        used = len(reftable.tobytes().rstrip(b"\0"))
+        reftable = reftable[:-(-used // 8)]
         blocks = []
         for ent in reftable:
             off = ent & REFT_OFFSET_MASK

@@ -144,9 +144,10 @@ def make_empty(store) -> None:
     change = lc.current_plan(meta)
     change.active = lc.L1Plan(array("Q", bytes(8 * len(change.active.entries))))
     change.truncate_file = True
-    lc.commit(meta, change, old_refs=refs)
-    # once more, so the new tables move down into the freed clusters and the file can shrink
+    first = lc.commit(meta, change, old_refs=refs)
+    # once more, so the new tables move down into the freed clusters and the file can shrink (the
+    # refcounts the first commit wrote are those of the image it left)
     meta2 = lc.Qcow2Meta(store)
     again = lc.current_plan(meta2)
     again.truncate_file = True
-    lc.commit(meta2, again, old_refs=lc.compute_refs(meta2))
+    lc.commit(meta2, again, old_refs=first["refcounts"])
