@@ -275,6 +275,7 @@ def _repair_in_place(meta, state, fix_leaks, fix_errors, emit) -> None:
         store.pwrite(off, encode_block(vals, meta.header.refcount_bits, rpb))
     store.flush()
     # OFLAG_COPIED from the repaired refcounts, entry by entry
+    look = lc.copied_lookup(new)
     bits = meta.cluster_bits
     for i, ent in enumerate(meta.l1.tolist()):
         l2_off = ent & L1E_OFFSET_MASK
@@ -288,7 +289,7 @@ def _repair_in_place(meta, state, fix_leaks, fix_errors, emit) -> None:
         if c >= meta.file_clusters:
             continue
         l2 = meta.read_l2(l2_off)
-        fixed = lc.set_copied_flags(meta, l2, new.tolist())
+        fixed = lc.set_copied_flags(meta, l2, look)
         e_old, e_new = np.frombuffer(meta.l2_words(l2), np.uint64), np.frombuffer(meta.l2_words(fixed), np.uint64)
         for j in np.nonzero(e_old != e_new)[0].tolist():
             store.pwrite(l2_off + j * 8 * meta.l2_entry_words, int(e_new[j]).to_bytes(8, "big"))

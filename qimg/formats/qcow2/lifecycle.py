@@ -24,10 +24,9 @@ from __future__ import annotations
 import copy
 import struct
 from array import array
-from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import add, and_, eq, ge, mul, not_, or_, rshift
+from operator import add, and_, eq, mul, not_, or_, rshift
 
 from ...errors import QimgError, check_limit
 from .bitmaps import BME_OFFSET_MASK, pack_directory, set_extension
@@ -40,10 +39,19 @@ from .header import (
     Header,
     read_bitmap_directory,
 )
+from .lifecycle_refs import (
+    NOT_COMPRESSED_BYTES,
+    RefCollector,
+    copied_lookup,
+    last_used,
+    masked,
+    nonzero,
+    set_copied_flags,
+    top_bytes,
+)
 from .refcount import REFT_OFFSET_MASK, decode_block, encode_block
 from .snapshot import read_snapshots
 from .tables import (
-    L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
@@ -51,11 +59,11 @@ from .tables import (
     be_u64_array,
 )
 
+__all__ = ["RefCollector", "copied_lookup", "last_used", "masked", "nonzero", "set_copied_flags"]
+
 REFT_RESERVED_MASK = 0x1FF
 HEADER_PAGE = 4096
 L2_CACHE_BYTES = 64 << 20
-_NOT_COPIED = ((1 << 64) - 1) ^ QCOW_OFLAG_COPIED
-
 # Tables are plain ``array('Q')`` (native integers; an extended L2 table interleaves each entry with
 # its subcluster bitmap), reference counts are lists of ints.  Whole tables are handled with C-level
 # operations (``map`` over ``operator`` functions, ``itertools.compress``, ``Counter``, slices), so the
@@ -64,17 +72,6 @@ _NOT_COPIED = ((1 << 64) - 1) ^ QCOW_OFLAG_COPIED
 
 class RefcountOverflow(QimgError):
     """A reference count would not fit in refcount_bits."""
-
-
-def masked(table, mask: int = L1E_OFFSET_MASK) -> array:
-    """``table`` with every entry ANDed with ``mask``."""
-    return array("Q", map(and_, table, repeat(mask)))
-
-
-def last_used(vals) -> int:
-    """One past the last non-zero value of ``vals`` (0 if there is none)."""
-    n = len(vals)
-    return n - next(compress(range(n), map(bool, reversed(vals))), n)
 
 
 class Qcow2Meta:
@@ -163,10 +160,10 @@ class Qcow2Meta:
         if not any(e):
             return [], [], []
         bits = self.cluster_bits
-        comp = list(map(and_, e, repeat(QCOW_OFLAG_COMPRESSED)))
-        if not any(comp):
+        if not top_bytes(e).translate(None, NOT_COMPRESSED_BYTES):
             std = filter(None, map(and_, e, repeat(L2E_OFFSET_MASK)))
             return list(map(rshift, std, repeat(bits))), [], []
+        comp = list(map(and_, e, repeat(QCOW_OFLAG_COMPRESSED)))
         std = filter(None, map(and_, compress(e, map(not_, comp)), repeat(L2E_OFFSET_MASK)))
         ce = list(compress(e, comp))
         coff = list(map(and_, ce, repeat(self.cluster_offset_mask & ~511)))
@@ -196,53 +193,6 @@ class Qcow2Meta:
 # --------------------------------------------------------------------------------------------
 # References of a whole image state, and the copy-on-write commit
 # --------------------------------------------------------------------------------------------
-
-class RefCollector:
-    """Collects referenced cluster indices; counts them in one pass (``Counter``)."""
-
-    def __init__(self, cluster_bits: int, limit: int | None = None):
-        self.bits = cluster_bits
-        self.idx: list[int] = []
-        # clusters at or past ``limit`` (the end of the file) cannot hold data: references to them are
-        # corruption that check reports, and counting them would size the refcounts for a hostile offset
-        self.limit = limit
-
-    def add_range(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        first = offset >> self.bits
-        last = (offset + length - 1) >> self.bits
-        if self.limit is not None:
-            last = min(last, self.limit - 1)
-        if last >= first:
-            self.idx.extend(range(first, last + 1))
-
-    def add_indices(self, idx) -> None:
-        if not isinstance(idx, (list, array, range)):
-            idx = idx.tolist()
-        self.idx.extend(idx if self.limit is None else filter(self.limit.__gt__, idx))
-
-    def add_spans(self, first: list, last: list) -> None:
-        if self.limit is not None and first:
-            keep = list(map(self.limit.__gt__, first))
-            first = list(compress(first, keep))
-            last = list(map(min, compress(last, keep), repeat(self.limit - 1)))
-        if not first:
-            return
-        self.idx.extend(first)
-        span = list(map(int.__sub__, last, first))
-        k = 1
-        while any(map(ge, span, repeat(k))):
-            self.idx.extend(compress(map(add, first, repeat(k)), map(ge, span, repeat(k))))
-            k += 1
-
-    def counts(self, minlength: int = 0) -> list:
-        n = max(minlength, max(self.idx) + 1 if self.idx else 0)
-        out = [0] * n
-        c = Counter(self.idx)
-        deque(map(out.__setitem__, c.keys(), c.values()), 0)
-        return out
-
 
 @dataclass
 class L1Plan:
@@ -281,58 +231,34 @@ def current_plan(meta: Qcow2Meta) -> Change:
     return Change(h, active, snaps, plans)
 
 
-def nonzero(seq) -> list[int]:
-    """Indices of the non-zero values of ``seq``."""
-    return list(compress(range(len(seq)), seq))
-
-
-def _plan_refs(meta: Qcow2Meta, plan: L1Plan, rc: RefCollector, table_refs: bool = True) -> None:
-    data_file = meta.header.has_data_file
+def _plan_refs(meta: Qcow2Meta, plan: L1Plan, rc: RefCollector, tables: dict) -> None:
+    """References of one L1 plan: its table and the L2 tables written afresh go to ``rc``, the L2
+    tables on disk to ``tables`` (offset -> number of references; see _table_refs)."""
     ents = plan.entries
-    if plan.location is not None and table_refs:
+    if plan.location is not None:
         rc.add_range(plan.location, len(ents) * 8)
     for i in nonzero(ents):
         if i in plan.l2_new:
-            l2 = plan.l2_new[i]
+            _l2_refs(meta, plan.l2_new[i], rc, 1)
         else:
-            off = ents[i]
-            if table_refs:
-                rc.add_range(off, meta.cluster_size)
-            l2 = meta.read_l2(off)
-        std, cf, cl = meta.data_refs(l2)
-        if not data_file:
-            rc.add_indices(std)
+            tables[ents[i]] = tables.get(ents[i], 0) + 1
+
+
+def _table_refs(meta: Qcow2Meta, tables: dict, rc: RefCollector) -> None:
+    """The L2 tables on disk and their data clusters, each table read once however many L1 tables
+    (the active one, snapshots) share it."""
+    for off, weight in tables.items():
+        for _ in range(weight):
+            rc.add_range(off, meta.cluster_size)
+        _l2_refs(meta, meta.read_l2(off), rc, weight)
+
+
+def _l2_refs(meta: Qcow2Meta, l2, rc: RefCollector, weight: int) -> None:
+    std, cf, cl = meta.data_refs(l2)
+    if not meta.header.has_data_file:
+        rc.add_indices(std, weight)
+    for _ in range(weight):
         rc.add_spans(cf, cl)
-
-
-def set_copied_flags(meta: Qcow2Meta, l2, ref) -> array:
-    """A copy of L2 table ``l2`` with OFLAG_COPIED set exactly where the data cluster's refcount in
-    ``ref`` (a list) is 1."""
-    if not isinstance(l2, array):
-        l2 = array("Q", l2.reshape(-1).tolist())  # (check's numpy view)
-    if meta.header.has_data_file:
-        # external data file: no refcounts for data, and OFLAG_COPIED on an offset-0 entry is what
-        # marks it allocated; the flags stay as they are
-        return array("Q", l2)
-    if not isinstance(ref, list):
-        ref = ref.tolist()
-    e = meta.l2_words(l2)
-    n = len(ref)
-    # offsets of the standard entries (0 for compressed and unallocated ones), as cluster indices;
-    # index 0 and those past ``ref`` look up a refcount of 0
-    offs = map(and_, e, repeat(L2E_OFFSET_MASK))
-    if any(map(and_, e, repeat(QCOW_OFLAG_COMPRESSED))):
-        offs = map(mul, offs, map(not_, map(and_, e, repeat(QCOW_OFLAG_COMPRESSED))))
-    idx = map(min, map(rshift, offs, repeat(meta.cluster_bits)), repeat(n))
-    look = ref + [0]
-    look[0] = 0
-    one = map(eq, map(look.__getitem__, idx), repeat(1))
-    words = array("Q", map(or_, map(and_, e, repeat(_NOT_COPIED)), map(mul, one, repeat(QCOW_OFLAG_COPIED))))
-    if meta.l2_entry_words == 1:
-        return words
-    out = array("Q", l2)
-    out[0::2] = words
-    return out
 
 
 class _Allocator:
@@ -395,22 +321,28 @@ def commit(meta: Qcow2Meta, change: Change, old_refs=None, flush: bool = True, p
     for off, length in change.extra_refs:
         rc.add_range(off, length)
     plans = [change.active] + list(change.snapshot_plans)
+    tables: dict = {}
     for p in plans:
-        _plan_refs(meta, p, rc)
+        _plan_refs(meta, p, rc, tables)
+    _table_refs(meta, tables, rc)
     ref = rc.counts(meta.file_clusters)
     # 2. active L2 tables whose COPIED flags would be wrong are rewritten (copy-on-write)
     act = change.active
+    look = copied_lookup(ref)
     for i in nonzero(act.entries):
         if i in act.l2_new:
             continue
         off = act.entries[i]
         l2 = meta.read_l2(off)
-        fixed = set_copied_flags(meta, l2, ref)
-        if fixed != l2:
+        fixed = set_copied_flags(meta, l2, look)
+        if fixed is not l2:
             act.l2_new[i] = fixed
-            ref[off >> bits] -= 1
+            c = off >> bits
+            ref[c] -= 1
+            if 0 < c < len(look) - 1:
+                look[c] -= 1
     for i in list(act.l2_new):
-        act.l2_new[i] = set_copied_flags(meta, act.l2_new[i], ref)
+        act.l2_new[i] = array("Q", set_copied_flags(meta, act.l2_new[i], look))
     act.location = None
     # 3. clusters in use by the old image or the new one are off limits
     used = bytearray(max(len(ref), meta.file_clusters) + 1)
@@ -575,9 +507,11 @@ def compute_refs(meta: Qcow2Meta) -> list:
     for off, length in meta.static_refs():
         rc.add_range(off, length)
     h = meta.header
-    _plan_refs(meta, L1Plan(ch.active.entries, location=h.l1_table_offset if h.l1_size else None), rc)
+    tables: dict = {}
+    _plan_refs(meta, L1Plan(ch.active.entries, location=h.l1_table_offset if h.l1_size else None), rc, tables)
     for p in ch.snapshot_plans:
-        _plan_refs(meta, p, rc)
+        _plan_refs(meta, p, rc, tables)
+    _table_refs(meta, tables, rc)
     if h.nb_snapshots:
         rc.add_range(h.snapshots_offset, meta.snapshot_table_bytes)
     rc.add_range(h.refcount_table_offset, h.refcount_table_clusters * meta.cluster_size)
