@@ -117,8 +117,6 @@ def copied_lookup(ref) -> list:
 def set_copied_flags(meta, l2, look: list) -> array:
     """L2 table ``l2`` with OFLAG_COPIED set exactly where the data cluster's refcount (``look``, from
     copied_lookup) is 1: ``l2`` itself when that is so already, else a new table."""
-    if not isinstance(l2, array):
-        l2 = array("Q", l2.reshape(-1).tolist())  # (check's numpy view)
     if meta.header.has_data_file:
         # external data file: no refcounts for data, and OFLAG_COPIED on an offset-0 entry is what
         # marks it allocated; the flags stay as they are
