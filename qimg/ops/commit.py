@@ -59,7 +59,10 @@ def commit(filename: str, fmt: str | None = None, base: str | None = None, drop:
                 base_drv.truncate(size, shrink=False, prealloc="off")
             if progress is not None:
                 progress.total = size
-            opts = CopyOptions(min_sparse=4096, skip_unallocated=True, workers=2, unmap_zeroes=True)
+            # like qemu-img's commit job: what the top stores as data goes to the base as data, with no
+            # scan for zeros in it (zero extents of the top still become zero writes)
+            opts = CopyOptions(min_sparse=4096, skip_unallocated=True, workers=2, unmap_zeroes=True,
+                               offload=True)
             copy_range(ChainSource(chain, depth), base_drv, 0, size, opts, progress,
                        cluster_size=base_drv.cluster_size)
             base_drv.flush()

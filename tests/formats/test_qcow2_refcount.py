@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 import pytest
 
@@ -16,8 +18,19 @@ def test_round_trip_and_padding(bits):
     raw = encode_block(vals, bits, entries)
     assert len(raw) == 4096
     back = decode_block(raw, bits)
-    assert back.dtype == np.uint64 and len(back) == entries
-    assert np.array_equal(back[:len(vals)], vals) and not back[len(vals):].any()
+    assert isinstance(back, array) and back.typecode == "Q" and len(back) == entries
+    assert back[:len(vals)].tolist() == vals.tolist() and not any(back[len(vals):])
+    # the same bytes from a plain list, and numpy's own packing of them (an independent encoder)
+    assert encode_block(vals.tolist(), bits, entries) == raw
+    full = np.zeros(entries, np.uint64)
+    full[:len(vals)] = vals
+    if bits >= 8:
+        assert full.astype(f">u{bits // 8}").tobytes() == raw
+    else:
+        per = 8 // bits
+        shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+        packed = np.bitwise_or.reduce(full.astype(np.uint8).reshape(-1, per) << shifts, axis=1)
+        assert packed.astype(np.uint8).tobytes() == raw
 
 
 def test_layout_matches_the_spec():

@@ -183,6 +183,29 @@ def test_commit_matches_qemu(tmp_path, oracle, base_fmt, drop):
     assert strip(m1) == strip(m2)
 
 
+def test_commit_writes_zero_data_as_data(tmp_path, oracle):
+    """What the top stores as data (zeros included) reaches the base as data, as with qemu-img's commit
+    job; a zero cluster of the top stays a zero write.  Base and top end up mapped alike."""
+    maps = []
+    for n, tool in (("1", "qimg"), ("2", "qemu")):
+        d = tmp_path / n
+        d.mkdir()
+        base, top = d / "base.qcow2", d / "top.qcow2"
+        qemu("create", "-f", "qcow2", str(base), "8M")
+        qemu_io(base, "write -P 1 0 4M")
+        qemu("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
+        qemu_io(top, "write -P 0 0 1M", "write -P 0 5M 1M", "write -P 2 2M 64k", "write -z 7M 64k")
+        if tool == "qimg":
+            assert run_qimg("commit", top).rc == 0
+        else:
+            qemu("commit", str(top))
+        clean(base)
+        clean(top)
+        maps.append([qemu("map", "--output=json", str(p)).out for p in (base, top)])
+    assert maps[0] == maps[1]
+    assert '"start": 0, "length": 4194304, "depth": 0, "present": true, "zero": false, "data": true' in maps[0][0]
+
+
 def test_commit_errors(tmp_path, oracle):
     b, t = _chain(tmp_path)
     r = run_qimg("commit", "-b", str(tmp_path / "nonex"), t)

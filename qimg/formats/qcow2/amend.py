@@ -11,6 +11,10 @@ Everything is written copy-on-write through ``lifecycle.commit``.
 
 from __future__ import annotations
 
+from array import array
+from itertools import compress, repeat
+from operator import and_, not_
+
 from ...errors import QimgError
 from ...options import parse_bool
 from . import lifecycle as lc
@@ -31,9 +35,7 @@ from .header import (
 )
 from .resize import apply_size
 from .snapshot_ops import refuse_if_corrupt
-from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, LazyNumpy
-
-np = LazyNumpy(globals())
+from .tables import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
 
 AMEND_OPTS = {
     "backing_file": "File name of a base image",
@@ -136,8 +138,8 @@ def amend(store, options: dict, force: bool = False) -> None:
             apply_size(meta, change, size)
     if refcount_bits != h.refcount_bits:
         mx = (1 << refcount_bits) - 1
-        if len(refs) and int(refs.max()) > mx:
-            c = int(np.nonzero(refs > mx)[0][0])
+        if len(refs) and max(refs) > mx:
+            c = next(compress(range(len(refs)), map(mx.__lt__, refs)))
             raise QimgError(f"Cannot decrease refcount entry width to {refcount_bits} bits: Cluster at offset "
                             f"{c * meta.cluster_size:#x} has a refcount of {int(refs[c])}")
         nh.refcount_order = refcount_bits.bit_length() - 1
@@ -188,18 +190,18 @@ def _downgrade(meta: lc.Qcow2Meta, change: lc.Change) -> None:
     plans = [change.active] + change.snapshot_plans
     has_backing = bool(h.backing_file)
     for pi, p in enumerate(plans):
-        for i in np.nonzero(p.entries)[0].tolist():
+        for i in lc.nonzero(p.entries):
             l2 = p.l2_new.get(i)
             if l2 is None:
-                l2 = meta.read_l2(int(p.entries[i]))
-            e = l2
-            comp = (e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
-            zero = ~comp & ((e & np.uint64(QCOW_OFLAG_ZERO)) != 0)
-            if not zero.any():
+                l2 = meta.read_l2(p.entries[i])
+            # (version 2 has no extended L2: one word per entry)
+            zero = list(map(and_, map(not_, map(and_, l2, repeat(QCOW_OFLAG_COMPRESSED))),
+                            map(and_, l2, repeat(QCOW_OFLAG_ZERO))))
+            if not any(zero):
                 continue
-            e = e.copy()
-            for j in np.nonzero(zero)[0].tolist():
-                v = int(e[j])
+            e = array("Q", l2)
+            for j in lc.nonzero(zero):
+                v = e[j]
                 if (v & L2E_OFFSET_MASK) == 0 and not has_backing:
                     e[j] = 0
                 else:
@@ -214,10 +216,7 @@ def _downgrade(meta: lc.Qcow2Meta, change: lc.Change) -> None:
 
 
 def _has_compressed(meta: lc.Qcow2Meta) -> bool:
-    for ent in meta.l1.tolist():
-        off = ent & L1E_OFFSET_MASK
-        if off:
-            e = meta.l2_words(meta.read_l2(off))
-            if ((e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0).any():
-                return True
+    for off in filter(None, lc.masked(meta.l1)):
+        if any(map(and_, meta.l2_words(meta.read_l2(off)), repeat(QCOW_OFLAG_COMPRESSED))):
+            return True
     return False

@@ -37,6 +37,23 @@ np = LazyNumpy(globals())
 INCOMPAT_FEATURES_OFFSET = 72
 
 
+def _np_l2(meta, offset: int):
+    """An L2 table as uint64 entries ((n, 2) with the subcluster bitmaps for extended L2); the
+    lifecycle reads it as ``array('Q')``, the walk works on numpy."""
+    l2 = np.frombuffer(meta.read_l2(offset), np.uint64)
+    return l2.reshape(-1, 2) if meta.l2_entry_words == 2 else l2
+
+
+def _words(l2):
+    return l2[:, 0] if l2.ndim == 2 else l2
+
+
+def _grow(arr, n: int):
+    if n <= len(arr):
+        return arr
+    return np.concatenate((arr, np.zeros(n - len(arr), arr.dtype)))
+
+
 class _Walk:
     """One pass over the metadata: reference counts, statistics and diagnostics."""
 
@@ -88,8 +105,8 @@ class _Walk:
         meta = self.meta
         res = self.res
         cs = meta.cluster_size
-        l2 = meta.read_l2(offset)
-        e = meta.l2_words(l2)
+        l2 = _np_l2(meta, offset)
+        e = _words(l2)
         bitmap = l2[:, 1] if l2.ndim == 2 else None
         comp = (e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
         off = e & np.uint64(L2E_OFFSET_MASK)
@@ -251,13 +268,14 @@ def _repair_in_place(meta, state, fix_leaks, fix_errors, emit) -> None:
     for blk in sorted(set((changed // rpb).tolist())):
         ent = int(meta.reftable[blk])
         off = ent & lc.REFT_OFFSET_MASK
-        vals = decode_block(store.pread_full(off, cs), meta.header.refcount_bits).astype(np.int64)
+        vals = np.array(decode_block(store.pread_full(off, cs), meta.header.refcount_bits), np.int64)
         lo = blk * rpb
         hi = min(lo + rpb, len(new))
         vals[:hi - lo] = new[lo:hi]
         store.pwrite(off, encode_block(vals, meta.header.refcount_bits, rpb))
     store.flush()
     # OFLAG_COPIED from the repaired refcounts, entry by entry
+    look = lc.copied_lookup(new)
     bits = meta.cluster_bits
     for i, ent in enumerate(meta.l1.tolist()):
         l2_off = ent & L1E_OFFSET_MASK
@@ -271,8 +289,8 @@ def _repair_in_place(meta, state, fix_leaks, fix_errors, emit) -> None:
         if c >= meta.file_clusters:
             continue
         l2 = meta.read_l2(l2_off)
-        fixed = lc.set_copied_flags(meta, l2, new)
-        e_old, e_new = meta.l2_words(l2), meta.l2_words(fixed)
+        fixed = lc.set_copied_flags(meta, l2, look)
+        e_old, e_new = np.frombuffer(meta.l2_words(l2), np.uint64), np.frombuffer(meta.l2_words(fixed), np.uint64)
         for j in np.nonzero(e_old != e_new)[0].tolist():
             store.pwrite(l2_off + j * 8 * meta.l2_entry_words, int(e_new[j]).to_bytes(8, "big"))
     store.flush()
@@ -342,16 +360,16 @@ def _check_once(meta: lc.Qcow2Meta, fix_errors: bool, emit, fix_leaks: bool = Fa
         if off:
             walk.inc(off, cs)
             block_clusters.append((i, off >> meta.cluster_bits))
-    computed = walk.rc.counts(nb)
+    computed = np.array(walk.rc.counts(nb), np.int64)
     for i, c in block_clusters:
         if computed[c] != 1:
             emit(f"ERROR refcount block {i} refcount={computed[c]}")
             res.corruptions += 1
             rebuild = True
-    ondisk = meta.read_refcounts(max(nb, len(computed)))
+    ondisk = np.array(meta.read_refcounts(max(nb, len(computed))), np.int64)
     n = max(len(ondisk), len(computed))
-    ondisk = lc._grow(ondisk, n)
-    computed = lc._grow(computed, n)
+    ondisk = _grow(ondisk, n)
+    computed = _grow(computed, n)
     comparable = np.ones(n, bool)
     for k, (i, ent) in enumerate(unreadable):
         if k == 0:
@@ -431,8 +449,7 @@ def _check_copied(meta, ondisk, res, fix_errors, emit) -> int:
             fixable += 1
         if c >= meta.file_clusters:
             continue
-        l2 = meta.read_l2(l2_off)
-        e = meta.l2_words(l2)
+        e = _words(_np_l2(meta, l2_off))
         comp = (e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
         off = e & np.uint64(L2E_OFFSET_MASK)
         std = ~comp & (off != 0)

@@ -38,12 +38,24 @@ class _GiveUp(Exception):
 
 def quick_check(meta) -> CheckResult | None:
     """The result of ``check`` for a consistent image, or None when the full walk must decide."""
+    q = _quick(meta)
+    return None if q is None else q[0]
+
+
+def quick_refcounts(meta) -> list | None:
+    """The reference counts check computes, for a consistent image (None: the full walk must decide)."""
+    q = _quick(meta)
+    return None if q is None else q[1].tolist()
+
+
+def _quick(meta):
     h = meta.header
     if (h.extended_l2 or h.has_data_file or h.refcount_order != 4 or h.crypto_header or h.bitmaps_ext
             or h.incompatible_features & 1):  # (a dirty image: lazy refcounts are stale by design)
         return None
+    q = _Quick(meta)
     try:
-        return _Quick(meta).run()
+        return q.run(), q.counts
     except (_GiveUp, OverflowError):  # (OverflowError: a refcount past 65535, which the walk reports)
         return None
 
@@ -136,6 +148,10 @@ class _Quick:
             self.inc(h.snapshots_offset, meta.snapshot_table_bytes)
         self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
         reftable = self.table(h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
+        # the unused tail of the table (zero entries) needs no look: the refcounts it would cover are
+        # checked to be zero below
+        used = len(reftable.tobytes().rstrip(b"\0"))
+        reftable = reftable[:-(-used // 8)]
         blocks = []
         for ent in reftable:
             off = ent & REFT_OFFSET_MASK

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import copy
 import struct
+from array import array
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import add, and_, eq, mul, not_, or_, rshift
 
 from ...errors import QimgError, check_limit
 from .bitmaps import BME_OFFSET_MASK, pack_directory, set_extension
@@ -36,22 +39,39 @@ from .header import (
     Header,
     read_bitmap_directory,
 )
+from .lifecycle_refs import (
+    NOT_COMPRESSED_BYTES,
+    RefCollector,
+    copied_lookup,
+    last_used,
+    masked,
+    nonzero,
+    set_copied_flags,
+    top_bytes,
+)
 from .refcount import REFT_OFFSET_MASK, decode_block, encode_block
 from .snapshot import read_snapshots
-from .tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, LazyNumpy
+from .tables import (
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    be_bytes,
+    be_u64_array,
+)
 
-np = LazyNumpy(globals())
+__all__ = ["RefCollector", "copied_lookup", "last_used", "masked", "nonzero", "set_copied_flags"]
 
 REFT_RESERVED_MASK = 0x1FF
 HEADER_PAGE = 4096
 L2_CACHE_BYTES = 64 << 20
+# Tables are plain ``array('Q')`` (native integers; an extended L2 table interleaves each entry with
+# its subcluster bitmap), reference counts are lists of ints.  Whole tables are handled with C-level
+# operations (``map`` over ``operator`` functions, ``itertools.compress``, ``Counter``, slices), so the
+# Python work grows with the number of tables, not of entries.
+
 
 class RefcountOverflow(QimgError):
     """A reference count would not fit in refcount_bits."""
-
-
-def _be64(buf) -> np.ndarray:
-    return np.frombuffer(buf, ">u8").astype(np.uint64)
 
 
 class Qcow2Meta:
@@ -72,7 +92,7 @@ class Qcow2Meta:
         self.cluster_offset_mask = (1 << self.csize_shift) - 1
         self.rc_per_block = cs * 8 // h.refcount_bits
         self.file_clusters = -(-self.file_size // cs)
-        self._l2_cache: dict[int, np.ndarray] = {}
+        self._l2_cache: dict[int, array] = {}
         # the whole tables are read on first use (header-only changes never need them; their sizes are
         # bounded by the header's limits); what lies past the end of the file reads as zeros, as in qemu,
         # and check counts it
@@ -81,14 +101,14 @@ class Qcow2Meta:
         self.snapshot_table_bytes = sum(s.entry_size for s in self.snapshots)
 
     @property
-    def l1(self) -> np.ndarray:
+    def l1(self) -> array:
         if self._l1 is None:
             h = self.header
             self._l1 = self.read_table(h.l1_table_offset, h.l1_size)
         return self._l1
 
     @property
-    def reftable(self) -> np.ndarray:
+    def reftable(self) -> array:
         if self._reftable is None:
             h = self.header
             n = h.refcount_table_clusters * self.cluster_size // 8
@@ -96,57 +116,62 @@ class Qcow2Meta:
         return self._reftable
 
     # ----- reading -----
-    def read_table(self, offset: int, entries: int) -> np.ndarray:
+    def read_table(self, offset: int, entries: int) -> array:
         if entries == 0:
-            return np.zeros(0, np.uint64)
-        return _be64(_pread_zeros(self.store, offset, entries * 8))
+            return array("Q")
+        return be_u64_array(_pread_zeros(self.store, offset, entries * 8))
 
-    def read_l2(self, offset: int) -> np.ndarray:
-        """An L2 table as uint64 entries ((n, 2) with the subcluster bitmaps for extended L2)."""
+    def read_l2(self, offset: int) -> array:
+        """An L2 table as ``array('Q')`` (entry and subcluster bitmap interleaved for extended L2).
+        Shared with the cache: copy it before changing it."""
         arr = self._l2_cache.get(offset)
         if arr is None:
-            arr = _be64(_pread_zeros(self.store, offset, self.cluster_size))
-            if self.l2_entry_words == 2:
-                arr = arr.reshape(-1, 2)
+            arr = be_u64_array(_pread_zeros(self.store, offset, self.cluster_size))
             if len(self._l2_cache) * self.cluster_size >= L2_CACHE_BYTES:
                 self._l2_cache.clear()   # bounded memory on huge images; tables are re-read when needed
             self._l2_cache[offset] = arr
         return arr
 
-    def read_refcounts(self, nb_clusters: int | None = None) -> np.ndarray:
-        """The refcounts stored on disk, one per host cluster (int64)."""
+    def read_refcounts(self, nb_clusters: int | None = None) -> list:
+        """The refcounts stored on disk, one per host cluster."""
         n = self.file_clusters if nb_clusters is None else nb_clusters
         rpb = self.rc_per_block
-        out = np.zeros(max(n, len(self.reftable) * 0), np.int64)
-        for i, ent in enumerate(self.reftable.tolist()):
+        out = [0] * n
+        for i, ent in enumerate(self.reftable):
             off = ent & REFT_OFFSET_MASK
             if not off or ent & REFT_RESERVED_MASK or off % self.cluster_size or off >= self.file_size:
                 continue
             first = i * rpb
             if first >= n:
                 break
-            raw = self.store.pread_full(off, self.cluster_size)
-            vals = decode_block(raw, self.header.refcount_bits).astype(np.int64)
+            vals = decode_block(self.store.pread_full(off, self.cluster_size), self.header.refcount_bits)
             k = min(rpb, n - first)
             out[first:first + k] = vals[:k]
         return out
 
     # ----- mapping helpers -----
-    def l2_words(self, l2) -> np.ndarray:
-        return l2[:, 0] if l2.ndim == 2 else l2
+    def l2_words(self, l2) -> array:
+        """The entries of an L2 table (without the subcluster bitmaps)."""
+        return l2[0::2] if self.l2_entry_words == 2 else l2
 
-    def data_refs(self, l2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def data_refs(self, l2) -> tuple[list, list, list]:
         """(standard cluster indices, compressed first clusters, compressed last clusters) of one L2 table."""
         e = self.l2_words(l2)
-        comp = (e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
-        off = e & np.uint64(L2E_OFFSET_MASK)
-        std = off[~comp & (off != 0)] >> np.uint64(self.cluster_bits)
-        ce = e[comp]
-        coff = (ce & np.uint64(self.cluster_offset_mask)) & ~np.uint64(511)
-        nsec = ((ce >> np.uint64(self.csize_shift)) & np.uint64(self.csize_mask)) + np.uint64(1)
-        first = coff >> np.uint64(self.cluster_bits)
-        last = (coff + nsec * np.uint64(512) - np.uint64(1)) >> np.uint64(self.cluster_bits)
-        return std.astype(np.int64), first.astype(np.int64), last.astype(np.int64)
+        if not any(e):
+            return [], [], []
+        bits = self.cluster_bits
+        if not top_bytes(e).translate(None, NOT_COMPRESSED_BYTES):
+            std = filter(None, map(and_, e, repeat(L2E_OFFSET_MASK)))
+            return list(map(rshift, std, repeat(bits))), [], []
+        comp = list(map(and_, e, repeat(QCOW_OFLAG_COMPRESSED)))
+        std = filter(None, map(and_, compress(e, map(not_, comp)), repeat(L2E_OFFSET_MASK)))
+        ce = list(compress(e, comp))
+        coff = list(map(and_, ce, repeat(self.cluster_offset_mask & ~511)))
+        nsec = map(and_, map(rshift, ce, repeat(self.csize_shift)), repeat(self.csize_mask))
+        # last byte: coff + (nsec + 1) * 512 - 1
+        end = map(add, map(add, coff, map(mul, nsec, repeat(512))), repeat(511))
+        return (list(map(rshift, std, repeat(bits))), list(map(rshift, coff, repeat(bits))),
+                list(map(rshift, end, repeat(bits))))
 
     def static_refs(self, bitmaps: bool = True) -> list[tuple[int, int]]:
         """Byte ranges referenced by the header's extensions (crypto header, bitmaps) besides cluster 0."""
@@ -160,8 +185,8 @@ class Qcow2Meta:
             for bm in read_bitmap_directory(self.store, h, self.file_size):
                 out.append((bm.table_offset, bm.table_size * 8))
                 check_limit("qcow2 bitmap table size", bm.table_size, MAX_L1_SIZE_BYTES)
-                tab = self.read_table(bm.table_offset, bm.table_size) & np.uint64(L1E_OFFSET_MASK)
-                out.extend((o, self.cluster_size) for o in tab[tab > 1].tolist())
+                tab = masked(self.read_table(bm.table_offset, bm.table_size))
+                out.extend(zip(filter((1).__lt__, tab), repeat(self.cluster_size)))
         return out
 
 
@@ -169,60 +194,12 @@ class Qcow2Meta:
 # References of a whole image state, and the copy-on-write commit
 # --------------------------------------------------------------------------------------------
 
-class RefCollector:
-    """Collects referenced cluster indices; counts them with one bincount."""
-
-    def __init__(self, cluster_bits: int, limit: int | None = None):
-        self.bits = cluster_bits
-        self.parts: list[np.ndarray] = []
-        # clusters at or past ``limit`` (the end of the file) cannot hold data: references to them are
-        # corruption that check reports, and counting them would size the refcounts for a hostile offset
-        self.limit = limit
-
-    def add_range(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        first = offset >> self.bits
-        last = (offset + length - 1) >> self.bits
-        if self.limit is not None:
-            last = min(last, self.limit - 1)
-        if last >= first:
-            self.parts.append(np.arange(first, last + 1, dtype=np.int64))
-
-    def add_indices(self, idx: np.ndarray) -> None:
-        if len(idx):
-            idx = np.asarray(idx, np.int64)
-            self.parts.append(idx if self.limit is None else idx[idx < self.limit])
-
-    def add_spans(self, first: np.ndarray, last: np.ndarray) -> None:
-        if self.limit is not None and len(first):
-            keep = first < self.limit
-            first, last = first[keep], np.minimum(last[keep], self.limit - 1)
-        if not len(first):
-            return
-        self.parts.append(first)
-        span = last - first
-        k = 1
-        while True:
-            sel = span >= k
-            if not sel.any():
-                break
-            self.parts.append(first[sel] + k)
-            k += 1
-
-    def counts(self, minlength: int = 0) -> np.ndarray:
-        if not self.parts:
-            return np.zeros(minlength, np.int64)
-        allidx = np.concatenate(self.parts)
-        return np.bincount(allidx, minlength=minlength).astype(np.int64)
-
-
 @dataclass
 class L1Plan:
     """An L1 table of the new image: entries (L2 offsets) plus L2 tables to write afresh."""
 
-    entries: np.ndarray
-    l2_new: dict = field(default_factory=dict)   # l1 index -> L2 array to write to a new cluster
+    entries: array
+    l2_new: dict = field(default_factory=dict)   # l1 index -> L2 array('Q') to write to a new cluster
     location: int | None = None                  # existing on-disk L1 offset to keep, or None: write anew
 
 
@@ -248,96 +225,85 @@ def current_plan(meta: Qcow2Meta) -> Change:
         err = s.l1_error(meta.cluster_size)
         if err:
             raise QimgError(err)  # (qemu-img: every rewrite of the snapshot table validates its tables)
-    plans = [L1Plan(meta.read_table(s.l1_table_offset, s.l1_size) & np.uint64(L1E_OFFSET_MASK),
-                    location=s.l1_table_offset) for s in snaps]
-    active = L1Plan(meta.l1 & np.uint64(L1E_OFFSET_MASK))
+    plans = [L1Plan(masked(meta.read_table(s.l1_table_offset, s.l1_size)), location=s.l1_table_offset)
+             for s in snaps]
+    active = L1Plan(masked(meta.l1))
     return Change(h, active, snaps, plans)
 
 
-def _plan_refs(meta: Qcow2Meta, plan: L1Plan, rc: RefCollector, table_refs: bool = True) -> None:
-    data_file = meta.header.has_data_file
+def _plan_refs(meta: Qcow2Meta, plan: L1Plan, rc: RefCollector, tables: dict) -> None:
+    """References of one L1 plan: its table and the L2 tables written afresh go to ``rc``, the L2
+    tables on disk to ``tables`` (offset -> number of references; see _table_refs)."""
     ents = plan.entries
-    if plan.location is not None and table_refs:
+    if plan.location is not None:
         rc.add_range(plan.location, len(ents) * 8)
-    for i in np.nonzero(ents)[0].tolist():
+    for i in nonzero(ents):
         if i in plan.l2_new:
-            l2 = plan.l2_new[i]
+            _l2_refs(meta, plan.l2_new[i], rc, 1)
         else:
-            off = int(ents[i])
-            if table_refs:
-                rc.add_range(off, meta.cluster_size)
-            l2 = meta.read_l2(off)
-        std, cf, cl = meta.data_refs(l2)
-        if not data_file:
-            rc.add_indices(std)
+            tables[ents[i]] = tables.get(ents[i], 0) + 1
+
+
+def _table_refs(meta: Qcow2Meta, tables: dict, rc: RefCollector) -> None:
+    """The L2 tables on disk and their data clusters, each table read once however many L1 tables
+    (the active one, snapshots) share it."""
+    for off, weight in tables.items():
+        for _ in range(weight):
+            rc.add_range(off, meta.cluster_size)
+        _l2_refs(meta, meta.read_l2(off), rc, weight)
+
+
+def _l2_refs(meta: Qcow2Meta, l2, rc: RefCollector, weight: int) -> None:
+    std, cf, cl = meta.data_refs(l2)
+    if not meta.header.has_data_file:
+        rc.add_indices(std, weight)
+    for _ in range(weight):
         rc.add_spans(cf, cl)
-
-
-def set_copied_flags(meta: Qcow2Meta, l2: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """L2 entries with OFLAG_COPIED set exactly where the data cluster's refcount is 1."""
-    if meta.header.has_data_file:
-        # external data file: no refcounts for data, and OFLAG_COPIED on an offset-0 entry is what
-        # marks it allocated; the flags stay as they are
-        return l2.copy()
-    l2 = l2.copy()
-    e = meta.l2_words(l2)
-    comp = (e & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
-    off = e & np.uint64(L2E_OFFSET_MASK)
-    idx = (off >> np.uint64(meta.cluster_bits)).astype(np.int64)
-    std = ~comp & (off != 0)
-    one = np.zeros(len(e), bool)
-    if meta.header.has_data_file:
-        one[std] = True
-    else:
-        inrange = std & (idx < len(ref))
-        one[inrange] = ref[idx[inrange]] == 1
-    e &= ~np.uint64(QCOW_OFLAG_COPIED)
-    e[one] |= np.uint64(QCOW_OFLAG_COPIED)
-    if l2.ndim == 2:
-        l2[:, 0] = e
-    else:
-        l2 = e
-    return l2
 
 
 class _Allocator:
     """First fit over clusters free in the old and the new image; grows past the end."""
 
-    def __init__(self, used: np.ndarray):
-        self.used = used.copy()
+    def __init__(self, used: bytearray):
+        self.used = bytearray(used)   # one byte per cluster: 1 in use
 
     def alloc(self, n: int) -> int:
         if n <= 0:
             return 0
         used = self.used
-        free = ~used
         # first run of n free clusters (cluster 0 is never free)
-        if n == 1:
-            cand = np.nonzero(free)[0]
-            start = int(cand[0]) if len(cand) else len(used)
-        else:
-            start = len(used)
-            if free.any():
-                f = np.concatenate(([0], free.astype(np.int8), [0]))
-                d = np.diff(f)
-                starts = np.nonzero(d == 1)[0]
-                ends = np.nonzero(d == -1)[0]
-                ok = np.nonzero(ends - starts >= n)[0]
-                if len(ok):
-                    start = int(starts[ok[0]])
-            if start == len(used):
-                # extend from the last used cluster
-                tail = np.nonzero(used)[0]
-                start = int(tail[-1]) + 1 if len(tail) else 1
+        start = used.find(bytes(n))
+        if start < 0:
+            # extend from the last used cluster
+            start = len(used.rstrip(b"\0")) or 1
         end = start + n
-        if end > len(self.used):
-            self.used = np.concatenate((self.used, np.zeros(end - len(self.used) + 64, bool)))
-        self.used[start:end] = True
+        if end > len(used):
+            used.extend(bytes(end - len(used) + 64))
+        used[start:end] = b"\1" * n
         return start
 
 
-def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, flush: bool = True,
-           progress=None) -> dict:
+def _flags(vals) -> bytearray:
+    """One byte per value: 1 where it is non-zero."""
+    return bytearray(map(bool, vals))
+
+
+def _or_into(dst: bytearray, src: bytearray) -> None:
+    """dst[:len(src)] |= src (growing dst), on whole byte strings."""
+    if len(src) > len(dst):
+        dst.extend(bytes(len(src) - len(dst)))
+    k = len(src)
+    dst[:k] = (int.from_bytes(dst[:k], "little") | int.from_bytes(src, "little")).to_bytes(k, "little")
+
+
+def _add_one(vals: list, first: int, count: int) -> None:
+    """vals[first:first + count] += 1 (growing vals)."""
+    if first + count > len(vals):
+        vals.extend([0] * (first + count - len(vals)))
+    vals[first:first + count] = map(add, vals[first:first + count], repeat(1))
+
+
+def commit(meta: Qcow2Meta, change: Change, old_refs=None, flush: bool = True, progress=None) -> dict:
     """Write ``change`` copy-on-write and switch the header to it; returns the final refcounts info."""
     store = meta.store
     cs = meta.cluster_size
@@ -355,35 +321,36 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     for off, length in change.extra_refs:
         rc.add_range(off, length)
     plans = [change.active] + list(change.snapshot_plans)
+    tables: dict = {}
     for p in plans:
-        _plan_refs(meta, p, rc)
+        _plan_refs(meta, p, rc, tables)
+    _table_refs(meta, tables, rc)
     ref = rc.counts(meta.file_clusters)
     # 2. active L2 tables whose COPIED flags would be wrong are rewritten (copy-on-write)
     act = change.active
-    for i in np.nonzero(act.entries)[0].tolist():
+    look = copied_lookup(ref)
+    for i in nonzero(act.entries):
         if i in act.l2_new:
             continue
-        off = int(act.entries[i])
+        off = act.entries[i]
         l2 = meta.read_l2(off)
-        fixed = set_copied_flags(meta, l2, ref)
-        if not np.array_equal(fixed, l2):
+        fixed = set_copied_flags(meta, l2, look)
+        if fixed is not l2:
             act.l2_new[i] = fixed
-            ref[off >> bits] -= 1
+            c = off >> bits
+            ref[c] -= 1
+            if 0 < c < len(look) - 1:
+                look[c] -= 1
     for i in list(act.l2_new):
-        act.l2_new[i] = set_copied_flags(meta, act.l2_new[i], ref)
+        act.l2_new[i] = array("Q", set_copied_flags(meta, act.l2_new[i], look))
     act.location = None
     # 3. clusters in use by the old image or the new one are off limits
-    n = max(len(ref), meta.file_clusters)
-    used = np.zeros(n + 1, bool)
-    used[:len(ref)] |= ref > 0
-    ondisk = meta.read_refcounts(meta.file_clusters)
-    used[:len(ondisk)] |= ondisk > 0
+    used = bytearray(max(len(ref), meta.file_clusters) + 1)
+    _or_into(used, _flags(ref))
+    _or_into(used, _flags(meta.read_refcounts(meta.file_clusters)))
     if old_refs is not None:
-        k = min(len(old_refs), len(used))
-        used[:k] |= old_refs[:k] > 0
-        if len(old_refs) > len(used):
-            used = np.concatenate((used, old_refs[len(used):] > 0))
-    used[0] = True
+        _or_into(used, _flags(old_refs.tolist() if hasattr(old_refs, "tolist") else old_refs))
+    used[0] = 1
     alloc = _Allocator(used)
     new_clusters: list[tuple[int, int]] = []   # (first cluster, count)
 
@@ -400,7 +367,6 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     for pi, p in enumerate(plans):
         if p.location is None:
             l1_where[pi] = take(max(1, -(-len(p.entries) * 8 // cs))) if len(p.entries) else 0
-    snap_bytes = b""
     # snapshot entries carry their L1 offsets: fill them before sizing the table
     for si, s in enumerate(change.snapshots):
         p = change.snapshot_plans[si]
@@ -416,13 +382,11 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     if change.bitmaps is not None:
         _write_bitmaps(store, h, change.bitmaps, take, cs)
     # 4. the refcount structure, sized for everything above plus itself
-    final = np.zeros(len(alloc.used), np.int64)
-    final[:len(ref)] = ref
+    final = list(ref)
     for first, count in new_clusters:
-        final = _grow(final, first + count)
-        final[first:first + count] += 1
+        _add_one(final, first, count)
     rpb = cs * 8 // h.refcount_bits
-    top = int(np.nonzero(final)[0][-1]) + 1
+    top = last_used(final)
     slack = 0   # grows when the structure lands past what the blocks cover (clusters the old image still uses)
     while True:
         nblocks = -(-top // rpb)
@@ -431,50 +395,49 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
         nblocks_try = -(-(top + nblocks + rt_clusters + 2 + slack) // rpb)
         rt_clusters = max(1, -(-nblocks_try * 8 // cs))
         check_limit("qcow2 refcount table size", rt_clusters * cs, MAX_REFTABLE_SIZE_BYTES)
-        saved = alloc.used.copy()
+        saved = bytearray(alloc.used)
         rt_first = alloc.alloc(rt_clusters)
         blocks = [alloc.alloc(1) for _ in range(nblocks_try)]
-        trial = _grow(final.copy(), max([rt_first + rt_clusters] + [b + 1 for b in blocks]))
-        trial[rt_first:rt_first + rt_clusters] += 1
+        trial = list(final)
+        _add_one(trial, rt_first, rt_clusters)
         for b in blocks:
-            trial[b] += 1
-        top2 = int(np.nonzero(trial)[0][-1]) + 1
+            _add_one(trial, b, 1)
+        top2 = last_used(trial)
         if -(-top2 // rpb) <= nblocks_try and nblocks_try * 8 <= rt_clusters * cs:
             final = trial
             break
         alloc.used = saved
         slack = max(slack + 1, top2 - top)
     maxrc = (1 << h.refcount_bits) - 1
-    if int(final.max()) > maxrc:
+    if max(final) > maxrc:
         raise RefcountOverflow(f"Cannot update refcounts: a refcount exceeds the {h.refcount_bits}-bit limit")
     # 5. write everything that the new header points to, then flush
     for (pi, i), where in l2_where.items():
-        arr = plans[pi].l2_new[i]
-        store.pwrite(where, arr.reshape(-1).astype(">u8").tobytes())
-        plans[pi].entries = plans[pi].entries.copy()
+        store.pwrite(where, be_bytes(plans[pi].l2_new[i]))
+        plans[pi].entries = array("Q", plans[pi].entries)
         plans[pi].entries[i] = where
     for pi, where in l1_where.items():
         p = plans[pi]
-        ents = p.entries.copy()
+        ents = p.entries
         if pi == 0:
-            l2idx = (ents >> np.uint64(bits)).astype(np.int64)
-            nz = (ents != 0) & (l2idx < len(final))   # (an L2 table past the end of the file has no refcount)
-            one = np.zeros(len(ents), bool)
-            one[nz] = final[l2idx[nz]] == 1
-            ents[one] |= np.uint64(QCOW_OFLAG_COPIED)
+            # OFLAG_COPIED on the L2 tables with a refcount of 1 (one past the end of the file has none)
+            look = final + [0]
+            idx = map(min, map(rshift, ents, repeat(bits)), repeat(len(final)))
+            one = map(mul, map(bool, ents), map(eq, map(look.__getitem__, idx), repeat(1)))
+            ents = array("Q", map(or_, ents, map(mul, one, repeat(QCOW_OFLAG_COPIED))))
         if len(ents):
             nbytes = -(-len(ents) * 8 // cs) * cs
-            store.pwrite(where, ents.astype(">u8").tobytes().ljust(nbytes, b"\0"))
+            store.pwrite(where, be_bytes(ents).ljust(nbytes, b"\0"))
     for off, length in change.zero_fill:
         _write_zeros(store, off, length)
     if change.snapshots:
         store.pwrite(snap_off, snap_bytes.ljust(-(-len(snap_bytes) // cs) * cs, b"\0"))
-    reft = np.zeros(rt_clusters * cs // 8, np.uint64)
+    reft = array("Q", bytes(rt_clusters * cs))
     for bi, b in enumerate(blocks):
-        vals = final[bi * rpb:(bi + 1) * rpb]
-        store.pwrite(b * cs, encode_block(vals, 1 << h.refcount_order, cs * 8 >> h.refcount_order))
+        store.pwrite(b * cs, encode_block(final[bi * rpb:(bi + 1) * rpb], 1 << h.refcount_order,
+                                          cs * 8 >> h.refcount_order))
         reft[bi] = b * cs
-    store.pwrite(rt_first * cs, reft.astype(">u8").tobytes())
+    store.pwrite(rt_first * cs, be_bytes(reft))
     if flush:
         store.flush()
     # 6. the switch
@@ -489,7 +452,7 @@ def commit(meta: Qcow2Meta, change: Change, old_refs: np.ndarray | None = None, 
     store.pwrite(0, page)
     if flush:
         store.flush()
-    image_end = int(np.nonzero(final)[0][-1] + 1) * cs
+    image_end = last_used(final) * cs
     if change.truncate_file and store.size() > image_end:
         store.truncate(image_end)
         if flush:
@@ -526,12 +489,6 @@ def _pread_zeros(store, offset: int, n: int) -> bytes:
     return raw if len(raw) == n else bytes(raw) + bytes(n - len(raw))
 
 
-def _grow(arr: np.ndarray, n: int) -> np.ndarray:
-    if n <= len(arr):
-        return arr
-    return np.concatenate((arr, np.zeros(n - len(arr), arr.dtype)))
-
-
 def _write_zeros(store, off: int, length: int) -> None:
     chunk = 1 << 20
     zero = bytes(min(chunk, length))
@@ -542,7 +499,7 @@ def _write_zeros(store, off: int, length: int) -> None:
         pos += n
 
 
-def compute_refs(meta: Qcow2Meta) -> np.ndarray:
+def compute_refs(meta: Qcow2Meta) -> list:
     """Reference counts of the image as it is (quietly; check.py reports the details)."""
     ch = current_plan(meta)
     rc = RefCollector(meta.cluster_bits, limit=meta.file_clusters)
@@ -550,16 +507,16 @@ def compute_refs(meta: Qcow2Meta) -> np.ndarray:
     for off, length in meta.static_refs():
         rc.add_range(off, length)
     h = meta.header
-    _plan_refs(meta, L1Plan(ch.active.entries, location=h.l1_table_offset if h.l1_size else None), rc)
+    tables: dict = {}
+    _plan_refs(meta, L1Plan(ch.active.entries, location=h.l1_table_offset if h.l1_size else None), rc, tables)
     for p in ch.snapshot_plans:
-        _plan_refs(meta, p, rc)
+        _plan_refs(meta, p, rc, tables)
+    _table_refs(meta, tables, rc)
     if h.nb_snapshots:
         rc.add_range(h.snapshots_offset, meta.snapshot_table_bytes)
     rc.add_range(h.refcount_table_offset, h.refcount_table_clusters * meta.cluster_size)
-    for ent in meta.reftable.tolist():
-        off = ent & REFT_OFFSET_MASK
-        if off:
-            rc.add_range(off, meta.cluster_size)
+    for off in filter(None, map(and_, meta.reftable, repeat(REFT_OFFSET_MASK))):
+        rc.add_range(off, meta.cluster_size)
     return rc.counts(meta.file_clusters)
 
 

@@ -94,7 +94,7 @@ class Qcow2LifecycleMixin:
         self._lifecycle(lambda st: edit_bitmaps(st, self.filename, name, actions, granularity, source_plans))
 
     def _is_dirty(self) -> bool:
-        from .header import QCOW2_INCOMPAT_DIRTY  # (lifecycle imports numpy: not needed here)
+        from .header import QCOW2_INCOMPAT_DIRTY
 
         h = getattr(self, "h", None)
         return bool(h is not None and getattr(h, "incompatible_features", 0) & QCOW2_INCOMPAT_DIRTY)

@@ -24,30 +24,56 @@ np = LazyNumpy(globals())
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 
-def decode_block(buf: bytes, bits: int) -> np.ndarray:
-    """A refcount block's bytes as one uint64 per entry (the one refcount codec: the writer, the
-    copy-on-write lifecycle and check all decode and encode blocks here)."""
-    if bits >= 8:
-        return np.frombuffer(buf, dtype=f">u{bits // 8}").astype(np.uint64)
+_WIDE = {8: "B", 16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}
+
+
+def _sub_byte_tables(bits: int, shift_out: bool) -> list[bytes]:
+    """Per position k in a byte: the translation table extracting (or placing) the k-th entry."""
+    mask = (1 << bits) - 1
     per = 8 // bits
-    b = np.frombuffer(buf, dtype=np.uint8)
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    vals = (b[:, None] >> shifts) & ((1 << bits) - 1)
-    return vals.reshape(-1).astype(np.uint64)
+    if shift_out:
+        return [bytes(((b >> (k * bits)) & mask) for b in range(256)) for k in range(per)]
+    return [bytes(((b & mask) << (k * bits)) & 0xFF for b in range(256)) for k in range(per)]
 
 
-def encode_block(vals: np.ndarray, bits: int, entries: int | None = None) -> bytes:
-    """Inverse of decode_block; ``entries``: the block's length, the values after ``vals`` zero."""
+def decode_block(buf: bytes, bits: int) -> array:
+    """A refcount block's bytes as one ``array('Q')`` entry each (the one refcount codec: the writer,
+    the copy-on-write lifecycle and check all decode and encode blocks here).  C-level throughout:
+    wide entries through ``array``, sub-byte entries (packed from the least significant bit) through
+    one ``bytes.translate`` per position in a byte."""
+    if bits >= 8:
+        a = array(_WIDE[bits])
+        a.frombytes(bytes(buf))
+        if bits > 8 and sys.byteorder == "little":
+            a.byteswap()
+        return a if bits == 64 else array("Q", a)
+    per = 8 // bits
+    buf = bytes(buf)
+    out = bytearray(len(buf) * per)
+    for k, table in enumerate(_sub_byte_tables(bits, True)):
+        out[k::per] = buf.translate(table)
+    return array("Q", array("B", out))
+
+
+def encode_block(vals, bits: int, entries: int | None = None) -> bytes:
+    """Inverse of decode_block (``vals``: any sequence of ints, numpy arrays included); ``entries``:
+    the block's length, the values after ``vals`` zero."""
+    if not isinstance(vals, (array, list)):
+        vals = vals.tolist()
     if entries is not None and len(vals) != entries:
-        full = np.zeros(entries, np.uint64)
-        full[:len(vals)] = vals
-        vals = full
+        vals = list(vals[:entries]) + [0] * (entries - len(vals))
     if bits >= 8:
-        return vals.astype(f">u{bits // 8}").tobytes()
+        a = array(_WIDE[bits], vals)
+        if bits > 8 and sys.byteorder == "little":
+            a.byteswap()
+        return a.tobytes()
     per = 8 // bits
-    v = vals.astype(np.uint8).reshape(-1, per)
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(v << shifts, axis=1).astype(np.uint8).tobytes()
+    v = bytes(vals)  # (callers keep every value within the width; the tables mask them anyway)
+    n = len(v) // per
+    acc = 0
+    for k, table in enumerate(_sub_byte_tables(bits, False)):
+        acc |= int.from_bytes(v[k::per].translate(table), "big")
+    return acc.to_bytes(n, "big")
 
 
 class Refcounts:
@@ -104,7 +130,7 @@ class Refcounts:
             if sys.byteorder == "little":
                 blk.byteswap()
         else:
-            blk = decode_block(raw, self.bits).copy()
+            blk = np.frombuffer(decode_block(raw, self.bits), np.uint64).copy()
         self.blocks[index] = blk
         return blk
 

@@ -11,14 +11,14 @@ The change is made copy-on-write through ``lifecycle.commit``.
 
 from __future__ import annotations
 
+from array import array
+
 from ...errors import QimgError
 from . import lifecycle as lc
 from .bitmaps import resized_bitmaps
 from .header import MAX_L1_SIZE_BYTES, QCOW2_AUTOCLEAR_BITMAPS
 from .snapshot_ops import refuse_if_corrupt
-from .tables import QCOW_L2_BITMAP_ALL_ALLOC, LazyNumpy
-
-np = LazyNumpy(globals())
+from .tables import QCOW_L2_BITMAP_ALL_ALLOC
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -45,7 +45,7 @@ def resize(store, new_size: int, prealloc: str = "off") -> None:
     if new_size < h.size:
         # the grown-and-shrunk file keeps no tail past the last used cluster (as qemu-img does)
         meta2 = lc.Qcow2Meta(store)
-        end = (int(np.nonzero(lc.compute_refs(meta2))[0][-1]) + 1) * meta2.cluster_size
+        end = lc.last_used(lc.compute_refs(meta2)) * meta2.cluster_size
         if store.size() > end:
             store.truncate(end)
             store.flush()
@@ -59,15 +59,16 @@ def apply_size(meta: lc.Qcow2Meta, change: lc.Change, new_size: int) -> None:
     lc.check_limit("qcow2 L1 table entries", need, MAX_L1_SIZE_BYTES // 8)
     ents = change.active.entries
     if need > len(ents):
-        ents = np.concatenate((ents, np.zeros(need - len(ents), np.uint64)))
+        ents = ents + array("Q", bytes(8 * (need - len(ents))))
     elif new_size < change.header.size:
-        ents = ents[:need].copy()
+        ents = ents[:need]
         # the last L2 table may reach past the new end: clear those entries in a copy
         if need and new_size % per_l2 and ents[need - 1]:
             first_dead = -(-(new_size % per_l2) // cs)
-            l2 = meta.read_l2(int(ents[need - 1])).copy()
             if first_dead < meta.l2_entries:
-                l2[first_dead:] = 0
+                w = meta.l2_entry_words
+                l2 = array("Q", meta.read_l2(ents[need - 1]))
+                l2[first_dead * w:] = array("Q", bytes(8 * (len(l2) - first_dead * w)))
                 change.active.l2_new[need - 1] = l2
     change.active.entries = ents
     change.header.size = new_size
@@ -87,23 +88,25 @@ def _preallocate(meta: lc.Qcow2Meta, change: lc.Change, old_size: int, new_size:
     start = max(meta.file_clusters, len(refs)) + 8 + count // meta.l2_entries + 8
     act = change.active
     ents = act.entries
-    for k in range(count):
-        g = first_c + k
-        li, l2i = divmod(g, meta.l2_entries)
+    w = meta.l2_entry_words
+    per = meta.l2_entries
+    g = first_c
+    while g < first_c + count:
+        # one L2 table at a time: its entries [l2i, l2i + k) get consecutive host clusters
+        li, l2i = divmod(g, per)
+        k = min(per - l2i, first_c + count - g)
         if li not in act.l2_new:
             if ents[li]:
-                act.l2_new[li] = meta.read_l2(int(ents[li])).copy()
+                act.l2_new[li] = array("Q", meta.read_l2(ents[li]))
             else:
-                shape = (meta.l2_entries, 2) if meta.l2_entry_words == 2 else (meta.l2_entries,)
-                act.l2_new[li] = np.zeros(shape, np.uint64)
+                act.l2_new[li] = array("Q", bytes(8 * w * per))
                 ents[li] = 1 << bits  # placeholder; replaced when the table is written
         l2 = act.l2_new[li]
-        host = (start + k) << bits
-        if l2.ndim == 2:
-            l2[l2i, 0] = host
-            l2[l2i, 1] = QCOW_L2_BITMAP_ALL_ALLOC
-        else:
-            l2[l2i] = host
+        host = (start + g - first_c) << bits
+        l2[l2i * w:(l2i + k) * w:w] = array("Q", range(host, host + (k << bits), 1 << bits))
+        if w == 2:
+            l2[l2i * 2 + 1:(l2i + k) * 2:2] = array("Q", [QCOW_L2_BITMAP_ALL_ALLOC]) * k
+        g += k
     end = (start + count) << bits
     store = meta.store
     if mode == "full":

@@ -13,27 +13,33 @@ killed at any point leaves the image with or without the change, and consistent 
 from __future__ import annotations
 
 import time
+from array import array
 
 from ...errors import QimgError, reports
 from . import lifecycle as lc
 from .bitmaps import bitmaps_of
 from .header import MAX_SNAPSHOTS, QCOW2_INCOMPAT_CORRUPT
 from .snapshot import Snapshot, snapshot_index
-from .tables import LazyNumpy
-
-np = LazyNumpy(globals())
 
 
-def refuse_if_corrupt(meta: lc.Qcow2Meta) -> np.ndarray:
-    """Run the consistency walk; a corrupt image is refused with one line. Returns the computed refcounts."""
-    from .check import _check_once
+def refuse_if_corrupt(meta: lc.Qcow2Meta) -> list:
+    """Run the consistency walk; a corrupt image is refused with one line. Returns the computed refcounts.
+
+    A consistent image is verified by check's plain pass; anything it does not decide (leaks, a dirty
+    image, compressed clusters, other refcount widths...) goes through the full walk."""
+    from .check_quick import quick_refcounts
 
     if meta.header.incompatible_features & QCOW2_INCOMPAT_CORRUPT:
         raise QimgError("qcow2: Image is corrupt; cannot be opened read/write")
+    counts = quick_refcounts(meta)
+    if counts is not None:
+        return counts
+    from .check import _check_once
+
     res, state = _check_once(meta, False, lambda m: None)
     if res.corruptions or res.check_errors:
         raise QimgError("qcow2 image is corrupt: run 'qemu-img check -r all' on it first")
-    return state["computed"]
+    return state["computed"].tolist()
 
 
 def list_snapshots(store) -> list[dict]:
@@ -58,7 +64,7 @@ def create(store, name: str, vm_state_size: int = 0, vm_clock_nsec: int = 0, dat
                   vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size, disk_size=h.size, icount=0)
     check_count(len(change.snapshots) + 1)
     change.snapshots.append(sn)
-    change.snapshot_plans.append(lc.L1Plan(meta.l1 & np.uint64(lc.L1E_OFFSET_MASK),
+    change.snapshot_plans.append(lc.L1Plan(lc.masked(meta.l1),
                                            location=h.l1_table_offset if h.l1_size else None))
     try:
         lc.commit(meta, change, old_refs=refs)
@@ -86,11 +92,11 @@ def apply(store, id_or_name: str) -> None:
     refs = refuse_if_corrupt(meta)
     change = lc.current_plan(meta)
     sn = meta.snapshots[i]
-    entries = change.snapshot_plans[i].entries.copy()
+    entries = array("Q", change.snapshot_plans[i].entries)
     size = sn.disk_size if sn.disk_size is not None else meta.header.size
     need = -(-size // (meta.cluster_size * meta.l2_entries))
     if len(entries) < need:
-        entries = np.concatenate((entries, np.zeros(need - len(entries), np.uint64)))
+        entries += array("Q", bytes(8 * (need - len(entries))))
     change.header.size = size
     change.active = lc.L1Plan(entries)
     lc.commit(meta, change, old_refs=refs)
@@ -136,11 +142,12 @@ def make_empty(store) -> None:
     meta = lc.Qcow2Meta(store)
     refs = refuse_if_corrupt(meta)
     change = lc.current_plan(meta)
-    change.active = lc.L1Plan(np.zeros(len(change.active.entries), np.uint64))
+    change.active = lc.L1Plan(array("Q", bytes(8 * len(change.active.entries))))
     change.truncate_file = True
-    lc.commit(meta, change, old_refs=refs)
-    # once more, so the new tables move down into the freed clusters and the file can shrink
+    first = lc.commit(meta, change, old_refs=refs)
+    # once more, so the new tables move down into the freed clusters and the file can shrink (the
+    # refcounts the first commit wrote are those of the image it left)
     meta2 = lc.Qcow2Meta(store)
     again = lc.current_plan(meta2)
     again.truncate_file = True
-    lc.commit(meta2, again, old_refs=lc.compute_refs(meta2))
+    lc.commit(meta2, again, old_refs=first["refcounts"])
