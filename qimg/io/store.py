@@ -114,6 +114,9 @@ class FileStore(Store):
             raise OpenError(f"'file' driver requires '{filename}' to be a regular file")
         self.is_block = stat.S_ISBLK(st.st_mode)
         self.dev_ino = (st.st_dev, st.st_ino)
+        #: whether this store changed the file since its last flush (a flush with nothing new to make
+        #: durable skips the fdatasync); true at first, so the first flush always syncs
+        self._unsynced = writable
         self._holes_ok = True
         try:
             from . import lock as _lock
@@ -197,6 +200,7 @@ class FileStore(Store):
         return done
 
     def pwrite(self, offset: int, data) -> None:
+        self._unsynced = True
         view = memoryview(data)
         done = 0
         while done < len(view):
@@ -220,6 +224,7 @@ class FileStore(Store):
             if size > self.size():
                 raise QimgError("Cannot grow device files")
             return
+        self._unsynced = True
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
@@ -227,6 +232,7 @@ class FileStore(Store):
 
     def fallocate(self, offset: int, length: int) -> None:
         """Reserve space (preallocation=falloc)."""
+        self._unsynced = True
         try:
             os.posix_fallocate(self.fd, offset, length)
         except OSError as e:
@@ -234,6 +240,7 @@ class FileStore(Store):
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a range (reads back as zeros). False when the filesystem cannot."""
+        self._unsynced = True
         try:
             fallocate = _libc_fallocate()
             if fallocate is None:
@@ -244,7 +251,9 @@ class FileStore(Store):
             return False
 
     def flush(self) -> None:
-        if self.writable:
+        """Make what this store wrote durable (fdatasync); nothing to do when it wrote nothing since."""
+        if self.writable and self._unsynced:
+            self._unsynced = False
             try:
                 os.fdatasync(self.fd)
             except OSError:

@@ -27,11 +27,12 @@ class Qcow2MetadataFlush:
     def _flush_metadata(self, sync: bool) -> None:
         """Write metadata so that a crash after any single write leaves a consistent image.
 
-        Order: data -> refcount blocks and table (and the header's refcount table fields when the
-        table moved) -> L2 tables -> L1 table -> header -> refcount decrements.  Every cluster an
-        L2/L1 entry on disk references is counted by the refcount structure the header on disk
-        points at; clusters freed meanwhile at worst leak.  With ``sync`` each stage is made
-        durable (fdatasync) before the next one starts.
+        Order: data and refcount blocks, then the refcount table (and the header's refcount table
+        fields when the table moved) -> L2 tables -> L1 table -> header -> refcount decrements.  Every
+        cluster an L2/L1 entry on disk references is counted by the refcount structure the header on
+        disk points at and holds its data; clusters freed meanwhile at worst leak.  With ``sync`` each
+        stage is made durable (fdatasync) before the next one starts (a stage that wrote nothing costs
+        no sync: the store skips it).
         """
         if not self.writable or self.store is None:
             return
@@ -45,8 +46,9 @@ class Qcow2MetadataFlush:
         if sync and self.data_store is not store:
             self.data_store.flush()
         if rc is not None and (rc.dirty or rc.table_dirty):
-            if sync:
-                store.flush()  # data before the refcounts that count it
+            # (no sync before the increments: a refcount that counts a cluster whose data is not yet
+            # durable costs at worst a leak; data and counts are both made durable before any L2 entry
+            # points at them)
             rc.flush_blocks()
             if rc.table_dirty:
                 if sync:
@@ -60,7 +62,7 @@ class Qcow2MetadataFlush:
                     self._write_refcount_header_fields()
         if self._l2_dirty:
             if sync:
-                store.flush()
+                store.flush()  # data and refcounts before the L2 entries that reference them
             for off in sorted(self._l2_dirty):
                 store.pwrite(off, table_bytes(self._l2_dirty[off]))
                 self.cache.drop(off)
