@@ -344,7 +344,7 @@ def _run(argv, out: Path | None, setup=None):
     env.pop("QIMG_DEBUG", None)
     # ru_maxrss of a child forked from this (big) process starts at our own RSS, so measure through
     # /usr/bin/time, whose tiny process is the one that forks the command
-    rss_file = WORK / "rss.txt"
+    rss_file = WORK / f"rss-{os.getpid()}.txt"
     prefix = [TIME, "-f", "%M", "-o", str(rss_file)] if TIME else []
     t0 = time.perf_counter()
     p = subprocess.Popen(prefix + argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -363,6 +363,7 @@ def _run(argv, out: Path | None, setup=None):
             rss = int(rss_file.read_text().split()[-1])
         except (OSError, ValueError, IndexError):
             pass
+        rss_file.unlink(missing_ok=True)
     return dt, rss, cpu
 
 
@@ -388,7 +389,7 @@ def _warm(path: Path):
 
 def run_case(case: Case, pairs: int, qimg_cmd: list[str], qemu_cmd: list[str]) -> dict:
     paths = {w: str(workload(w)) for w in case.inputs}
-    out = WORK / "out.img"
+    out = WORK / f"out-{os.getpid()}.img"  # (one per run: two runs may share the workloads)
     paths["out"] = str(out)
     paths["python"] = sys.executable
     uses_out = any("{out}" in a for a in case.qimg)
@@ -484,18 +485,25 @@ NOTES = """\
 
 - Start-up is part of every small job.  The `python -c pass` and `python -c "import click"` rows are
   the floor any click-based Python command line pays here (this machine's `site` also runs a CA-bundle
-  `.pth` hook); qimg's own modules add about 10 ms on top of click for `info`, and click's parser
-  builds a suggestion list (difflib, gettext) for every short option it first tries as a long one.
-  qemu-img starts in ~5 ms.
-- Metadata commands (info, check, map, measure, compare, snapshot -l, rebase -u) import no numpy,
-  tqdm, cryptography or zstandard (tests/cli/test_lazy_imports.py).  `check` verifies a consistent
-  image in plain Python (qcow2/check_quick.py: the L2 entries taken apart with byte slices, one
-  counting loop) and leaves anything unusual to the numpy walk that reports it.  resize, amend and
-  commit's emptying of the overlay still rewrite the metadata through the numpy-based lifecycle code.
+  `.pth` hook); qimg's own modules add about 20 ms on top of click for `info` (a third of it is
+  defining dataclasses, ~0.3-0.6 ms each), and click's parser builds a suggestion list (difflib,
+  gettext) for every short option it first tries as a long one.  qemu-img starts in ~5 ms, so a
+  metadata command of qemu-img (6-8 ms) cannot be matched by any Python process, and a small convert
+  pays the start-up against qemu-img's whole run.
+- Metadata commands (info, check, map, measure, compare, snapshot -l, rebase -u, resize, amend) import
+  no numpy, tqdm, cryptography or zstandard (tests/cli/test_lazy_imports.py).  qcow2 L2 tables are
+  decoded a run at a time (a C-level scan skips unwritten entries, slice comparisons against an
+  arithmetic progression measure contiguous clusters), so the Python work grows with the runs of a
+  table, not with its entries; `check` of a consistent image counts references per run of contiguous
+  clusters (qcow2/check_quick.py) and leaves anything unusual to the numpy walk that reports it.
+- In-place edits (commit, rebase, resize, amend, snapshot) sync between metadata stages only when the
+  stage wrote something: a store skips fdatasync when it wrote nothing since its last one.
 - Compressed qcow2 writes: a table being written is read in place (LiveL2), never copied and decoded
   whole per write; compression runs in two worker threads, the writer enters the clusters in order.
 - convert writes its target as qemu-img does (cache mode unsafe), -n targets included: no syncs
   between metadata stages, and the workers write the data runs themselves (`direct_map`).
+- commit copies the top's data into the base as data, without looking for zeros (as qemu-img's
+  commit job), and empties the top with the refcounts its first pass wrote.
 - rebase (safe): two workers read the old and new views and find the differing sectors (zeroscan
   against no backing file, numpy only for a new base whose chunks differ); the caller writes.
 - raw and new qcow2 targets: two worker threads read 2 MiB chunks into page-aligned buffers, find zero
