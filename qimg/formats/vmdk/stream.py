@@ -99,7 +99,7 @@ class StreamWriter:
         # bytes object costs page faults and lands off page alignment, 5-10x slower to fill)
         self.run_bytes = max(RUN, self.gb)
         self.free: list = []
-        self.max_jobs = n + 1  # runs waiting or being compressed (each up to RUN bytes in its buffer)
+        self.max_jobs = 2 * n  # runs waiting or being compressed (each up to RUN bytes in its buffer)
         self.finished = False
 
     # compression runs in worker threads (zlib releases the GIL)
@@ -134,7 +134,7 @@ class StreamWriter:
         copy[:] = data
         self.queue.append((self.pool.submit(self._compress_run, grain, copy, self.gb), buf))
         if len(self.queue) > self.max_jobs:
-            self._drain(self.max_jobs // 2)
+            self._drain(self.max_jobs)  # the oldest run only: the workers always have the others to do
 
     def _drain(self, keep: int = 0) -> None:
         start = self.pos
