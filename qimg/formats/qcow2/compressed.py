@@ -27,12 +27,16 @@ class Qcow2CompressedWriter:
     def prepare_compressed(self, offset: int, data) -> list:
         """Compress the whole clusters in ``data`` (runs in worker threads).
 
-        Returns [(kind, guest offset, payload)]: "z" all zeros, "c" compressed bytes, "p" did not
-        shrink (plain bytes), "part" a piece of a cluster (merged in ``write_prepared``).
+        Returns [(kind, guest offset, payload)]: "z" all zeros, "c" compressed bytes, "p" clusters
+        that did not shrink (a view of ``data`` covering the whole run of them: ``data`` must stay
+        unchanged until ``write_prepared`` has written it), "part" a piece of a cluster (merged in
+        ``write_prepared``).
         """
         cs = self.cs
         view = memoryview(data).cast("B")
+        ctype = self.h.compression_type
         out = []
+        plain_from = -1  # where in ``view`` the current run of uncompressible clusters starts
         pos = 0
         total = len(view)
         while pos < total:
@@ -40,36 +44,43 @@ class Qcow2CompressedWriter:
             gc = off - off % cs
             n = min(total - pos, gc + cs - off)
             piece = view[pos:pos + n]
-            pos += n
             if off != gc or (n < cs and off + n < self.virtual_size):
                 out.append(("part", off, bytes(piece)))
-                continue
-            chunk = piece if n == cs else bytes(piece) + bytes(cs - n)
-            out.append(self._compress_cluster(gc, chunk, n))
+            else:
+                item = self._compress_cluster(gc, piece if n == cs else bytes(piece) + bytes(cs - n), n, ctype)
+                if item is None:  # did not shrink: written as it is, runs in one write
+                    if plain_from < 0:
+                        plain_from = pos
+                        out.append(None)
+                    out[-1] = ("p", offset + plain_from, view[plain_from:pos + n])
+                    pos += n
+                    continue
+                out.append(item)
+            plain_from = -1
+            pos += n
         return out
 
-    def _compress_cluster(self, gc: int, chunk, n: int) -> tuple:
-        if not np.frombuffer(chunk, dtype=np.uint64).any():
+    def _compress_cluster(self, gc: int, chunk, n: int, ctype: int):
+        """("z", gc, None), ("c", gc, compressed bytes), or None when the cluster did not shrink."""
+        if qcompress.is_zero(chunk):
             return ("z", gc, None)
-        comp = qcompress.compress(chunk, self.cs, self.h.compression_type)
-        return ("c", gc, comp) if comp is not None else ("p", gc, bytes(chunk[:n]))
+        comp = qcompress.compress(chunk, self.cs, ctype)
+        return ("c", gc, comp) if comp is not None else None
 
     def write_prepared(self, offset: int, prepared: list) -> None:
         self._check_writable()
-        self._track(offset, min(len(prepared) * self.cs, self.virtual_size - offset))
+        if prepared:
+            kind, gc, payload = prepared[-1]
+            end = gc + (self.cs if kind in ("z", "c") else len(payload))
+            self._track(offset, min(end, self.virtual_size) - offset)
         if self.h.has_data_file:
             raise Unsupported("Compression is not supported with an external data file")
         if self.encrypted:
             raise Unsupported("Compression is not supported for encrypted qcow2 images")
-        plain: list = []  # a run of uncompressible clusters, written with one pwrite
-        plain_at = plain_end = 0
         for kind, gc, payload in prepared:
             if gc >= self.virtual_size:
                 break
             if kind == "part":
-                if plain:
-                    self._pwrite_now(plain_at, b"".join(plain))
-                    plain = []
                 self._add_partial(gc, payload)
                 continue
             pend = self._pending
@@ -78,21 +89,7 @@ class Qcow2CompressedWriter:
                     self._pending = None  # a whole-cluster write replaces the partial one
                 else:
                     self._flush_pending()
-            if kind == "p":
-                if plain and plain_end != gc:
-                    self._pwrite_now(plain_at, b"".join(plain))
-                    plain = []
-                if not plain:
-                    plain_at = gc
-                plain.append(payload)
-                plain_end = gc + len(payload)
-                continue
-            if plain:
-                self._pwrite_now(plain_at, b"".join(plain))
-                plain = []
             self._write_cluster_item(kind, gc, payload)
-        if plain:
-            self._pwrite_now(plain_at, b"".join(plain))
         self._maybe_flush()
 
     def _write_cluster_item(self, kind: str, gc: int, payload) -> None:
@@ -143,7 +140,8 @@ class Qcow2CompressedWriter:
         gc, buf = pend
         n = len(buf)
         chunk = bytes(buf) + bytes(self.cs - n)
-        self._write_cluster_item(*self._compress_cluster(gc, chunk, n))
+        item = self._compress_cluster(gc, chunk, n, self.h.compression_type)
+        self._write_cluster_item(*(item or ("p", gc, buf)))
 
     def write_compressed(self, offset: int, data) -> None:
         """Compress and write whole clusters (the synchronous path)."""

@@ -9,11 +9,13 @@ References:
 from __future__ import annotations
 
 import zlib
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ...core.policy import check_host, read_host
 from ...errors import CorruptImage, Unsupported
+
+if TYPE_CHECKING:
+    import numpy as np  # annotations only: numpy is imported where it is used
 
 SECTOR = 512
 #: decoded grain kinds
@@ -52,6 +54,8 @@ class GrainExtent:
         raise NotImplementedError
 
     def _read_gt_raw(self, gt_index: int):
+        import numpy as np
+
         loc = self._gt_location(gt_index)
         if loc is None:
             return None
@@ -63,6 +67,8 @@ class GrainExtent:
 
     def table(self, gt_index: int):
         """Decoded grain table ``gt_index``: (kinds, host offsets)."""
+        import numpy as np
+
         got = self._gt_cache.get(gt_index)
         if got is None:
             raw = self._read_gt_raw(gt_index)
@@ -82,6 +88,8 @@ class GrainExtent:
     # --- the read side ---
     def status(self, offset: int, length: int):
         """(kind, run length, host offset or None) of the first run at ``offset`` (extent-relative)."""
+        import numpy as np
+
         gb = self.grain_bytes
         grain = offset // gb
         gt_index, first = divmod(grain, self.l2_entries)

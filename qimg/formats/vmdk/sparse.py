@@ -18,11 +18,13 @@ References:
 from __future__ import annotations
 
 import struct
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ...errors import CorruptImage, LimitExceeded, QimgError
 from .grains import COMPRESSED, DATA, SECTOR, UNALLOC, ZERO, GrainExtent
+
+if TYPE_CHECKING:
+    import numpy as np  # annotations only: numpy is imported where it is used
 
 VMDK4_MAGIC = 0x564D444B  # "KDMV"
 HEADER = struct.Struct("<IIIQQQQIQQQB4sH")
@@ -157,6 +159,8 @@ class SparseExtent(GrainExtent):
         self.eof = -(-self.file_size // SECTOR) * SECTOR
 
     def _read_l1(self, offset_sectors: int, entries: int, required: bool = True):
+        import numpy as np
+
         off = offset_sectors * SECTOR
         nbytes = entries * 4
         if off + nbytes > self.file_size or offset_sectors == 0 and entries:
@@ -172,6 +176,8 @@ class SparseExtent(GrainExtent):
         return None if e == 0 else (e * SECTOR, "<u4")
 
     def _decode(self, raw, gt_index):
+        import numpy as np
+
         kinds = np.full(raw.shape, COMPRESSED if self.compressed else DATA, np.uint8)
         kinds[raw == 0] = UNALLOC
         if self.zero_grain:
@@ -196,6 +202,8 @@ class SparseExtent(GrainExtent):
 
     # --- the write side (hosted sparse, not stream) ---
     def _raw_gt(self, gt_index: int) -> np.ndarray:
+        import numpy as np
+
         raw = self._raw_gts.get(gt_index)
         if raw is None:
             self.invalidate(gt_index)
@@ -207,6 +215,8 @@ class SparseExtent(GrainExtent):
 
     def _ensure_gt(self, gt_index: int) -> None:
         """Allocate a grain table (and its redundant copy) at the end of the file when missing."""
+        import numpy as np
+
         if int(self.l1[gt_index]) != 0:
             return
         nbytes = self.l2_entries * 4
@@ -246,6 +256,8 @@ class SparseExtent(GrainExtent):
 
     def pwrite(self, offset: int, data, base_reader=None) -> None:
         """Write guest bytes of this extent, allocating grains at the end of the file."""
+        import numpy as np
+
         if self.compressed:
             raise QimgError("Could not write to allocated cluster for streamOptimized")
         view = memoryview(data).cast("B")
@@ -293,6 +305,8 @@ class SparseExtent(GrainExtent):
             pos += n
 
     def write_zeroes(self, offset: int, length: int, has_base: bool, base_reader=None) -> None:
+        import numpy as np
+
         gb = self.grain_bytes
         pos, end = offset, offset + length
         while pos < end:
