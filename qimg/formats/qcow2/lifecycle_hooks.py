@@ -154,9 +154,8 @@ class Qcow2LifecycleMixin:
         self._lifecycle(lambda st: delete(st, id_or_name))
 
     def snapshot_infos(self) -> list[dict]:
-        from .snapshot_ops import list_snapshots
-
-        return list_snapshots(self.store)
+        # the table read at open (reread after every change the hooks above make)
+        return [s.info() for s in self.snapshot_list]
 
     def amend(self, options: dict, force: bool = False) -> None:
         from .amend import amend

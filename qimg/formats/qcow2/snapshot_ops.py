@@ -42,11 +42,6 @@ def refuse_if_corrupt(meta: lc.Qcow2Meta) -> list:
     return state["computed"].tolist()
 
 
-def list_snapshots(store) -> list[dict]:
-    meta = lc.Qcow2Meta(store)
-    return [s.info() for s in meta.snapshots]
-
-
 def create(store, name: str, vm_state_size: int = 0, vm_clock_nsec: int = 0, date: float | None = None) -> None:
     """Take a snapshot of the active state: the snapshot keeps the current L1/L2 tables as they are."""
     meta = lc.Qcow2Meta(store)
