@@ -222,14 +222,43 @@ class Qcow2Writer(Qcow2CompressedWriter, Qcow2ZeroWriter, Qcow2MetadataFlush):
         c1 = ((end - 1) >> cb) + 1
         i0 = c0 & (self.l2_entries - 1)
         i1 = i0 + (c1 - c0)
-        pos = 0
-        for i in range(i0, i1):
-            gc = (c0 + (i - i0)) << cb
-            lo = max(off, gc) - gc
-            hi = min(end, gc + cs) - gc
-            self._write_cluster(raw, i, gc, lo, hi, data[pos:pos + hi - lo])
-            pos += hi - lo
+        # a mix: each run of never-written entries, or of clusters writable in place and contiguous,
+        # still goes in one write (as qemu-img splits a request at allocation changes); the rest
+        # cluster by cluster
+        i = i0
+        while i < i1:
+            j = i + 1 if self.extended else self._same_run_end(raw, i, i1)
+            lo, hi = max(off, (c0 + (i - i0)) << cb), min(end, (c0 + (j - i0)) << cb)
+            plan = self._segment_plan(raw, lo, hi) if j - i > 1 else None
+            if plan is not None:
+                host, claim = plan
+                self._dwrite(host, data[lo - off:hi - off], lo)
+                if claim is not None:
+                    self._claim(raw, l2off, *claim)
+            else:
+                for k in range(i, j):
+                    gc = (c0 + (k - i0)) << cb
+                    a, b = max(off, gc), min(end, gc + cs)
+                    self._write_cluster(raw, k, gc, a - gc, b - gc, data[a - off:b - off])
+            i = j
         self.cache.drop(l2off)
+
+    def _same_run_end(self, raw, i: int, stop: int) -> int:
+        """End of the run of L2 entries from ``i`` that one write may cover: entries never written,
+        or COPIED data clusters (not compressed, not zero) at contiguous host offsets."""
+        e = raw[i]
+        j = i + 1
+        if not e:
+            while j < stop and not raw[j]:
+                j += 1
+            return j
+        check = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK
+        first = e & check
+        if first & ~L2E_OFFSET_MASK != QCOW_OFLAG_COPIED:
+            return j
+        while j < stop and raw[j] & check == first + (j - i) * self.cs:
+            j += 1
+        return j
 
     def _segment_plan(self, raw, off: int, end: int):
         """How guest bytes [off, end) inside one L2 table can be written with a single write:
