@@ -47,6 +47,33 @@ def run_qimg_subprocess(*args, timeout=120) -> Result:
     return Result(p.returncode, p.stdout, p.stderr)
 
 
+#: the modules a metadata command or a plain convert must not import (start-up cost)
+HEAVY_MODULES = ("numpy", "tqdm", "cryptography", "zstandard")
+
+_FRESH_PROBE = """
+import json, runpy, sys
+watch = json.loads(sys.argv[1])
+sys.argv = ["qimg"] + sys.argv[2:]
+rc = 0
+try:
+    runpy.run_module("qimg", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    rc = e.code or 0
+print(json.dumps({"rc": rc, "loaded": sorted(m for m in watch if m in sys.modules)}))
+"""
+
+
+def run_fresh(*args, cwd=None, watch=HEAVY_MODULES) -> dict:
+    """Run ``qimg ARGS`` in a fresh interpreter, as a user does: {"rc": its exit status, "loaded": which
+    of the ``watch`` modules it ended up importing}."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    p = subprocess.run([sys.executable, "-c", _FRESH_PROBE, json.dumps(list(watch)), *map(str, args)],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=str(cwd or ROOT))
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def qemu_img_path():
     return shutil.which("qemu-img")
 

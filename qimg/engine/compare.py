@@ -12,8 +12,6 @@ mmap, memoryview of those):
 ``diff_runs(buf1, buf2, granularity=512) -> [(start, end), ...]``
     Runs (relative to the buffers) of ``granularity``-sized blocks that differ, merged when
     adjacent; the last block may be short.  rebase writes exactly these runs.
-``BufferPool(size, count)``
-    Page-aligned reusable buffers (``get()``/``put(buf)``/``close()``).
 ``ordered_map(func, items, workers=2, depth=None)``
     Runs ``func(item)`` in worker threads and yields ``(item, result)`` in input order with at
     most ``depth`` calls in flight, so memory stays bounded; closing the generator early
@@ -28,7 +26,6 @@ differing window is bisected down to its byte.  ``diff_runs`` (rebase) scans who
 from __future__ import annotations
 
 import collections
-import mmap
 from concurrent.futures import ThreadPoolExecutor
 
 SECTOR = 512
@@ -135,28 +132,6 @@ def diff_runs(buf1, buf2, granularity: int = SECTOR) -> list[tuple[int, int]]:
         else:
             runs.append((full, n))
     return runs
-
-
-class BufferPool:
-    """Reusable page-aligned buffers (unaligned copies from the page cache are several times slower)."""
-
-    def __init__(self, size: int, count: int):
-        self.size = size
-        self.free = [mmap.mmap(-1, max(size, 1)) for _ in range(count)]
-
-    def get(self):
-        return self.free.pop()
-
-    def put(self, buf) -> None:
-        self.free.append(buf)
-
-    def close(self) -> None:
-        for b in self.free:
-            try:
-                b.close()
-            except BufferError:
-                pass
-        self.free = []
 
 
 def ordered_map(func, items, workers: int = 2, depth: int | None = None):

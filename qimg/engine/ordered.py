@@ -11,33 +11,11 @@ target already reads as zeros.
 from __future__ import annotations
 
 import collections
-import mmap
 import threading
 
 from ..core.extent import clip, split_at
 from ..errors import WriteError
-
-
-class _BufferPool:
-    """Reusable page-aligned buffers (see PERFORMANCE: unaligned copies are 5x slower)."""
-
-    def __init__(self, size: int, count: int):
-        self.size = size
-        self.free = [mmap.mmap(-1, size) for _ in range(count)]
-
-    def get(self):
-        return self.free.pop()
-
-    def put(self, buf):
-        self.free.append(buf)
-
-    def close(self):
-        for b in self.free:
-            try:
-                b.close()
-            except BufferError:  # a view is still alive somewhere: the collector frees it later
-                pass
-        self.free = []
+from ..io.store import BufferPool
 
 
 class _Workers:
@@ -107,7 +85,7 @@ def run_ordered(src, dst, start: int, end: int, opts, progress, chunk: int, work
     # chunks vary in size with the extents: with only two per worker, a worker finishing small chunks
     # waits while the writer waits for a large one (zlib convert: workers busy 93-96% -> 97-98%)
     depth = workers * (4 if opts.compress else 2) + 1
-    pool = _BufferPool(chunk, depth + 1)
+    pool = BufferPool(chunk, depth + 1)
     runner = _Workers(workers) if workers > 1 else None
     pending: collections.deque = collections.deque()
 

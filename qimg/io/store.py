@@ -27,6 +27,29 @@ def aligned_buffer(size: int):
     return mmap.mmap(-1, max(size, 1))
 
 
+class BufferPool:
+    """Reusable page-aligned buffers of one size (``aligned_buffer``): ``count`` made up front, more
+    when a caller asks for one and none is free."""
+
+    def __init__(self, size: int, count: int = 0):
+        self.size = size
+        self.free = [aligned_buffer(size) for _ in range(count)]
+
+    def get(self):
+        return self.free.pop() if self.free else aligned_buffer(self.size)
+
+    def put(self, buf) -> None:
+        self.free.append(buf)
+
+    def close(self) -> None:
+        for b in self.free:
+            try:
+                b.close()
+            except BufferError:  # a view is still alive somewhere: the collector frees it later
+                pass
+        self.free = []
+
+
 _FALLOCATE = []
 
 

@@ -154,7 +154,8 @@ def compare(req: CompareRequest, progress=None, report=None) -> int:
 
 def _run(steps, chain1, chain2, name1, name2, base, req, progress, report):
     """Check steps in order (reads in worker threads); an exit code on the first difference, else None."""
-    from ..engine.compare import IO_BUF_SIZE, BufferPool, first_difference, first_nonzero, ordered_map, sector_of
+    from ..engine.compare import IO_BUF_SIZE, first_difference, first_nonzero, ordered_map, sector_of
+    from ..io.store import BufferPool
 
     workers = max(1, req.workers)
     depth = workers * 2

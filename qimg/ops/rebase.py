@@ -73,7 +73,8 @@ def _copy_differences(chain, new_chain, top, progress) -> None:
     """Write into ``top`` every sector of the ranges it does not hold whose old view (through the old
     backing chain) differs from the new one.  Two workers read both views and find the differing
     sectors; this thread walks the overlay's allocation and writes, in guest order."""
-    from ..engine.compare import BufferPool, ordered_map
+    from ..engine.compare import ordered_map
+    from ..io.store import BufferPool
 
     size = chain.virtual_size
     if progress is not None:

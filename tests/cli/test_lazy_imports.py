@@ -6,37 +6,16 @@ that fails early cannot pass by importing nothing.
 """
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import qemu
-
-ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("numpy", "tqdm", "cryptography", "zstandard")
-
-PROBE = """
-import json, runpy, sys
-sys.argv = ["qimg"] + sys.argv[1:]
-rc = 0
-try:
-    runpy.run_module("qimg", run_name="__main__", alter_sys=True)
-except SystemExit as e:
-    rc = e.code or 0
-print(json.dumps({"rc": rc, "heavy": sorted(m for m in %r if m in sys.modules)}))
-""" % (HEAVY,)
+from tests.conftest import qemu, run_fresh
 
 
 def _run(cwd, *args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True,
-                       timeout=120, env=env, cwd=str(cwd))
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    r = run_fresh(*args, cwd=cwd)
+    return {"rc": r["rc"], "heavy": r["loaded"]}
 
 
 @pytest.fixture

@@ -7,16 +7,14 @@ import random
 import threading
 
 from qimg.engine.copy import CopyOptions, copy_range
-from tests.engine.test_copy import BytesSource, RecordingTarget
+from tests.engine.test_copy import BytesSource, CompressingTarget
 
 CHUNK = 1 << 16
 
 
-class SlowFirstChunk(RecordingTarget):
+class SlowFirstChunk(CompressingTarget):
     """Compressing the first chunk waits until the other workers have prepared ``ahead`` more chunks
     (or a generous deadlock guard runs out): how far ahead the pipeline runs past a slow chunk."""
-
-    supports_compression = True
 
     def __init__(self, size, ahead):
         super().__init__(size)
@@ -35,13 +33,7 @@ class SlowFirstChunk(RecordingTarget):
                 self.prepared += 1
                 if self.prepared >= self.ahead:
                     self.go.set()
-        return (off, bytes(data))
-
-    def write_prepared(self, off, prepared):
-        assert prepared[0] == off
-        self.threads.add(threading.get_ident())
-        self.calls.append(("c", off, len(prepared[1])))
-        self.buf[off:off + len(prepared[1])] = prepared[1]
+        return super().prepare_compressed(off, data)
 
 
 def test_compression_runs_four_chunks_per_worker_ahead_of_a_slow_one():

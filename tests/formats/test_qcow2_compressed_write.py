@@ -4,43 +4,23 @@ shrink written from the caller's buffer, zero clusters found without numpy; qemu
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import threading
 import zlib
-from pathlib import Path
 
 import pytest
 
 from qimg.formats.qcow2 import compress as qc
 from qimg.formats.qcow2.header import COMPRESSION_TYPE_ZSTD
-from tests.conftest import qemu
+from tests.conftest import qemu, run_fresh
 
-ROOT = Path(__file__).resolve().parents[2]
 KiB, MiB = 1 << 10, 1 << 20
 CS = 64 * KiB
 
-PROBE = """
-import json, runpy, sys
-sys.argv = ["qimg"] + sys.argv[1:]
-rc = 0
-try:
-    runpy.run_module("qimg", run_name="__main__", alter_sys=True)
-except SystemExit as e:
-    rc = e.code or 0
-print(json.dumps({"rc": rc, "numpy": "numpy" in sys.modules}))
-"""
-
 
 def _run(*args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True,
-                       timeout=120, env=env, cwd=str(ROOT))
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    r = run_fresh(*args, watch=("numpy",))
+    return {"rc": r["rc"], "numpy": bool(r["loaded"])}
 
 
 def _clusters(seed=7):

@@ -1,39 +1,18 @@
 """A plain qcow2 convert (raw -> qcow2, qcow2 -> raw) never imports numpy (start-up cost)."""
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import qemu, write_pattern
-
-ROOT = Path(__file__).resolve().parents[2]
-
-PROBE = """
-import json, runpy, sys
-sys.argv = ["qimg"] + sys.argv[1:]
-rc = 0
-try:
-    runpy.run_module("qimg", run_name="__main__", alter_sys=True)
-except SystemExit as e:
-    rc = e.code or 0
-print(json.dumps({"rc": rc, "numpy": "numpy" in sys.modules}))
-"""
+from tests.conftest import qemu, run_fresh, write_pattern
 
 MiB = 1 << 20
 
 
 def _run(*args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True,
-                       timeout=120, env=env, cwd=str(ROOT))
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    r = run_fresh(*args, watch=("numpy",))
+    return {"rc": r["rc"], "numpy": bool(r["loaded"])}
 
 
 def _sha(path):

@@ -12,7 +12,6 @@ Reading such an extent is the hosted sparse reader's job (sparse.py); this modul
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import sys
@@ -22,6 +21,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from ...errors import QimgError
+from ...io.store import BufferPool
 from .grains import SECTOR
 from .sparse import (
     MARKER_EOS,
@@ -98,7 +98,7 @@ class StreamWriter:
         # the copies of the caller's bytes the jobs work on: reused page-aligned buffers (a fresh 2 MiB
         # bytes object costs page faults and lands off page alignment, 5-10x slower to fill)
         self.run_bytes = max(RUN, self.gb)
-        self.free: list = []
+        self.buffers = BufferPool(self.run_bytes)
         self.max_jobs = 2 * n  # runs waiting or being compressed (each up to RUN bytes in its buffer)
         self.finished = False
 
@@ -129,7 +129,7 @@ class StreamWriter:
         if grain * self.gb < self.next_guest:
             raise QimgError("streamOptimized VMDK images must be written in order")
         self.next_guest = (grain + count) * self.gb
-        buf = self.free.pop() if self.free else mmap.mmap(-1, self.run_bytes)
+        buf = self.buffers.get()
         copy = memoryview(buf)[:len(data)]
         copy[:] = data
         self.queue.append((self.pool.submit(self._compress_run, grain, copy, self.gb), buf))
@@ -147,7 +147,8 @@ class StreamWriter:
                 self._grain_record(grain, comp, parts)
         self._write_parts(start, parts)
         del parts  # (stored grains are views of the buffers)
-        self.free.extend(bufs)
+        for b in bufs:
+            self.buffers.put(b)
 
     def _write_parts(self, start: int, parts: list) -> None:
         """Write buffers back to back from ``start`` (one vectored write per IOV_MAX buffers)."""
@@ -254,9 +255,4 @@ class StreamWriter:
             fut.cancel()
         self.pool.shutdown(wait=True)
         self.queue.clear()
-        for b in self.free:
-            try:
-                b.close()
-            except BufferError:  # a view is still alive somewhere: the collector frees it later
-                pass
-        self.free = []
+        self.buffers.close()
