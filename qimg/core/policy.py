@@ -17,7 +17,7 @@ may have written: forensic inspection, cloud image import.  It promises:
 - **Strict structure.**  A table entry pointing past the end of the file, a host offset not
   aligned as the format requires, metadata overlapping metadata, or a compressed cluster that
   does not inflate to exactly its size is an error naming the image and the offset, never read
-  as zeros.
+  as zeros.  A DMG chunk compressed with LZFSE is refused (its optional decoder has no output bound).
 - **A metadata budget.**  The tables an open keeps in memory (L1/L2/refcount/BAT/grain tables,
   snapshot tables, descriptors) are counted against ``--max-metadata-memory`` (64 MiB unless
   told); an image that needs more is refused with the limit in the message.

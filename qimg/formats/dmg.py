@@ -188,6 +188,10 @@ class DmgDriver(Driver):
                     # qemu-img reads a chunk past the end of the file as zeros; untrusted mode refuses it
                     if self.strict and host + clen > size:
                         raise CorruptImage(f"dmg chunk at host offset {host:#x} lies past the end of the file")
+                    # the optional LZFSE decoder inflates a whole stream with no bound on its output
+                    if self.strict and t == UDIF_LZFSE:
+                        raise CorruptImage(f"dmg chunk at host offset {host:#x} is LZFSE-compressed, whose "
+                                           "output cannot be bounded: refused for an untrusted image")
                 else:
                     host = 0
                 start = first_sector + sec

@@ -226,3 +226,15 @@ def test_hostile_trailer(tmp_path):
     struct.pack_into(">4s", d, len(d) - 512, b"koly")
     r = run_qimg("info", "-f", "dmg", img)
     assert r.rc == 1
+
+
+def test_lzfse_chunk_refused_when_untrusted(tmp_path):
+    """An LZFSE chunk is inflated by an optional decoder with no bound on its output: untrusted mode
+    refuses the image at open, with one line naming the chunk; trusted mode opens it as qemu-img does."""
+    img = tmp_path / "l.dmg"
+    make_dmg(img, [ZLIB, RAW])
+    _patch_first_chunk(img, 0, 0x80000007, ">I")
+    assert run_qimg("info", img).rc == qemu("info", img, check=False).rc == 0
+    r = run_qimg("--untrusted", "info", img)
+    assert r.rc == 1 and r.err.count("\n") == 1
+    assert r.err.startswith(f"qimg: Could not open '{img}': dmg chunk at host offset 0x0 is LZFSE-compressed")
