@@ -732,3 +732,17 @@ def test_missing_extent_message_matches_qemu(oracle, tmp_path):
     r = run_qimg("info", "-f", "vmdk", d / "dm.vmdk")
     assert q.rc == r.rc == 1
     assert r.err.replace("qimg:", "qemu-img:") == q.err
+
+
+@pytest.mark.parametrize("subformat,names", [
+    ("twoGbMaxExtentFlat", ["t.vmdk", "t-f001.vmdk", "t-f002.vmdk", "t-f003.vmdk"]),
+    ("monolithicFlat", ["t.vmdk", "t-flat.vmdk"]),
+    ("monolithicSparse", ["t.vmdk"]),
+])
+def test_created_files_named_by_the_descriptor(tmp_path, oracle, monkeypatch, subformat, names):
+    """What a failed convert removes: the descriptor and every extent it names (read through the store)."""
+    from qimg.formats.vmdk.create import created_files
+
+    monkeypatch.chdir(tmp_path)
+    qemu("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", "t.vmdk", "5G")
+    assert created_files("t.vmdk", {"subformat": subformat}) == names

@@ -111,8 +111,10 @@ def created_files(filename: str, options: dict) -> list[str]:
         return files
     d = os.path.dirname(filename)
     try:
-        with open(filename, "rb") as f:
-            text = f.read(dsc.MAX_DESCRIPTOR_BYTES)
+        from ...io.store import FileStore
+
+        with FileStore(filename, lock=None) as store:  # the descriptor this create just wrote
+            text = store.pread(0, dsc.MAX_DESCRIPTOR_BYTES)
         names = [line.filename for line in dsc.parse(text, True).extents if line.filename]
     except (OSError, QimgError):
         _d, prefix, ext = _split(filename)
