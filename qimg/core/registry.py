@@ -120,6 +120,8 @@ def _open_image(filename: str, fmt: str | None, writable: bool, options: dict | 
         msg = str(e)
         if isinstance(e, OpenError) and msg.startswith(f"Could not open '{filename}'"):
             raise
+        # (the untrusted mode's structure checks name the image themselves: named once)
+        msg = msg.removeprefix(f"'{filename}': ")
         raise type(e)(f"Could not open '{filename}': {msg}", e.exit_code) from None
     except BaseException:
         store.close()

@@ -86,6 +86,7 @@ def test_overlapping_metadata_strict(crafted, name, message):
     case = next(c for c in cases if c.name == name)
     o = hostile.run_one(case, "convert", True, out_dir, str(ROOT))
     assert o.rc == 1 and o.err.count("\n") == 1 and f"'{case.path}': {message}" in o.err, o.err
+    assert o.err.count(case.path) == 1, o.err  # named once, also when the open adds its own prefix
     trusted = hostile.run_one(case, "convert", False, out_dir, str(ROOT))
     theirs = qemu("convert", "-O", "raw", case.path, f"{out_dir}/q.raw", check=False)
     assert trusted.rc == theirs.rc, (trusted.err, theirs.err)
