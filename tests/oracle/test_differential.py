@@ -11,9 +11,7 @@ from tests.oracle import differential
 #: a fixed run of seeds: the same images and commands on every run
 SEEDS = range(30)
 #: divergences found and left (DIFFERENTIAL.md): the test fails if one of them goes away unnoticed
-KNOWN = {
-    3: "a truncated VHDX: qemu-img says only 'Invalid argument' where qimg names the region past the end",
-}
+KNOWN: dict[int, str] = {}
 
 
 @pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(reason=KNOWN[s], strict=True))
