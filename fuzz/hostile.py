@@ -53,6 +53,13 @@ def _qemu(*args):
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
 
 
+def _field(path: str, offset: int, fmt: str) -> int:
+    """The one value of ``fmt`` stored at ``offset``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+
 def _patch(path: str, offset: int, fmt: str, *values) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -221,16 +228,12 @@ def craft(d: str, secret: str) -> list[Case]:
     # an L1 entry past EOF and one misaligned
     for name, val in (("l2-past-eof", 1 << 40), ("l2-misaligned", 0x10200)):
         p = _variant(d, q, f"qcow2-{name}.qcow2")
-        with open(p, "rb") as f:
-            f.seek(40)
-            l1 = struct.unpack(">Q", f.read(8))[0]
+        l1 = _field(p, 40, ">Q")
         _patch(p, l1, ">Q", val | (1 << 63))
         add(f"qcow2/{name}", "qcow2", p)
     # a header extension claiming a huge length
     p = _variant(d, q, "qcow2-ext-huge.qcow2")
-    with open(p, "rb") as f:
-        f.seek(100)
-        hl = struct.unpack(">I", f.read(4))[0]
+    hl = _field(p, 100, ">I")
     _patch(p, hl, ">II", 0x12345678, 0xFFFFFFF0)
     add("qcow2/header-extension-huge", "qcow2", p)
     # references: an absolute path to the secret, a '..' escape, an external data file
@@ -263,9 +266,7 @@ def craft(d: str, secret: str) -> list[Case]:
     off = _append(p, bytes((-os.path.getsize(p)) % 65536))
     off = _append(p, bytes(65536))  # the L2 table
     host = _append(p, bomb)
-    with open(p, "rb") as f:
-        f.seek(40)
-        l1 = struct.unpack(">Q", f.read(8))[0]
+    l1 = _field(p, 40, ">Q")
     _patch(p, l1, ">Q", off | (1 << 63))
     nsect = min(len(bomb) // 512, (1 << 8) - 1)  # cluster_bits 16: 62 - 8 = 54 offset bits
     _patch(p, off, ">Q", (1 << 62) | (nsect << 54) | host)
@@ -292,9 +293,7 @@ def craft(d: str, secret: str) -> list[Case]:
         add(f"qed/{name}", "qed", p)
     for name, val in (("l2-past-eof", 1 << 40), ("l2-misaligned", 0x10200), ("l2-is-l1", None)):
         p = _variant(d, e, f"qed-{name}.qed")
-        with open(p, "rb") as f:
-            f.seek(40)
-            l1 = struct.unpack("<Q", f.read(8))[0]
+        l1 = _field(p, 40, "<Q")
         _patch(p, l1, "<Q", l1 if val is None else val)
         add(f"qed/{name}", "qed", p)
     p = os.path.join(d, "qed-backing-absolute.qed")
@@ -309,9 +308,7 @@ def craft(d: str, secret: str) -> list[Case]:
         _patch(p, off, fmt, val)
         add(f"vdi/{name}", "vdi", p)
     p = _variant(d, v, "vdi-entry-past-eof.vdi")
-    with open(p, "rb") as f:
-        f.seek(0x154)
-        bmap = struct.unpack("<I", f.read(4))[0]
+    bmap = _field(p, 0x154, "<I")
     _patch(p, bmap, "<I", 3)  # inside the image's blocks, past the two the file holds
     add("vdi/entry-past-eof", "vdi", p)
 
@@ -326,9 +323,7 @@ def craft(d: str, secret: str) -> list[Case]:
         _vpc_patch(p, dyn, fmt, val, foot)
         add(f"vpc/{name}", "vpc", p)
     p = _variant(d, h, "vpc-entry-past-eof.vhd")
-    with open(p, "rb") as f:
-        f.seek(512 + 16)
-        bat = struct.unpack(">Q", f.read(8))[0]
+    bat = _field(p, 512 + 16, ">Q")
     _patch(p, bat, ">I", 0x7FFFFFF0)
     add("vpc/entry-past-eof", "vpc", p)
 
@@ -347,11 +342,8 @@ def craft(d: str, secret: str) -> list[Case]:
         _patch(p, off, fmt, val)
         add(f"vmdk/{name}", "vmdk", p)
     p = _variant(d, k, "vmdk-grain-past-eof.vmdk")
-    with open(p, "rb") as f:
-        f.seek(56)
-        gd = struct.unpack("<Q", f.read(8))[0] * 512
-        f.seek(gd)
-        gt = struct.unpack("<I", f.read(4))[0] * 512
+    gd = _field(p, 56, "<Q") * 512
+    gt = _field(p, gd, "<I") * 512
     _patch(p, gt, "<I", 0x7FFFFFF0)
     add("vmdk/grain-past-eof", "vmdk", p)
     s = _seed(d, "seed-stream.vmdk", "vmdk", opts="subformat=streamOptimized", size="")

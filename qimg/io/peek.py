@@ -9,10 +9,9 @@ refused with ``StreamWindowError`` (the image needs more than a stream can give 
 
 from __future__ import annotations
 
-import os
-
 from ..errors import QimgError
 from .store import Store
+from .stream import StreamReader
 
 #: bytes of a stream kept from its start (headers and the tables drivers read at open)
 STREAM_WINDOW = 16 << 20
@@ -73,29 +72,29 @@ class StreamStore(Store):
     allocation_unknown = True
 
     def __init__(self, fd: int, filename: str, window: int = STREAM_WINDOW, tail: int = STREAM_TAIL):
-        self.fd = fd
+        self.reader = StreamReader(fd, filename)  # (the descriptor stays the caller's to close)
         self.filename = filename
         self.writable = False
         self.window = window
         self.tail_bytes = tail
         self.head = bytearray()
         self.tail = b""
-        self.consumed = 0  # bytes taken from the stream so far
-        self.eof = False
+
+    @property
+    def consumed(self) -> int:
+        """Bytes taken from the stream so far."""
+        return self.reader.pos
+
+    @property
+    def eof(self) -> bool:
+        return self.reader.eof
 
     @property
     def bytes_read(self) -> int:
         return self.consumed
 
     def _take(self, n: int) -> bytes:
-        try:
-            data = os.read(self.fd, n)
-        except OSError as e:
-            raise QimgError(f"Could not read '{self.filename}': {e.strerror}") from None
-        if not data:
-            self.eof = True
-        self.consumed += len(data)
-        return data
+        return self.reader.read(n)
 
     def _fill(self, end: int) -> None:
         """Read forward until the kept start reaches ``end`` (or the window, or the stream's end)."""
