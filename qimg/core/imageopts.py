@@ -147,6 +147,15 @@ def _int_opt(node: dict, key: str) -> int | None:
     return value
 
 
+def _check_file_node(drv: str, node: dict) -> None:
+    """A host-file protocol node (``file``, ``host_device``...): only its options, and a file name."""
+    bad = [k for k in _flat(node) if k not in FILE_OPTS]
+    if bad:
+        raise OpenError(f"Block protocol '{drv}' doesn't support the option '{_first(bad)}'")
+    if "filename" not in node:
+        raise OpenError(f"The '{drv}' block driver requires a file name")
+
+
 def _file_child(fmt_shown: str, node: dict, windows: list, flat: dict) -> tuple[str, dict]:
     """Walk a format node's ``file`` child: (host file name, its full options for a json: name)."""
     child = node.get("file")
@@ -156,11 +165,7 @@ def _file_child(fmt_shown: str, node: dict, windows: list, flat: dict) -> tuple[
         raise OpenError('A block device must be specified for "file"')
     drv = child.get("driver", "file")
     if drv in FILE_DRIVERS:
-        bad = [k for k in _flat(child) if k not in FILE_OPTS]
-        if bad:
-            raise OpenError(f"Block protocol '{drv}' doesn't support the option '{_first(bad)}'")
-        if "filename" not in child:
-            raise OpenError(f"The '{drv}' block driver requires a file name")
+        _check_file_node(drv, child)
         for k, v in child.items():
             if k not in ("driver", "filename"):
                 flat[f"file.{k}"] = v
@@ -201,11 +206,7 @@ def plan(tree: dict, display: str, fmt: str | None = None) -> tuple[str, str | N
     if fmt is not None:
         node["driver"] = fmt
     if fmt in FILE_DRIVERS:
-        bad = [k for k in _flat(node) if k not in FILE_OPTS]
-        if bad:
-            raise OpenError(f"Block protocol '{fmt}' doesn't support the option '{_first(bad)}'")
-        if "filename" not in node:
-            raise OpenError(f"The '{fmt}' block driver requires a file name")
+        _check_file_node(fmt, node)
         flat = {k: v for k, v in node.items() if k not in ("driver", "filename")}
         flat.update({TREE: tree, DISPLAY_NAME: display})
         return _str(node["filename"]), "file", flat
