@@ -83,24 +83,24 @@ def run_batch(images, env) -> float:
     return time.perf_counter() - t
 
 
-def run_xargs(images, env) -> float:
+def _timed_over_list(images, env, command: str) -> float:
+    """Seconds ``command`` (a shell line reading "FMT SRC DST" lines from the list file) takes."""
     out = fresh_out()
     lst = WORK / "list.txt"
     lst.write_text("".join(f"{p.suffix[1:]} {p} {out / (p.stem + '.qcow2')}\n" for p in images))
     t = time.perf_counter()
-    subprocess.run(f"xargs -P 2 -n 3 sh -c 'qemu-img convert -f \"$0\" -O qcow2 \"$1\" \"$2\"' < {lst}", shell=True,
-                   check=True, env=env)
+    subprocess.run(command.format(list=lst), shell=True, check=True, env=env)
     return time.perf_counter() - t
+
+
+def run_xargs(images, env) -> float:
+    return _timed_over_list(images, env,
+                            "xargs -P 2 -n 3 sh -c 'qemu-img convert -f \"$0\" -O qcow2 \"$1\" \"$2\"' < {list}")
 
 
 def run_loop(images, env) -> float:
-    out = fresh_out()
-    lst = WORK / "list.txt"
-    lst.write_text("".join(f"{p.suffix[1:]} {p} {out / (p.stem + '.qcow2')}\n" for p in images))
-    t = time.perf_counter()
-    subprocess.run(f"while read f s d; do {sys.executable} -m qimg convert -f \"$f\" -O qcow2 \"$s\" \"$d\" || exit 1; "
-                   f"done < {lst}", shell=True, check=True, env=env)
-    return time.perf_counter() - t
+    return _timed_over_list(images, env, f"while read f s d; do {sys.executable} -m qimg convert -f \"$f\" -O qcow2 "
+                                         "\"$s\" \"$d\" || exit 1; done < {list}")
 
 
 def overhead(images, n_jobs: int = 200) -> tuple[float, float, float]:
