@@ -30,6 +30,7 @@ from .refcount import Refcounts
 from .tables import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
+    NONZERO_BYTE,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
@@ -37,6 +38,7 @@ from .tables import (
     LazyNumpy,
     LiveL2,
     copy_table,
+    run_length,
 )
 from .zeroes import Qcow2ZeroWriter
 
@@ -227,7 +229,7 @@ class Qcow2Writer(Qcow2CompressedWriter, Qcow2ZeroWriter, Qcow2MetadataFlush):
         # cluster by cluster
         i = i0
         while i < i1:
-            j = i + 1 if self.extended else self._same_run_end(raw, i, i1)
+            j = i + 1 if self.extended else max(self._same_run_end(raw, i, i1), i + 1)
             lo, hi = max(off, (c0 + (i - i0)) << cb), min(end, (c0 + (j - i0)) << cb)
             plan = self._segment_plan(raw, lo, hi) if j - i > 1 else None
             if plan is not None:
@@ -245,20 +247,17 @@ class Qcow2Writer(Qcow2CompressedWriter, Qcow2ZeroWriter, Qcow2MetadataFlush):
 
     def _same_run_end(self, raw, i: int, stop: int) -> int:
         """End of the run of L2 entries from ``i`` that one write may cover: entries never written,
-        or COPIED data clusters (not compressed, not zero) at contiguous host offsets."""
+        or COPIED data clusters (not compressed, not zero) at contiguous host offsets (found in C:
+        a byte scan, slice comparisons); ``i`` itself when entry ``i`` is neither."""
         e = raw[i]
-        j = i + 1
         if not e:
-            while j < stop and not raw[j]:
-                j += 1
-            return j
-        check = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK
-        first = e & check
-        if first & ~L2E_OFFSET_MASK != QCOW_OFLAG_COPIED:
-            return j
-        while j < stop and raw[j] & check == first + (j - i) * self.cs:
-            j += 1
-        return j
+            m = NONZERO_BYTE.search(raw, 8 * i, 8 * stop)
+            return stop if m is None else m.start() >> 3
+        if e & (QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO) != QCOW_OFLAG_COPIED:
+            return i  # not writable in place (shared, compressed or zero): no run
+        cs = self.cs
+        stop = min(stop, i + ((1 << 64) - 1 - e) // cs + 1)  # (the entries stay 64-bit)
+        return i + run_length(raw, i, stop, lambda k, c: array("Q", range(e + k * cs, e + (k + c) * cs, cs)))
 
     def _segment_plan(self, raw, off: int, end: int):
         """How guest bytes [off, end) inside one L2 table can be written with a single write:
@@ -267,23 +266,22 @@ class Qcow2Writer(Qcow2CompressedWriter, Qcow2ZeroWriter, Qcow2MetadataFlush):
         and ``_claim(raw, l2off, *claim)`` enters them once the data is written."""
         if self.extended:
             return None
-        cs, cb = self.cs, self.cluster_bits
+        cb = self.cluster_bits
         c0 = off >> cb
         c1 = ((end - 1) >> cb) + 1
         i0 = c0 & (self.l2_entries - 1)
         i1 = i0 + (c1 - c0)
-        ents = raw[i0:i1]  # (a standard table is an array('Q'): plain Python below)
-        if not any(ents):
+        if self._same_run_end(raw, i0, i1) < i1:
+            return None
+        if not raw[i0]:  # never written: fresh clusters
             edges_ok = self._aligned(off) and self._aligned(end)
             if edges_ok or (self.backing is None and not self.h.has_data_file and not self.encrypted):
                 host = self._alloc_data(c0 << cb, c1 - c0)
                 return host + (off - (c0 << cb)), (i0, i1, host)
             return None
         # every entry COPIED, neither compressed nor zero, host offsets contiguous: write in place
-        h0 = ents[0] & L2E_OFFSET_MASK
-        check = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK
-        want = QCOW_OFLAG_COPIED | h0
-        if (h0 or self.h.has_data_file) and all((e & check) == want + k * cs for k, e in enumerate(ents)):
+        h0 = raw[i0] & L2E_OFFSET_MASK
+        if h0 or self.h.has_data_file:
             return h0 + (off - (c0 << cb)), None
         return None
 
